@@ -1,0 +1,102 @@
+"""SAELens runner configs from YAML, with `--set key=value` overrides and strict key checks.
+
+SAELens' `LanguageModelSAERunnerConfig.from_dict` silently drops unknown `sae` keys; a typo in a
+field name would then train with the default. Here every key is checked against the dataclass it
+belongs to, and every problem is one `ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+from sae_lens_allocation.loading import unknown_architecture_message
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is one line for the user."""
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of runner config fields, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`key=value` or `sae.key=value`; the value is parsed as YAML (`k=16`, `lr=1e-3`, `x=null`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value or sae.key=value")
+        value = yaml.safe_load(raw) if raw else ""
+        target = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        target[parts[-1]] = value
+    return cfg
+
+
+def check_keys(cfg: dict[str, Any]) -> None:
+    """Every key must be a field of the class that will receive it."""
+    sae = cfg.get("sae")
+    if not isinstance(sae, dict) or "architecture" not in sae:
+        raise ConfigError("the config needs an 'sae' section with an 'architecture' string")
+    arch = sae["architecture"]
+    if arch not in SAE_TRAINING_CLASS_REGISTRY:
+        raise ConfigError(unknown_architecture_message(str(arch), "sae.architecture"))
+    sections: list[tuple[str, dict[str, Any], set[str]]] = [
+        ("", cfg, _field_names(LanguageModelSAERunnerConfig)),
+        ("sae.", sae, _field_names(SAE_TRAINING_CLASS_REGISTRY[arch][1]) | {"architecture"}),
+    ]
+    if isinstance(cfg.get("logger"), dict):
+        sections.append(("logger.", cfg["logger"], _field_names(LoggingConfig)))
+    for prefix, section, allowed in sections:
+        unknown = sorted(set(section) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {prefix}{unknown[0]} for {prefix or 'runner '}"
+                f"{'config' if not prefix else 'section'} (architecture {arch}); "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+
+
+def runner_config_from_dict(cfg: dict[str, Any]) -> LanguageModelSAERunnerConfig[Any]:
+    """`LanguageModelSAERunnerConfig.from_dict` after strict key checks. A missing `logger`
+    section means no wandb logging (the offline default)."""
+    cfg = dict(cfg)
+    cfg.setdefault("logger", {"log_to_wandb": False})
+    check_keys(cfg)
+    try:
+        return LanguageModelSAERunnerConfig.from_dict(cfg)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+
+
+def load_runner_config(
+    path: str | Path, overrides: list[str] | None = None
+) -> LanguageModelSAERunnerConfig[Any]:
+    """Read a SAELens runner YAML with a plain `sae.architecture` string, apply overrides."""
+    return runner_config_from_dict(apply_overrides(read_yaml(path), overrides or []))
