@@ -4,10 +4,18 @@ Importing this package registers every plugin architecture with SAELens' registr
 `architecture: mutual_choice` (etc.) works in any SAELens config, loader or runner afterwards.
 """
 
+from sae_lens_allocation.calibration import calibrate
+from sae_lens_allocation.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
 from sae_lens_allocation.loading import load_sae
+from sae_lens_allocation.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_lens_allocation.registration import register_architecture, registered_architectures
 
-_PLUGIN_CLASSES: tuple[tuple[str, type, type, type | None, type | None], ...] = ()
+# (name, training SAE, training config, inference SAE, inference config); the inference classes
+# are None where the export is a SAELens built-in (jumprelu, topk).
+_PLUGIN_CLASSES: tuple[tuple[str, type, type, type | None, type | None], ...] = (
+    ("mutual_choice", MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, None, None),
+    ("feature_choice", FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig, None, None),
+)
 
 for _name, _train_cls, _train_cfg, _inf_cls, _inf_cfg in _PLUGIN_CLASSES:
     register_architecture(_name, _train_cls, _train_cfg, _inf_cls, _inf_cfg)
@@ -16,6 +24,11 @@ ARCHITECTURES: tuple[str, ...] = tuple(entry[0] for entry in _PLUGIN_CLASSES)
 
 __all__ = [
     "ARCHITECTURES",
+    "FeatureChoiceTrainingSAE",
+    "FeatureChoiceTrainingSAEConfig",
+    "MutualChoiceTrainingSAE",
+    "MutualChoiceTrainingSAEConfig",
+    "calibrate",
     "load_sae",
     "register_architecture",
     "registered_architectures",

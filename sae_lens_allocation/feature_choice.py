@@ -1,0 +1,121 @@
+"""Feature Choice SAE ("feature_choice"), Ayonrinde 2024 (arXiv 2411.02124).
+
+Training: each latent j keeps the m_j tokens of the batch with the largest z_j, then relu
+("each feature matches with at most m tokens"; paper). Capacities (project definition,
+algorithms.md): `capacity="uniform"` gives m_j = M/F with randomised rounding, sum_j m_j = M =
+floor(k * N); `capacity="zipf"` gives m_j proportional to rank_j^(-s), rank by the running firing
+frequency, s = `zipf_exponent`, floored at 1, capped at N, renormalised to sum M. Every latent gets
+m_j >= 1 tokens per batch, so none is dead by construction.
+Export: SAELens `jumprelu` with per-latent thresholds theta_j calibrated so latent j fires on a
+fraction q_j = m_j / N of calibration tokens (the (1 - q_j) quantile of z_j; calibration.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from typing_extensions import override
+
+from sae_lens_allocation.allocation import (
+    Allocation,
+    budget,
+    feature_choice,
+    ranks_from_frequency,
+    uniform_capacities,
+    zipf_capacities,
+)
+from sae_lens_allocation.batch_allocation import (
+    BatchAllocationTrainingSAE,
+    BatchAllocationTrainingSAEConfig,
+    _field_error,
+)
+from sae_lens_allocation.calibration import per_latent_thresholds
+
+CAPACITIES = ("uniform", "zipf")
+
+
+@dataclass(kw_only=True)
+class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
+    """Feature Choice training config.
+
+    capacity: "uniform" | "zipf", how the budget M = floor(k * N) is split over latents.
+    zipf_exponent: s in m_j ~ rank_j^(-s) (capacity="zipf" only), > 0.
+    capacity_seed: seed of the randomised rounding of uniform capacities.
+    """
+
+    capacity: Literal["uniform", "zipf"] = "uniform"
+    zipf_exponent: float = 1.0
+    capacity_seed: int = 0
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "feature_choice"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.capacity not in CAPACITIES:
+            raise _field_error("capacity", self.capacity, f"one of {CAPACITIES}")
+        if not (isinstance(self.zipf_exponent, (int, float)) and 0 < self.zipf_exponent < math.inf):
+            raise _field_error("zipf_exponent", self.zipf_exponent, "a finite number > 0")
+
+    def check_batch_tokens(self, n_tokens: int) -> None:
+        """Every latent needs m_j >= 1, so the budget must cover the latents: floor(k*N) >= d_sae."""
+        if budget(n_tokens, self.k) < self.d_sae:
+            raise ValueError(
+                f"train_batch_size_tokens={n_tokens} is too small for feature_choice capacities: "
+                f"floor(k * N) = {budget(n_tokens, self.k)} < d_sae = {self.d_sae}; need "
+                f"train_batch_size_tokens >= {math.ceil(self.d_sae / self.k)} (or a larger k)"
+            )
+
+
+class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
+    """Feature Choice: latent j picks its top-m_j tokens of the batch."""
+
+    cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._generator = torch.Generator().manual_seed(cfg.capacity_seed)
+        # Tokens per training batch, so the export can reproduce the firing fractions m_j / N.
+        self.register_buffer(
+            "capacity_tokens", torch.zeros((), dtype=torch.long, device=self.W_dec.device)
+        )
+
+    def capacities(self, n_tokens: int) -> torch.Tensor:
+        """m_j for a batch of n_tokens tokens ([F], long, sums to floor(k * N))."""
+        self.cfg.check_batch_tokens(n_tokens)
+        if self.cfg.capacity == "uniform":
+            return uniform_capacities(n_tokens, self.cfg.d_sae, self.cfg.k, self._generator)
+        ranks = ranks_from_frequency(self.firing_ema.detach().cpu())
+        return zipf_capacities(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent, self._generator)
+
+    @override
+    def allocate(self, hidden_pre: torch.Tensor) -> Allocation:
+        n_tokens = hidden_pre.shape[:-1].numel()
+        self.capacity_tokens.fill_(n_tokens)
+        caps = self.capacities(n_tokens).to(hidden_pre.device)
+        return feature_choice(hidden_pre, caps)
+
+    @override
+    def update_running_threshold(self, allocation: Allocation) -> None:
+        self._ema_threshold(allocation.cutoff.nan_to_num(posinf=0.0), torch.isfinite(allocation.cutoff))
+
+    def firing_fractions(self) -> torch.Tensor:
+        """q_j = E[m_j] / N at the training batch size: k / F for uniform capacities."""
+        if self.cfg.capacity == "uniform":
+            return torch.full((self.cfg.d_sae,), self.cfg.k / self.cfg.d_sae, dtype=torch.float64)
+        n_tokens = int(self.capacity_tokens) or self.cfg.calibration_tokens
+        ranks = ranks_from_frequency(self.firing_ema.detach().cpu())
+        caps = zipf_capacities(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent)
+        return caps.double() / n_tokens
+
+    @override
+    def calibrated_thresholds(
+        self, chunks: Iterable[torch.Tensor], max_tokens: int
+    ) -> tuple[torch.Tensor, int]:
+        return per_latent_thresholds(chunks, self.firing_fractions(), max_tokens=max_tokens)

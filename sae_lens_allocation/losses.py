@@ -1,0 +1,454 @@
+"""Auxiliary training losses against dead and underused latents, as a registry of named losses.
+
+SAELens hard-codes the aux-k loss inside `TopKTrainingSAE`. Here every plugin architecture picks
+its auxiliary loss by name (`aux_loss` config field) from `AUX_LOSSES`:
+
+- `none`: no auxiliary loss.
+- `aux_k` (Gao et al. 2024, exactly as SAELens' `TopKTrainingSAE.calculate_topk_aux_loss` codes
+  it): the top-k_aux *dead* latents of each token, by pre-activation, reconstruct the detached
+  residual e = x - x_hat.
+- `aux_zipf` (Ayonrinde 2024 names it and says it generalises aux-k to dead *and underused*
+  latents; the formula is not public, the one here is this project's definition, see
+  docs/losses.md): the same reconstruction with the top-k_aux latents of the underused set U,
+  each scaled by how far below its Zipf-expected firing frequency it is.
+
+A new loss is a function `fn(sae, ctx: AuxLossContext) -> (loss, metrics)` decorated with
+`@register_aux_loss("name")`; it becomes a valid `aux_loss` value at once.
+
+`AuxLossConfig` (config fields) and `AuxLossMixin` (buffers and the SAELens
+`calculate_aux_loss` hook) are what an architecture mixes in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import act_times_W_dec
+
+AuxLossMetrics = dict[str, "torch.Tensor | float"]
+AuxLossFn = Callable[[Any, "AuxLossContext"], "tuple[torch.Tensor, AuxLossMetrics]"]
+
+AUX_LOSSES: dict[str, AuxLossFn] = {}
+
+#: Key of the auxiliary loss in `TrainStepOutput.losses`, the same as SAELens TopK's.
+AUX_LOSS_KEY = "auxiliary_reconstruction_loss"
+
+#: How the residual reconstruction error is reduced to a scalar (before coefficient and scale).
+AUX_LOSS_NORMALIZATIONS = ("none", "residual_variance")
+
+# Activation normalisations under which the aux reconstruction would live in a different space
+# from the residual (SAELens raises the same at its first aux-k step).
+_UNSUPPORTED_NORMALIZE_ACTIVATIONS = ("constant_norm_rescale", "layer_norm")
+
+
+def register_aux_loss(name: str) -> Callable[[AuxLossFn], AuxLossFn]:
+    """Decorator adding `fn(sae, ctx) -> (loss, metrics)` to `AUX_LOSSES` under `name`.
+
+    A name that is already registered raises `ValueError`.
+    """
+
+    def decorator(fn: AuxLossFn) -> AuxLossFn:
+        if name in AUX_LOSSES:
+            raise ValueError(
+                f"auxiliary loss {name!r} is already registered (by {AUX_LOSSES[name].__module__}."
+                f"{AUX_LOSSES[name].__qualname__}); registered: {', '.join(sorted(AUX_LOSSES))}"
+            )
+        AUX_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: firing EMA, Zipf fit, underused set
+# ---------------------------------------------------------------------------------------------
+
+
+def ema_warmup_steps(decay: float) -> int:
+    """Steps before the firing EMA is trusted: ceil(1 / (1 - decay)), its effective window."""
+    return max(1, math.ceil(1.0 / (1.0 - decay)))
+
+
+def update_firing_ema(
+    ema: torch.Tensor, fired_fraction: torch.Tensor, step: torch.Tensor, decay: float
+) -> torch.Tensor:
+    """p <- p + alpha (f - p) with alpha = max(1/t, 1 - decay), t = 1, 2, ... the update count.
+
+    Project definition. For t < 1/(1-decay) this is the running mean of the per-step firing
+    fractions f (no zero-initialisation bias); afterwards an EMA with rate 1 - decay.
+    """
+    alpha = torch.clamp(1.0 / step.to(torch.float32), min=1.0 - decay)
+    return ema + alpha * (fired_fraction - ema)
+
+
+def frequency_ranks(p: torch.Tensor) -> torch.Tensor:
+    """rank_j in 1..F by descending p (1 = most frequent latent; ties in index order), float32."""
+    order = torch.argsort(p, descending=True, stable=True)
+    ranks = torch.empty_like(p, dtype=torch.float32)
+    ranks[order] = torch.arange(1, p.numel() + 1, dtype=torch.float32, device=p.device)
+    return ranks
+
+
+def fit_zipf(
+    p: torch.Tensor, fit_fraction: float, exponent: float | None = None
+) -> torch.Tensor:
+    """Least-squares fit of log p_(r) = log C - s log r. Returns [log C, s, n_points] (float32).
+
+    Project definition (algorithms.md): the points are the firing latents (p > 0) in rank order;
+    only the most frequent ceil(fit_fraction * #firing) ranks enter the fit, because feature
+    densities follow Zipf except at the low end (Ayonrinde 2024), the end under test. With a fixed
+    `exponent` s, only log C is fitted. n_points = 0 marks "no fit" (fewer than 2 points, or 1
+    with a fixed s). No host synchronisation.
+    """
+    p = p.to(torch.float32)
+    p_sorted = torch.sort(p, descending=True).values
+    r = torch.arange(1, p.numel() + 1, dtype=torch.float32, device=p.device)
+    n_firing = (p > 0).sum()
+    in_fit = ((r <= torch.ceil(fit_fraction * n_firing)) & (p_sorted > 0)).to(torch.float32)
+    n = in_fit.sum()
+    x = r.log()
+    y = p_sorted.clamp_min(torch.finfo(torch.float32).tiny).log()
+    x_mean = (in_fit * x).sum() / n.clamp_min(1)
+    y_mean = (in_fit * y).sum() / n.clamp_min(1)
+    if exponent is None:
+        sxx = (in_fit * (x - x_mean) ** 2).sum()
+        sxy = (in_fit * (x - x_mean) * (y - y_mean)).sum()
+        s = -sxy / sxx.clamp_min(torch.finfo(torch.float32).tiny)
+        min_points = 2
+    else:
+        s = torch.tensor(float(exponent), device=p.device)
+        min_points = 1
+    log_c = y_mean + s * x_mean
+    n_points = torch.where(n >= min_points, n, torch.zeros_like(n))
+    return torch.stack([log_c, s, n_points])
+
+
+def expected_frequency(ranks: torch.Tensor, log_c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """p_hat_j = C * rank_j^(-s)."""
+    return torch.exp(log_c - s * ranks.log())
+
+
+def zipf_underuse(
+    p: torch.Tensor,
+    p_hat: torch.Tensor,
+    dead: torch.Tensor,
+    tau: float,
+    ready: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Underused set and weights (project definition, algorithms.md).
+
+    U = {j : p_j < tau * p_hat_j} | dead;  w_j = clip(1 - p_j / p_hat_j, 0, 1), w_j = 1 if dead.
+    While not `ready` (EMA warming up, or no Zipf fit) U = dead and w = 1: exactly aux-k.
+    """
+    ratio = p / p_hat
+    underused = ((ratio < tau) & ready) | dead
+    weights = torch.where(dead | ~ready, torch.ones_like(ratio), (1.0 - ratio).clamp(0.0, 1.0))
+    return underused, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss context and the shared residual reconstruction
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuxLossContext:
+    """Everything an auxiliary loss sees for one training step.
+
+    dead_mask: SAELens' dead mask (no firing for `dead_feature_window` steps), bool [d_sae];
+        all False when the trainer passes none.
+    firing_ema: p_j, EMA of the per-step firing fraction, [d_sae].
+    ranks: rank_j of p_j (1 = most frequent), [d_sae].
+    expected_frequency: p_hat_j = C rank_j^(-s) from the current Zipf fit, [d_sae].
+    zipf_exponent: the fitted (or fixed) s, 0-dim.
+    zipf_ready: 0-dim bool, the EMA has seen `ema_warmup_steps` steps and a Zipf fit exists.
+    underused, underuse_weights: U and w from `zipf_underuse` (U includes the dead latents).
+    k_aux: latents per token in the auxiliary reconstruction (`aux_k`, default d_in // 2).
+    """
+
+    step_input: TrainStepInput
+    feature_acts: torch.Tensor
+    hidden_pre: torch.Tensor
+    sae_out: torch.Tensor
+    dead_mask: torch.Tensor
+    firing_ema: torch.Tensor
+    ranks: torch.Tensor
+    expected_frequency: torch.Tensor
+    zipf_exponent: torch.Tensor
+    zipf_ready: torch.Tensor
+    underused: torch.Tensor
+    underuse_weights: torch.Tensor
+    k_aux: int
+
+
+def reconstruct_residual_loss(
+    sae: Any,
+    ctx: AuxLossContext,
+    candidates: torch.Tensor,
+    n_candidates: int,
+    weights: torch.Tensor | None,
+    default_normalization: str,
+) -> torch.Tensor:
+    """coefficient * min(n/k_aux, 1) * R(e, e_hat), n = |candidates|.
+
+    e = (x - x_hat).detach(); e_hat decodes, without b_dec, the top-min(k_aux, n) candidate latents
+    of each token by pre-activation (no ReLU), each times w_j, as SAELens' aux-k does
+    (`act_times_W_dec`). R is mean_n ||e_n - e_hat_n||^2 for normalization "none" (SAELens'
+    code) or that divided by mean_n ||e_n - mean(e)||^2 for "residual_variance" (algorithms.md).
+    `cfg.aux_loss_normalization = None` means `default_normalization`.
+    """
+    if n_candidates == 0:
+        return ctx.sae_out.new_zeros(())
+    cfg = sae.cfg
+    residual = (ctx.step_input.sae_in - ctx.sae_out).detach()
+    k = min(ctx.k_aux, n_candidates)
+    scale = min(n_candidates / ctx.k_aux, 1.0)
+    masked = torch.where(candidates, ctx.hidden_pre, -torch.inf)
+    top = masked.topk(k, sorted=False)
+    values = top.values if weights is None else top.values * weights[top.indices]
+    aux_acts = torch.zeros_like(ctx.hidden_pre)
+    aux_acts.scatter_(-1, top.indices, values)
+    recons = act_times_W_dec(aux_acts, sae.W_dec, cfg.rescale_acts_by_decoder_norm)
+    recons = sae.reshape_fn_out(recons, sae.d_head)
+    error = (recons - residual).pow(2).sum(dim=-1).mean()
+    normalization = cfg.aux_loss_normalization or default_normalization
+    if normalization == "residual_variance":
+        flat = residual.reshape(-1, residual.shape[-1])
+        variance = (flat - flat.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        # Guards a residual with zero variance (e.g. a perfect reconstruction).
+        error = error / variance.clamp_min(torch.finfo(variance.dtype).eps)
+    return cfg.aux_loss_coefficient * scale * error
+
+
+@register_aux_loss("none")
+def no_aux_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:  # noqa: ARG001
+    """No auxiliary loss (0)."""
+    return ctx.sae_out.new_zeros(()), {}
+
+
+@register_aux_loss("aux_k")
+def aux_k_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:
+    """Aux-k (Gao et al. 2024) exactly as SAELens codes it: candidates = dead latents, w = 1,
+    scale min(n_dead / k_aux, 1), normalization "none" by default (the paper divides by the
+    variance: `aux_loss_normalization="residual_variance"`)."""
+    # One host sync for the dead count, as SAELens' aux-k has.
+    n_dead = int(ctx.dead_mask.sum())
+    return reconstruct_residual_loss(sae, ctx, ctx.dead_mask, n_dead, None, "none"), {}
+
+
+@register_aux_loss("aux_zipf")
+def aux_zipf_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:
+    """Aux-zipf (named by Ayonrinde 2024; formula: project definition, algorithms.md):
+    candidates = U, activations scaled by w_j, scale min(|U| / k_aux, 1), normalization
+    "residual_variance" by default. With U = dead and w = 1 (tau = 0, or during the EMA warm-up)
+    and normalization "none" it is aux_k."""
+    n_underused = int(ctx.underused.sum())
+    loss = reconstruct_residual_loss(
+        sae, ctx, ctx.underused, n_underused, ctx.underuse_weights, "residual_variance"
+    )
+    return loss, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config fields and the training-SAE mixin
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _allowed(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{field}={value!r} is not allowed: {allowed}")
+
+
+@dataclass(kw_only=True)
+class AuxLossConfig:
+    """Auxiliary-loss fields for a plugin `TrainingSAEConfig` (put before the SAELens base class).
+
+    aux_loss: name in `AUX_LOSSES` ("none", "aux_k", "aux_zipf", or a registered one).
+    aux_loss_coefficient: multiplies the loss (same name and meaning as SAELens TopK's field).
+    aux_k: latents per token in the aux reconstruction; None = d_in // 2 (SAELens' heuristic).
+    aux_loss_normalization: "none" (SAELens' mean squared error) or "residual_variance"
+        (divide by the residual's variance); None = the loss's own default (aux_k: "none",
+        aux_zipf: "residual_variance").
+    aux_zipf_tau: latent j is underused if p_j < tau * p_hat_j; in [0, 1] (0: only dead).
+    aux_zipf_exponent: None fits s every step; a positive float fixes s (then only C is fitted).
+    aux_zipf_fit_fraction: fit over the most frequent ceil(fraction * #firing) latents; (0, 1].
+    firing_ema_decay: per-step decay of the firing-frequency EMA; [0, 1).
+    """
+
+    aux_loss: str = "aux_k"
+    aux_loss_coefficient: float = 1.0
+    aux_k: int | None = None
+    aux_loss_normalization: str | None = None
+    aux_zipf_tau: float = 0.5
+    aux_zipf_exponent: float | None = None
+    aux_zipf_fit_fraction: float = 0.5
+    firing_ema_decay: float = 0.99
+
+    def validate_aux_loss(self) -> None:
+        """Raise `ValueError` naming the field, the value and what is allowed."""
+        if self.aux_loss not in AUX_LOSSES:
+            raise _allowed(
+                "aux_loss",
+                self.aux_loss,
+                f"registered auxiliary losses are {', '.join(sorted(AUX_LOSSES))} "
+                "(add one with sae_lens_allocation.losses.register_aux_loss)",
+            )
+        if not (_is_number(self.aux_loss_coefficient) and self.aux_loss_coefficient >= 0):
+            raise _allowed("aux_loss_coefficient", self.aux_loss_coefficient, "a finite number >= 0")
+        if self.aux_k is not None and (
+            isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 1
+        ):
+            raise _allowed("aux_k", self.aux_k, "None (= d_in // 2) or an integer >= 1")
+        if (
+            self.aux_loss_normalization is not None
+            and self.aux_loss_normalization not in AUX_LOSS_NORMALIZATIONS
+        ):
+            raise _allowed(
+                "aux_loss_normalization",
+                self.aux_loss_normalization,
+                f"None (the loss's default) or one of {', '.join(AUX_LOSS_NORMALIZATIONS)}",
+            )
+        if not (_is_number(self.aux_zipf_tau) and 0.0 <= self.aux_zipf_tau <= 1.0):
+            raise _allowed("aux_zipf_tau", self.aux_zipf_tau, "a number in [0, 1]")
+        if self.aux_zipf_exponent is not None and not (
+            _is_number(self.aux_zipf_exponent) and self.aux_zipf_exponent > 0
+        ):
+            raise _allowed(
+                "aux_zipf_exponent", self.aux_zipf_exponent, "None (fit s) or a finite number > 0"
+            )
+        if not (_is_number(self.aux_zipf_fit_fraction) and 0.0 < self.aux_zipf_fit_fraction <= 1.0):
+            raise _allowed("aux_zipf_fit_fraction", self.aux_zipf_fit_fraction, "a number in (0, 1]")
+        if not (_is_number(self.firing_ema_decay) and 0.0 <= self.firing_ema_decay < 1.0):
+            raise _allowed("firing_ema_decay", self.firing_ema_decay, "a number in [0, 1)")
+        normalize_activations = getattr(self, "normalize_activations", "none")
+        if self.aux_loss != "none" and normalize_activations in _UNSUPPORTED_NORMALIZE_ACTIVATIONS:
+            raise _allowed(
+                "aux_loss",
+                self.aux_loss,
+                f"with normalize_activations={normalize_activations!r} the auxiliary "
+                "reconstruction and the residual live in different spaces; use aux_loss='none' "
+                f"or normalize_activations other than {', '.join(_UNSUPPORTED_NORMALIZE_ACTIVATIONS)}",
+            )
+
+
+class AuxLossMixin:
+    """Buffers and the SAELens `calculate_aux_loss` hook for a `TrainingSAE` subclass.
+
+    Put it before the SAELens base class. The SAE calls `init_aux_loss_state()` in `__init__`,
+    merges `aux_loss_metrics()` into `TrainStepOutput.metrics`, and calls
+    `drop_aux_state(state_dict)` in `process_state_dict_for_saving_inference`.
+
+    Buffers (in training checkpoints, so they survive resume; never in an inference export):
+    firing_ema [d_sae] float32, p_j in [0, 1]; firing_ema_steps 0-dim int64, EMA updates so far;
+    zipf_fit [3] float32, [log C, s, n_points] of the last fit (n_points = 0: no fit).
+    """
+
+    AUX_STATE_BUFFERS: tuple[str, ...] = ("firing_ema", "firing_ema_steps", "zipf_fit")
+
+    cfg: Any
+    firing_ema: torch.Tensor
+    firing_ema_steps: torch.Tensor
+    zipf_fit: torch.Tensor
+
+    def init_aux_loss_state(self) -> None:
+        d_sae = self.cfg.d_sae
+        device = torch.device(self.cfg.device)
+        register = self.register_buffer  # type: ignore[attr-defined]
+        register("firing_ema", torch.zeros(d_sae, dtype=torch.float32, device=device))
+        register("firing_ema_steps", torch.zeros((), dtype=torch.int64, device=device))
+        register("zipf_fit", torch.zeros(3, dtype=torch.float32, device=device))
+        self._aux_metrics: dict[str, torch.Tensor | float] = {}
+
+    @torch.no_grad()
+    def update_firing_stats(self, feature_acts: torch.Tensor) -> None:
+        """One EMA update from (feature_acts != 0) over all leading dims, then refit Zipf."""
+        acts = feature_acts.to_dense() if feature_acts.is_sparse else feature_acts
+        fired = (acts != 0).reshape(-1, acts.shape[-1]).to(torch.float32).mean(dim=0)
+        self.firing_ema_steps += 1
+        decay = self.cfg.firing_ema_decay
+        ema = update_firing_ema(self.firing_ema.to(torch.float32), fired, self.firing_ema_steps, decay)
+        self.firing_ema.copy_(ema)
+        fit = fit_zipf(ema, self.cfg.aux_zipf_fit_fraction, self.cfg.aux_zipf_exponent)
+        self.zipf_fit.copy_(fit)
+
+    def zipf_ready(self) -> torch.Tensor:
+        """0-dim bool: the EMA is past its warm-up and the last Zipf fit is valid."""
+        return (self.firing_ema_steps >= ema_warmup_steps(self.cfg.firing_ema_decay)) & (
+            self.zipf_fit[2] > 0
+        )
+
+    def _underuse(self, dead: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        p = self.firing_ema.to(torch.float32)
+        ranks = frequency_ranks(p)
+        p_hat = expected_frequency(ranks, self.zipf_fit[0], self.zipf_fit[1])
+        ready = self.zipf_ready()
+        underused, weights = zipf_underuse(p, p_hat, dead, self.cfg.aux_zipf_tau, ready)
+        return p, ranks, p_hat, ready, underused, weights
+
+    def _dead_mask(self, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
+        if dead_neuron_mask is None:
+            return torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=self.firing_ema.device)
+        return dead_neuron_mask.to(device=self.firing_ema.device, dtype=torch.bool)
+
+    def underused_mask(self, dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
+        """U = {j : p_j < tau p_hat_j} | dead, from the current buffers (U = dead in warm-up)."""
+        return self._underuse(self._dead_mask(dead_neuron_mask))[4]
+
+    def k_aux(self) -> int:
+        return self.cfg.aux_k if self.cfg.aux_k is not None else max(self.cfg.d_in // 2, 1)
+
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """SAELens hook: update the firing EMA and Zipf fit (training mode only), compute the
+        configured loss, store the step's metrics. Returns {AUX_LOSS_KEY: loss}."""
+        if self.training:  # type: ignore[attr-defined]
+            self.update_firing_stats(feature_acts)
+        dead = self._dead_mask(step_input.dead_neuron_mask)
+        p, ranks, p_hat, ready, underused, weights = self._underuse(dead)
+        ctx = AuxLossContext(
+            step_input=step_input,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            sae_out=sae_out,
+            dead_mask=dead,
+            firing_ema=p,
+            ranks=ranks,
+            expected_frequency=p_hat,
+            zipf_exponent=self.zipf_fit[1].clone(),
+            zipf_ready=ready,
+            underused=underused,
+            underuse_weights=weights,
+            k_aux=self.k_aux(),
+        )
+        loss, metrics = AUX_LOSSES[self.cfg.aux_loss](self, ctx)
+        self._aux_metrics = {
+            "aux_loss": loss.detach(),
+            "aux_underused": underused.sum(),
+            "aux_dead": dead.sum(),
+            "aux_zipf_exponent": ctx.zipf_exponent,
+            **metrics,
+        }
+        return {AUX_LOSS_KEY: loss}
+
+    def aux_loss_metrics(self) -> dict[str, torch.Tensor | float]:
+        """Last training step's metrics: aux_loss, aux_underused (|U| incl. dead, by the Zipf
+        rule whatever the loss), aux_dead (SAELens' dead mask), aux_zipf_exponent (s), plus any
+        the loss returned. Tensors, so reading them costs no host sync until logged."""
+        return dict(self._aux_metrics)
+
+    def drop_aux_state(self, state_dict: dict[str, Any]) -> None:
+        """Remove the aux-loss buffers from a state dict (for the inference export)."""
+        for name in self.AUX_STATE_BUFFERS:
+            state_dict.pop(name, None)

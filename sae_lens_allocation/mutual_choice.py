@@ -1,0 +1,56 @@
+"""Mutual Choice SAE ("mutual_choice"), Ayonrinde 2024 (arXiv 2411.02124).
+
+Training: S = the M = floor(k * N) largest entries of relu(z) over the whole N x F batch matrix,
+so tokens receive a variable number of latents (mean k). Same operator as SAELens `batchtopk`.
+Export: SAELens `jumprelu` with one global threshold theta calibrated so that mean L0 = k on
+calibration activations (project definition, calibration.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from typing_extensions import override
+
+from sae_lens_allocation.allocation import Allocation, mutual_choice
+from sae_lens_allocation.batch_allocation import (
+    BatchAllocationTrainingSAE,
+    BatchAllocationTrainingSAEConfig,
+)
+from sae_lens_allocation.calibration import global_threshold
+
+
+@dataclass(kw_only=True)
+class MutualChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
+    """Mutual Choice training config. Fields as BatchAllocationTrainingSAEConfig; the auxiliary
+    loss defaults to `aux_zipf`, since Mutual Choice can starve latents (the paper's remedy)."""
+
+    aux_loss: str = "aux_zipf"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "mutual_choice"
+
+
+class MutualChoiceTrainingSAE(BatchAllocationTrainingSAE):
+    """Mutual Choice: one global top-(k*N) over the batch x latents matrix."""
+
+    cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def allocate(self, hidden_pre: torch.Tensor) -> Allocation:
+        return mutual_choice(hidden_pre, self.cfg.k)
+
+    @override
+    def update_running_threshold(self, allocation: Allocation) -> None:
+        self._ema_threshold(allocation.cutoff)
+
+    @override
+    def calibrated_thresholds(
+        self, chunks: Iterable[torch.Tensor], max_tokens: int
+    ) -> tuple[torch.Tensor, int]:
+        theta, n_tokens = global_threshold(chunks, self.cfg.k, max_tokens=max_tokens)
+        return theta.expand(self.cfg.d_sae), n_tokens

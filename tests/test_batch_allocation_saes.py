@@ -1,0 +1,192 @@
+"""Mutual Choice and Feature Choice SAEs: validation, training through the stock SAELens runner,
+the calibrated jumprelu export, eval mode, folding, resume."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sae_lens import LanguageModelSAETrainingRunner, SAE, TrainingSAE
+from sae_lens.training.activations_store import ActivationsStore
+
+import sae_lens_allocation
+from sae_lens_allocation import FeatureChoiceTrainingSAEConfig, MutualChoiceTrainingSAEConfig
+from sae_lens_allocation.calibration import calibrate
+
+import support
+
+ARCHS = ["mutual_choice", "feature_choice"]
+D_IN, D_SAE = support.D_MODEL, 128
+
+
+def _sae(arch: str, **kw):
+    return TrainingSAE.from_dict({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "k": 4, **kw})
+
+
+def _explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,field",
+    [
+        (MutualChoiceTrainingSAEConfig, {"k": 0}, "k"),
+        (MutualChoiceTrainingSAEConfig, {"k": -2.0}, "k"),
+        (MutualChoiceTrainingSAEConfig, {"k": D_SAE}, "k"),
+        (MutualChoiceTrainingSAEConfig, {"k": float("nan")}, "k"),
+        (MutualChoiceTrainingSAEConfig, {"aux_loss": "nope"}, "aux_loss"),
+        (MutualChoiceTrainingSAEConfig, {"calibration_tokens": 0}, "calibration_tokens"),
+        (MutualChoiceTrainingSAEConfig, {"normalize_activations": "layer_norm"}, "normalize_activations"),
+        (FeatureChoiceTrainingSAEConfig, {"capacity": "banana"}, "capacity"),
+        (FeatureChoiceTrainingSAEConfig, {"zipf_exponent": 0.0}, "zipf_exponent"),
+    ],
+)
+def test_bad_config_values_raise_naming_the_field(cls, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        cls(d_in=D_IN, d_sae=D_SAE, **kwargs)
+
+
+def test_feature_choice_batch_too_small_names_train_batch_size_tokens():
+    cfg = FeatureChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4)
+    with pytest.raises(ValueError, match="train_batch_size_tokens"):
+        cfg.check_batch_tokens(16)
+    sae = _sae("feature_choice")
+    with pytest.raises(ValueError, match="train_batch_size_tokens"):
+        sae.encode(torch.randn(16, D_IN))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_mode_equals_export_and_folding_is_exact(arch, tmp_path):
+    torch.manual_seed(0)
+    sae = _sae(arch)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)  # unequal decoder norms exercise the fold
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(512, D_IN)
+    calibrate(sae, x)
+    sae.eval()
+    sae.save_inference_model(tmp_path)
+    exported = SAE.load_from_disk(tmp_path)
+    assert exported.cfg.architecture() == "jumprelu"
+    probe = torch.randn(2, 7, D_IN)  # 3-D, as evals and HookedSAETransformer feed it
+    torch.testing.assert_close(exported.encode(probe), sae.encode(probe), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(exported(probe), sae(probe), rtol=1e-4, atol=1e-5)
+    assert set(load_file(tmp_path / "sae_weights.safetensors")) == {
+        "W_enc", "b_enc", "W_dec", "b_dec", "threshold"
+    }
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_activation_scaling_fold_keeps_outputs(arch):
+    torch.manual_seed(1)
+    sae = _sae(arch)
+    x = torch.randn(256, D_IN) * 7.0
+    s = 0.25
+    calibrate(sae, x * s)
+    sae.eval()
+    expected = sae(x * s) / s
+    sae.fold_activation_norm_scaling_factor(s)
+    torch.testing.assert_close(sae(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_non_finite_loss_stops_training(arch):
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = _sae(arch)
+    x = torch.randn(64, D_IN)
+    x[3, 2] = float("nan")
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=7,
+                          is_logging_step=False)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        sae.training_forward_pass(step)
+
+
+def _train(arch, tmp_path, **overrides):
+    cfg = support.runner_cfg(arch, tmp_path, **overrides)
+    runner = LanguageModelSAETrainingRunner(
+        cfg, override_model=support.tiny_model(), override_dataset=support.tiny_dataset(512)
+    )
+    return runner, runner.run()
+
+
+def _heldout_acts(n_rows=96, seed=123):
+    model = support.tiny_model()
+    tokens = torch.tensor(support.tiny_dataset(n_rows, seed=seed)["tokens"])
+    _, cache = model.run_with_cache(tokens, names_filter=support.HOOK_NAME)
+    return cache[support.HOOK_NAME].reshape(-1, support.D_MODEL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_runner_trains_and_export_reproduces_training_allocation(arch, tmp_path):
+    k = 8
+    _, sae = _train(arch, tmp_path, training_tokens=60 * 256, sae_k=k, sae_calibration_tokens=4096)
+    out = Path(tmp_path / "output")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"
+    assert cfg["metadata"]["training_architecture"] == arch
+    assert cfg["metadata"]["calibration"]["tokens"] == 4096
+
+    exported = SAE.load_from_disk(out)
+    x = _heldout_acts()
+    with torch.no_grad():
+        codes = exported.encode(x)
+        ev_export = _explained_variance(x, exported.decode(codes))
+        sae.train()
+        ev_train = _explained_variance(x, sae(x))
+    l0 = float((codes != 0).sum(-1).float().mean())
+    print(f"{arch}: export L0 {l0:.3f} (k={k}), EV export {ev_export:.4f} vs training {ev_train:.4f}")
+    assert abs(l0 - k) <= 0.05 * k
+    assert abs(ev_export - ev_train) <= 0.01
+
+
+def test_feature_choice_has_no_dead_latents_and_mc_l0_varies(tmp_path):
+    runner, sae = _train("feature_choice", tmp_path / "fc", training_tokens=20 * 256)
+    assert int(sae.cfg.metadata.num_dead_features) == 0
+    _, mc = _train("mutual_choice", tmp_path / "mc", training_tokens=20 * 256)
+    mc.train()
+    from sae_lens.saes.sae import TrainStepInput
+
+    step = TrainStepInput(sae_in=_heldout_acts(16), coefficients={}, dead_neuron_mask=None,
+                          n_training_steps=0, is_logging_step=True)
+    metrics = mc.training_forward_pass(step).metrics
+    assert float(metrics["l0_per_token_std"]()) > 0
+    assert float(metrics["l0_per_token_max"]()) > float(metrics["l0_per_token_min"]())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_loads_without_the_plugin(arch, tmp_path):
+    sae = _sae(arch)
+    calibrate(sae, torch.randn(256, D_IN))
+    sae.save_inference_model(tmp_path)
+    code = (
+        "import sys; from sae_lens import SAE; "
+        f"s = SAE.load_from_disk({str(tmp_path)!r}); "
+        "assert 'sae_lens_allocation' not in sys.modules; print(s.cfg.architecture())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "jumprelu"
+
+
+def test_resume_from_checkpoint_continues_training(tmp_path):
+    runner, _ = _train(
+        "mutual_choice", tmp_path / "a", training_tokens=8 * 256, n_checkpoints=1,
+        checkpoint_path=str(tmp_path / "ckpt"),
+    )
+    ckpts = sorted(p for p in (tmp_path / "ckpt").iterdir() if (p / "trainer_state.pt").exists())
+    assert ckpts, "the run wrote no checkpoint"
+    ckpt = ckpts[0]
+    assert json.loads((ckpt / "cfg.json").read_text())["architecture"] == "mutual_choice"
+    resumed_runner, resumed = _train(
+        "mutual_choice", tmp_path / "b", training_tokens=8 * 256, resume_from_checkpoint=str(ckpt),
+        checkpoint_path=str(tmp_path / "ckpt2"),
+    )
+    state = torch.load(ckpt / "trainer_state.pt")
+    assert state["n_training_samples"] < 8 * 256
+    loaded = sae_lens_allocation.load_sae(ckpt)
+    assert not torch.equal(loaded.W_enc, resumed.W_enc)
+    assert (tmp_path / "b" / "output" / "cfg.json").exists()
