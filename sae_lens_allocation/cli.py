@@ -29,6 +29,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from sae_lens_allocation.evaluation import evaluate_sae, format_table
+
+    sae_dir = Path(args.sae_dir)
+    if not (sae_dir / "cfg.json").is_file():
+        raise UsageError(f"not an SAE folder (no cfg.json): {sae_dir}")
+    result = evaluate_sae(sae_dir, model=args.model, n_batches=args.n_batches,
+                          batch_size_prompts=args.batch_size_prompts, device=args.device)
+    out = Path(args.out) if args.out else sae_dir / "eval.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"evaluation written to {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sae_lens_allocation.demo.job import run_demo
+
+    run_demo(args.out, args.set)
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from sae_lens_allocation.dashboard import run_dashboard_command
+
+    return run_dashboard_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -52,6 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set training_tokens=100000 --set sae.k=16",
     )
     train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate an exported SAE (SAELens run_evals + per-token L0 distribution)",
+        description="CE loss recovered, KL, explained variance and L0 from SAELens' run_evals, plus "
+        "the per-token L0 distribution; written as JSON and printed as a short table.",
+    )
+    ev.add_argument("sae_dir", help="exported SAE folder (cfg.json + sae_weights.safetensors)")
+    ev.add_argument("--model", default=None,
+                    help="'embedded' or a TransformerLens name (default: the model it was trained on)")
+    ev.add_argument("--n-batches", type=int, default=10, help="prompt batches to evaluate")
+    ev.add_argument("--batch-size-prompts", type=int, default=8)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default=None, help="JSON output (default: SAE_DIR/eval.json)")
+    ev.set_defaults(func=_cmd_eval)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train, evaluate and visualise a Mutual Choice SAE on the embedded model, offline",
+    )
+    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field of the demo config")
+    demo.set_defaults(func=_cmd_demo)
+
+    from sae_lens_allocation.dashboard import add_dashboard_arguments
+
+    dash = sub.add_parser(
+        "dashboard",
+        help="write an offline sae-dashboard feature dashboard for an exported SAE",
+    )
+    add_dashboard_arguments(dash)
+    dash.set_defaults(func=_cmd_dashboard)
     return parser
 
 
