@@ -7,14 +7,17 @@ Importing this package registers every plugin architecture with SAELens' registr
 from sae_lens_allocation.calibration import calibrate
 from sae_lens_allocation.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
 from sae_lens_allocation.loading import load_sae
+from sae_lens_allocation.losses import AUX_LOSSES, register_aux_loss
 from sae_lens_allocation.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_lens_allocation.registration import register_architecture, registered_architectures
+from sae_lens_allocation.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 
 # (name, training SAE, training config, inference SAE, inference config); the inference classes
 # are None where the export is a SAELens built-in (jumprelu, topk).
 _PLUGIN_CLASSES: tuple[tuple[str, type, type, type | None, type | None], ...] = (
     ("mutual_choice", MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, None, None),
     ("feature_choice", FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig, None, None),
+    ("topk_aux", TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig, None, None),
 )
 
 for _name, _train_cls, _train_cfg, _inf_cls, _inf_cfg in _PLUGIN_CLASSES:
@@ -24,6 +27,7 @@ ARCHITECTURES: tuple[str, ...] = tuple(entry[0] for entry in _PLUGIN_CLASSES)
 
 __all__ = [
     "ARCHITECTURES",
+    "AUX_LOSSES",
     "FeatureChoiceTrainingSAE",
     "FeatureChoiceTrainingSAEConfig",
     "MutualChoiceTrainingSAE",
@@ -31,5 +35,8 @@ __all__ = [
     "calibrate",
     "load_sae",
     "register_architecture",
+    "register_aux_loss",
     "registered_architectures",
+    "TopKAuxTrainingSAE",
+    "TopKAuxTrainingSAEConfig",
 ]

@@ -1,0 +1,58 @@
+"""`topk_aux`: SAELens TopK with a pluggable auxiliary loss, to compare the losses on the baseline.
+
+Training is SAELens' `TopKTrainingSAE` unchanged, except that `calculate_aux_loss` comes from
+`AuxLossMixin`: `aux_loss="aux_k"` (the default) reproduces SAELens' aux-k loss exactly, so
+`topk_aux` with default fields trains like `topk`; `aux_loss="aux_zipf"` or `"none"` swap it.
+The inference export is a plain SAELens `topk` SAE (decoder norms folded as TopK does, the
+aux-loss buffers dropped) that loads without this plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from typing_extensions import override
+
+from sae_lens_allocation.losses import AuxLossConfig, AuxLossMixin
+
+
+@dataclass(kw_only=True)
+class TopKAuxTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+    """SAELens `TopKTrainingSAEConfig` plus the `AuxLossConfig` fields (default aux_loss "aux_k")."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "topk_aux"
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return TopKSAEConfig
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_aux_loss()
+
+
+class TopKAuxTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+    """SAELens `TopKTrainingSAE` whose auxiliary loss is chosen by `cfg.aux_loss`."""
+
+    cfg: TopKAuxTrainingSAEConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: TopKAuxTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.init_aux_loss_state()
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        output.metrics.update(self.aux_loss_metrics())
+        return output
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        self.drop_aux_state(state_dict)
+        super().process_state_dict_for_saving_inference(state_dict)
