@@ -6,10 +6,13 @@ Importing this package registers every plugin architecture with SAELens' registr
 
 from sae_lens_allocation.calibration import calibrate
 from sae_lens_allocation.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
+from sae_lens_allocation.gradient_topk import GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig
+from sae_lens_allocation.gradients import GradientActivationsStore, activation_gradients
 from sae_lens_allocation.loading import load_sae
 from sae_lens_allocation.losses import AUX_LOSSES, register_aux_loss
 from sae_lens_allocation.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_lens_allocation.registration import register_architecture, registered_architectures
+from sae_lens_allocation.runner import build_runner, train
 from sae_lens_allocation.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 
 # (name, training SAE, training config, inference SAE, inference config); the inference classes
@@ -17,6 +20,7 @@ from sae_lens_allocation.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEC
 _PLUGIN_CLASSES: tuple[tuple[str, type, type, type | None, type | None], ...] = (
     ("mutual_choice", MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig, None, None),
     ("feature_choice", FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig, None, None),
+    ("gradient_topk", GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig, None, None),
     ("topk_aux", TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig, None, None),
 )
 
@@ -29,9 +33,14 @@ __all__ = [
     "ARCHITECTURES",
     "AUX_LOSSES",
     "FeatureChoiceTrainingSAE",
+    "GradientActivationsStore",
+    "GradientTopKTrainingSAE",
+    "GradientTopKTrainingSAEConfig",
     "FeatureChoiceTrainingSAEConfig",
     "MutualChoiceTrainingSAE",
     "MutualChoiceTrainingSAEConfig",
+    "activation_gradients",
+    "build_runner",
     "calibrate",
     "load_sae",
     "register_architecture",
@@ -39,4 +48,5 @@ __all__ = [
     "registered_architectures",
     "TopKAuxTrainingSAE",
     "TopKAuxTrainingSAEConfig",
+    "train",
 ]

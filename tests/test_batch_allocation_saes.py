@@ -190,3 +190,19 @@ def test_resume_from_checkpoint_continues_training(tmp_path):
     loaded = sae_lens_allocation.load_sae(ckpt)
     assert not torch.equal(loaded.W_enc, resumed.W_enc)
     assert (tmp_path / "b" / "output" / "cfg.json").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plugin_train_calibrates_on_held_out_batches(arch, tmp_path):
+    cfg = support.runner_cfg(arch, tmp_path, training_tokens=4 * 256, sae_calibration_tokens=1024)
+    sae_lens_allocation.train(cfg, override_model=support.tiny_model(),
+                              override_dataset=support.tiny_dataset(512))
+    meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]
+    assert meta["calibration"] == {"source": "held-out", "tokens": 1024}
+
+
+def test_train_refuses_a_batch_too_small_for_feature_choice(tmp_path):
+    cfg = support.runner_cfg("feature_choice", tmp_path, train_batch_size_tokens=16, sae_k=4)
+    with pytest.raises(ValueError, match="train_batch_size_tokens=16"):
+        sae_lens_allocation.train(cfg, override_model=support.tiny_model(),
+                                  override_dataset=support.tiny_dataset())

@@ -1,0 +1,298 @@
+"""Gradient TopK SAE, g-SAE ("gradient_topk"), Olmo et al. 2024 (arXiv 2411.10397).
+
+Paper: a TopK SAE whose choice of each token's k latents uses the gradient g of the language
+model's loss with respect to the SAE input, so latents with small activations but a large effect
+on the output are not neglected; the kept values are the ordinary relu(z).
+
+Project definition (docs/algorithms.md):
+    z    = pre-activations as SAELens TopK computes them (times ||W_dec_i|| when
+           `rescale_acts_by_decoder_norm`)
+    a_i  = (W_dec_i / ||W_dec_i||) . g, divided by a running RMS of a (buffer `grad_rms`), so
+           `beta` is dimensionless
+    s_i  = z_i * (1 + beta * |a_i|)
+    S    = top-k of s per token;  f_i = relu(z_i) for i in S, 0 elsewhere.
+beta = 0 is exactly SAELens TopK. g is the gradient of the summed per-token next-token
+cross-entropy (gradients.py); z_i * a_i is the first-order estimate of the loss change from
+removing latent i.
+
+Training input rows are `[acts | grads]` (width 2 * d_in) from `GradientActivationsStore`; the
+reconstruction (MSE) and auxiliary losses see the activation half only. Without a gradient no
+score exists: in eval mode the SAE then encodes as plain TopK (what `run_evals` and the export
+do); in training mode it raises. Export: SAELens `topk` (beta = 0), decoder norms folded as TopK
+does, plugin buffers dropped, so the export loads without this package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from typing_extensions import override
+
+from sae_lens_allocation.losses import AuxLossConfig, AuxLossMixin
+
+GRADIENT_STATE_BUFFERS = ("grad_rms", "grad_rms_updates")
+
+
+def _field_error(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{field}={value!r} is not allowed: {allowed}")
+
+
+# -- pure selection rule --------------------------------------------------------------------
+
+
+def decoder_alignment(grads: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """a_i = (W_dec_i / ||W_dec_i||) . g for every latent i; grads [..., d_in] -> [..., d_sae]."""
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).tiny)
+    return grads.to(W_dec.dtype) @ unit.T
+
+
+def gradient_scores(
+    hidden_pre: torch.Tensor, alignment: torch.Tensor, beta: float, rms: torch.Tensor | float
+) -> torch.Tensor:
+    """s_i = z_i * (1 + beta * |a_i| / rms); beta = 0 returns z itself (exactly TopK)."""
+    if beta == 0:
+        return hidden_pre
+    if isinstance(rms, torch.Tensor):
+        rms = rms.clamp_min(torch.finfo(alignment.dtype).tiny)
+    return hidden_pre * (1 + beta * alignment.abs() / rms)
+
+
+def select_topk(
+    hidden_pre: torch.Tensor, scores: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S = top-k of `scores` along the last dim; codes f = relu(z) on S, 0 elsewhere.
+
+    Returns (codes, indices [..., k]). Same operations as SAELens' TopK activation, so
+    scores = z gives its codes bit for bit. Autograd flows into z through the kept values only.
+    """
+    indices = torch.topk(scores, k=k, dim=-1, sorted=False).indices
+    values = hidden_pre.gather(-1, indices).relu()
+    return torch.zeros_like(hidden_pre).scatter(-1, indices, values), indices
+
+
+def changed_selection_share(
+    hidden_pre: torch.Tensor, indices: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Share of the k selections per token (over all tokens) that plain TopK of z would not make."""
+    plain = torch.topk(hidden_pre, k=k, dim=-1, sorted=False).indices
+    in_plain = torch.zeros_like(hidden_pre, dtype=torch.bool).scatter(-1, plain, True)
+    return 1.0 - in_plain.gather(-1, indices).float().mean()
+
+
+# -- config and training SAE ----------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+    """Gradient TopK training config.
+
+    k: latents per token (integer, 1 <= k <= d_sae).
+    beta: weight of the gradient term in s = z (1 + beta |a| / rms(a)); >= 0, 0 = plain TopK.
+        Dimensionless thanks to the RMS normalisation; default 1.0 (project choice: a latent
+        whose alignment is one RMS above typical doubles its score).
+    grad_rms_ema_rate: rate r of the running mean square of a,
+        ms <- ms + max(r, 1/t) (mean(a^2) - ms), t = 1, 2, ... (the plain mean for the first 1/r
+        batches, then an EMA); in (0, 1].
+    aux_loss: default "aux_zipf" (losses.py); fields as AuxLossConfig.
+    Inherited from SAELens TopK: rescale_acts_by_decoder_norm (default True), decoder_init_norm.
+    normalize_activations must be "none" (a scaling of x changes g by the inverse factor, and
+    SAELens would estimate the norm over [acts | grads]); use_sparse_activations must be False.
+    """
+
+    needs_activation_gradients: ClassVar[bool] = True
+
+    beta: float = 1.0
+    grad_rms_ema_rate: float = 0.01
+    aux_loss: str = "aux_zipf"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "gradient_topk"
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return TopKSAEConfig
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_aux_loss()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
+            raise _field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
+        if (
+            isinstance(self.beta, bool)
+            or not isinstance(self.beta, (int, float))
+            or not math.isfinite(self.beta)
+            or self.beta < 0
+        ):
+            raise _field_error("beta", self.beta, "a finite number >= 0 (0 = plain TopK)")
+        if not (
+            isinstance(self.grad_rms_ema_rate, (int, float)) and 0 < self.grad_rms_ema_rate <= 1
+        ):
+            raise _field_error("grad_rms_ema_rate", self.grad_rms_ema_rate, "0 < rate <= 1")
+        if self.normalize_activations != "none":
+            raise _field_error(
+                "normalize_activations",
+                self.normalize_activations,
+                "'none' for gradient_topk (activation scaling would need the gradient scaled by "
+                "the inverse factor, and SAELens estimates norms over whole [acts | grads] rows)",
+            )
+        if self.use_sparse_activations:
+            raise _field_error(
+                "use_sparse_activations", True, "False (gradient_topk builds dense codes)"
+            )
+
+
+class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+    """Gradient TopK training SAE; see the module docstring for the rule.
+
+    Buffers (training checkpoints only, dropped on export): grad_rms, the running RMS of a;
+    grad_rms_updates, how many batches it has seen.
+    """
+
+    cfg: GradientTopKTrainingSAEConfig  # type: ignore[assignment]
+    grad_rms: torch.Tensor
+    grad_rms_updates: torch.Tensor
+
+    def __init__(self, cfg: GradientTopKTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
+        device = self.W_dec.device
+        self.register_buffer("grad_rms", torch.zeros((), dtype=torch.float32, device=device))
+        self.register_buffer("grad_rms_updates", torch.zeros((), dtype=torch.long, device=device))
+        self._last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.init_aux_loss_state()
+
+    # -- encoding -----------------------------------------------------------------------------
+    def split_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[..., 2*d_in] -> (acts, grads); [..., d_in] -> (acts, None)."""
+        d_in = self.cfg.d_in
+        if x.shape[-1] == 2 * d_in:
+            return x[..., :d_in], x[..., d_in:]
+        if x.shape[-1] == d_in:
+            return x, None
+        raise ValueError(
+            f"gradient_topk expects inputs of width d_in={d_in} (activations) or 2*d_in={2 * d_in} "
+            f"([activations | gradients]), got {x.shape[-1]}"
+        )
+
+    def hidden_pre(self, acts: torch.Tensor) -> torch.Tensor:
+        """z as SAELens TopK computes it (decoder-norm rescaled when configured)."""
+        sae_in = self.process_sae_in(acts)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+        return hidden_pre
+
+    @torch.no_grad()
+    def _update_grad_rms(self, alignment: torch.Tensor) -> None:
+        # Tensor arithmetic only: no host sync per step.
+        rate = (1.0 / (self.grad_rms_updates + 1)).clamp(min=self.cfg.grad_rms_ema_rate)
+        mean_square = self.grad_rms.square()
+        mean_square += rate * (alignment.float().square().mean() - mean_square)
+        self.grad_rms.copy_(mean_square.sqrt())
+        self.grad_rms_updates.add_(1)
+
+    def _gradient_codes(
+        self, hidden_pre: torch.Tensor, grads: torch.Tensor, update_rms: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if self.cfg.beta == 0:
+                scores = hidden_pre.detach()
+            else:
+                alignment = decoder_alignment(grads.to(hidden_pre.device), self.W_dec)
+                if update_rms:
+                    self._update_grad_rms(alignment)
+                    rms = self.grad_rms
+                elif bool(self.grad_rms_updates > 0):
+                    rms = self.grad_rms
+                else:
+                    # Analysis before any training batch: the batch's own RMS.
+                    rms = alignment.float().square().mean().sqrt()
+                scores = gradient_scores(hidden_pre.detach(), alignment, self.cfg.beta, rms)
+        return select_topk(hidden_pre, scores, self.cfg.k)
+
+    @override
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [acts | grads]: the gradient selection (updating the running RMS in training
+        mode). Rows of width d_in: plain TopK in eval mode; an error in training mode."""
+        acts, grads = self.split_rows(x)
+        hidden_pre = self.hidden_pre(acts)
+        if grads is None:
+            if self.training:
+                raise RuntimeError(
+                    "gradient_topk got activations without gradients in training mode. It needs "
+                    "the LM-loss gradient next to each activation (rows [acts | grads] of width "
+                    f"{2 * self.cfg.d_in}): train it with sae_lens_allocation.train(cfg) or "
+                    "`sae-lens-allocation train config.yaml`, which use "
+                    "sae_lens_allocation.gradients.GradientActivationsStore. Call sae.eval() to "
+                    "encode activations alone (plain TopK, as the exported SAE does)."
+                )
+            codes, indices = select_topk(hidden_pre, hidden_pre.detach(), self.cfg.k)
+        else:
+            codes, indices = self._gradient_codes(hidden_pre, grads, update_rms=self.training)
+        self._last_selection = (hidden_pre.detach(), indices)
+        return self.hook_sae_acts_post(codes), hidden_pre
+
+    def encode_with_gradients(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Codes chosen with the gradient g at x (analysis), whatever the mode; the running RMS
+        is read, not updated. x, g: [..., d_in]."""
+        if x.shape != g.shape:
+            raise ValueError(
+                f"x and g must have the same shape, got {tuple(x.shape)} and {tuple(g.shape)}"
+            )
+        hidden_pre = self.hidden_pre(x)
+        codes, _ = self._gradient_codes(hidden_pre, g, update_rms=False)
+        return self.hook_sae_acts_post(codes)
+
+    # -- training step --------------------------------------------------------------------------
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """Selection from [acts | grads]; MSE and auxiliary loss on the activation half only."""
+        feature_acts, hidden_pre = self.encode_with_hidden_pre(step_input.sae_in)
+        acts_input = replace(step_input, sae_in=self.split_rows(step_input.sae_in)[0])
+        sae_out = self.decode(feature_acts)
+        mse_loss = self.mse_loss_fn(sae_out, acts_input.sae_in).sum(dim=-1).mean()
+        aux_losses = self.calculate_aux_loss(acts_input, feature_acts, hidden_pre, sae_out)
+        loss = mse_loss + sum(aux_losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"gradient_topk training met a non-finite loss ({loss.item()}) at step "
+                f"{step_input.n_training_steps}; stopping before a broken checkpoint is written. "
+                "Lower lr or check the activations and gradients for NaN/Inf."
+            )
+        output = TrainStepOutput(
+            sae_in=acts_input.sae_in,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=loss,
+            losses={"mse_loss": mse_loss, **aux_losses},
+        )
+        output.metrics.update(self._step_metrics())
+        output.metrics.update(self.aux_loss_metrics())
+        return output
+
+    def _step_metrics(self) -> dict[str, Any]:
+        assert self._last_selection is not None
+        hidden_pre, indices = self._last_selection
+        k = self.cfg.k
+        rms = self.grad_rms.detach().clone()
+        # Lazy: the trainer only evaluates callables on logging steps.
+        return {
+            "gradient_selection_changed": lambda: changed_selection_share(hidden_pre, indices, k),
+            "gradient_alignment_rms": lambda: rms,
+        }
+
+    # -- export ---------------------------------------------------------------------------------
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        """SAELens TopK export (decoder norms folded), minus the plugin's training buffers."""
+        super().process_state_dict_for_saving_inference(state_dict)
+        self.drop_aux_state(state_dict)
+        for name in GRADIENT_STATE_BUFFERS:
+            state_dict.pop(name, None)
