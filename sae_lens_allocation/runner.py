@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
@@ -45,6 +47,8 @@ def build_runner(
             f"{cfg.sae.architecture()!r}: cached activations hold no gradients of the LM loss; "
             "set use_cached_activations=False so the model runs during training"
         )
+    # SAELens does not seed the SAE's initialisation; seeding here makes a config reproducible.
+    torch.manual_seed(cfg.seed)
     override_model, override_dataset = runner_sources(cfg, override_model, override_dataset)
     runner = LanguageModelSAETrainingRunner(
         cfg, override_dataset=override_dataset, override_model=override_model

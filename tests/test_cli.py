@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sae_lens_allocation.cli import main
 
@@ -70,3 +71,28 @@ def test_console_script_and_python_m_agree():
     out = subprocess.run([sys.executable, "-m", "sae_lens_allocation", "train", "missing.yaml"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "missing.yaml" in out.stderr
+
+
+def test_train_offline_config_matches_python_api(capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    import sae_lens_allocation
+    from sae_lens_allocation.yaml_config import load_runner_config
+
+    small = ["training_tokens=8192", "sae.d_sae=256", "sae.calibration_tokens=2048",
+             "n_batches_in_buffer=32", "store_batch_size_prompts=8", "n_eval_batches=1"]
+    cli_out, api_out = tmp_path / "cli", tmp_path / "api"
+    sets = [x for s in small + [f"output_path={cli_out}", f"checkpoint_path={tmp_path / 'c1'}"]
+            for x in ("--set", s)]
+    code, out, err = _run(["train", "configs/embedded-mutual-choice.yaml", *sets], capsys)
+    assert code == 0, err
+    assert str(cli_out) in out
+
+    cfg = load_runner_config("configs/embedded-mutual-choice.yaml",
+                             small + [f"output_path={api_out}", f"checkpoint_path={tmp_path / 'c2'}"])
+    sae_lens_allocation.train(cfg)
+    cli_w = load_file(cli_out / "sae_weights.safetensors")
+    api_w = load_file(api_out / "sae_weights.safetensors")
+    assert cli_w.keys() == api_w.keys() == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    for name in cli_w:
+        assert torch.equal(cli_w[name], api_w[name]), name

@@ -1,0 +1,791 @@
+"""Feature dashboards for any SAE this plugin exports (and any SAELens SAE), viewable offline.
+
+`make_dashboard(sae_dir, ...)` loads the SAE, a model and tokens, picks features, runs
+sae-dashboard's `SaeVisRunner`, and writes
+
+- `feature_dashboard.html`: sae-dashboard's feature-centric view, made self-contained: the d3 v6
+  and plotly `<script src=...>` tags that point at web CDNs are replaced by inline copies (plotly
+  from the plotly Python package, d3 v6 from the npm registry, fetched at set-up into
+  `dashboard_assets/`), so the page renders with no network;
+- `neuronpedia/batch-0.json`: sae-dashboard's `NeuronpediaConverter` output, plus a `metadata`
+  object recording the SAE's inference and training architecture (e.g. `jumprelu` trained as
+  `mutual_choice`).
+
+How the sae-dashboard 0.8.0 limitations are handled (without patching it):
+- It computes dashboards only for SAELens' TopK, standard, JumpReLU and gated SAEs. Plugin SAEs
+  export to `jumprelu` (mutual_choice, feature_choice: calibrated thresholds) or `topk`
+  (gradient_topk, topk_aux), so the export is what is loaded; a training checkpoint of a plugin
+  architecture is refused with a message naming the export to pass instead.
+- It folds the decoder norms into the encoder in place. The dashboard works on its own copy of the
+  SAE. Folding is exact for JumpReLU (thresholds scale too), standard, gated and TopK with
+  `rescale_acts_by_decoder_norm`; activations are then shown per unit-norm decoder direction, as
+  sae-dashboard does. A TopK SAE that selects on raw pre-activations would select differently
+  after folding, so it is shown unfolded (`UnfoldedTopKSAE`).
+- It feeds the encoder (batch, seq, d) minibatches. Exports select per token (thresholds or
+  per-token top-k), so the activations shown do not depend on the minibatch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE, TrainingSAE
+from sae_lens.saes.topk_sae import TopK, TopKSAE
+
+ASSETS_DIR = Path(__file__).parent / "dashboard_assets"
+D3_JS = ASSETS_DIR / "d3.v6.min.js"
+D3_CDN_TAG = '<script src="https://d3js.org/d3.v6.min.js"></script>'
+PLOTLY_CDN_TAG = '<script src="https://cdn.plot.ly/plotly-latest.min.js"></script>'
+D3_INSTALL_HINT = (
+    "run `make env` (it fetches d3 with npm), or: npm pack d3@6 && tar -xzf d3-6.*.tgz "
+    f"package/dist/d3.min.js && mkdir -p {ASSETS_DIR} && cp package/dist/d3.min.js {D3_JS}"
+)
+
+HTML_NAME = "feature_dashboard.html"
+NEURONPEDIA_NAME = "neuronpedia/batch-0.json"
+DEFAULT_N_TOKENS = 32768
+DEFAULT_CONTEXT_SIZE = 128
+DEFAULT_MINIBATCH_SIZE_TOKENS = 64
+DEFAULT_MINIBATCH_SIZE_FEATURES = 64
+DEFAULT_OUT = "out/dashboard"
+
+# Architectures sae-dashboard 0.8.0 computes dashboards for (FeatureMaskingContext, plus TopK).
+SUPPORTED_ARCHITECTURES = ("standard", "jumprelu", "gated", "topk")
+
+# Token strings for the Neuronpedia JSON, as sae-dashboard's NeuronpediaRunner writes them
+# (copied: importing the runner module pulls in wandb).
+_NP_TOKEN_REPLACEMENTS = {
+    "âĢĶ": "—",
+    "âĢĵ": "–",
+    "âĢľ": "“",
+    "âĢĿ": "”",
+    "âĢĺ": "‘",
+    "âĢĻ": "’",
+    "âĢĭ": " ",
+    "Ġ": " ",
+    "Ċ": "\n",
+    "ĉ": "\t",
+}
+_NP_OUT_OF_RANGE_TOKEN = "<|outofrange|>"
+
+
+class DashboardError(ValueError):
+    """A problem with the user's input (SAE folder, model, features, tokens)."""
+
+
+@dataclass(frozen=True)
+class DashboardResult:
+    """What `make_dashboard` wrote.
+
+    html: the self-contained feature-centric dashboard.
+    neuronpedia: the Neuronpedia batch JSON, or None when not requested.
+    features: the features shown (the page opens on the first).
+    skipped: requested features with no example to show (they never fire on the tokens at a
+        position sae-dashboard can centre an example on).
+    n_prompts, context_size: the token rows the dashboard was computed on.
+    """
+
+    html: Path
+    neuronpedia: Path | None
+    features: list[int]
+    skipped: list[int]
+    n_prompts: int
+    context_size: int
+
+
+class _Progress:
+    """Stage messages on stderr, and tqdm bars, when enabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[dashboard] {message}", file=sys.stderr, flush=True)
+
+    def bar(self, total: int, desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"[dashboard] {desc}", disable=not self.enabled, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# SAE
+
+
+class UnfoldedTopKSAE(TopKSAE):
+    """A TopK SAE as the dashboard shows it when it selects the top k of the raw pre-activations
+    (`rescale_acts_by_decoder_norm=False`): folding the decoder norms into the encoder would change
+    which latents are selected, so `fold_W_dec_norm` (called by sae-dashboard) keeps the weights
+    and the SAE's own activations are shown."""
+
+    def fold_W_dec_norm(self) -> None:
+        return None
+
+
+def _architecture(sae: Any) -> str:
+    arch = sae.cfg.architecture
+    return arch() if callable(arch) else str(arch)
+
+
+def training_architecture(sae: Any) -> str:
+    """The architecture the SAE was trained as (`metadata.training_architecture`, which SAELens
+    records on export), else its own architecture."""
+    return str(sae.cfg.metadata.training_architecture or _architecture(sae))
+
+
+def load_dashboard_sae(sae: str | Path | Any, device: str = "cpu") -> Any:
+    """An inference SAE the dashboard may modify: loaded from a folder, or a copy of an SAE.
+
+    Plugin training checkpoints are refused (their export needs threshold calibration); SAELens
+    training checkpoints are converted with `save_inference_model`. Architectures sae-dashboard
+    cannot compute raise `DashboardError`.
+    """
+    import copy
+
+    from sae_lens_allocation import ARCHITECTURES
+    from sae_lens_allocation.loading import is_training_checkpoint, load_sae, read_sae_cfg
+
+    if isinstance(sae, (str, Path)):
+        path = Path(sae)
+        if not path.is_dir():
+            raise FileNotFoundError(f"SAE folder {path} does not exist")
+        cfg = read_sae_cfg(path)
+        arch = cfg.get("architecture")
+        if is_training_checkpoint(cfg) and arch in ARCHITECTURES:
+            raise DashboardError(
+                f"{path} is a training checkpoint of the {arch} architecture; dashboards are "
+                f"computed from the exported SAE (SAELens `jumprelu` or `topk`). Pass the exported "
+                f"folder instead: the runner's output_path, or the folder written by "
+                f"`sae.save_inference_model(folder)`"
+            )
+        try:
+            with warnings.catch_warnings():
+                # SAELens' advice on loading the model from its hub name; resolve_model follows it.
+                warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs", category=UserWarning)
+                loaded = load_sae(path, device=device)
+        except ValueError as err:
+            raise DashboardError(str(err)) from err
+    else:
+        loaded = copy.deepcopy(sae).to(device)
+    if isinstance(loaded, TrainingSAE):
+        if _architecture(loaded) in ARCHITECTURES:
+            raise DashboardError(
+                f"got a {_architecture(loaded)} training SAE; dashboards are computed from its "
+                f"export: call `sae.save_inference_model(folder)` and pass the folder"
+            )
+        with tempfile.TemporaryDirectory(prefix="sae-dashboard-") as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs", category=UserWarning)
+            loaded.save_inference_model(tmp)
+            loaded = SAE.load_from_disk(tmp, device=device)
+    arch = _architecture(loaded)
+    if not (isinstance(loaded.activation_fn, TopK) or arch in SUPPORTED_ARCHITECTURES):
+        raise DashboardError(
+            f"architecture {arch!r} is not supported by sae-dashboard; it computes dashboards for "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} SAEs (plugin SAEs export to jumprelu or topk)"
+        )
+    if loaded.cfg.metadata.hook_name is None:
+        raise DashboardError("the SAE config has no metadata.hook_name: cannot tell where it reads the model")
+    if isinstance(loaded, TopKSAE) and not loaded.cfg.rescale_acts_by_decoder_norm:
+        unfolded = UnfoldedTopKSAE(loaded.cfg)
+        unfolded.load_state_dict(loaded.state_dict())
+        loaded = unfolded.to(device)
+    if loaded.hook_z_reshaping_mode:
+        # sae-dashboard flattens hook_z activations itself and turns this off; so do we.
+        loaded.turn_off_forward_pass_hook_z_reshaping()
+    loaded.eval()
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# Model and tokens
+
+
+def resolve_model(model: Any, sae: Any, device: str = "cpu") -> Any:
+    """The HookedTransformer to read activations from.
+
+    None or "embedded": the plugin's embedded demo model. Another string: a TransformerLens
+    model name (`HookedTransformer.from_pretrained`, with the SAE's recorded
+    `model_from_pretrained_kwargs`). A HookedTransformer is used as it is.
+    """
+    from transformer_lens import HookedTransformer
+
+    if model is None or model == "embedded":
+        from sae_lens_allocation.demo import load_embedded_model
+
+        return load_embedded_model(device=device)
+    if isinstance(model, str):
+        kwargs = dict(sae.cfg.metadata.model_from_pretrained_kwargs or {})
+        return HookedTransformer.from_pretrained(model, device=device, **kwargs)
+    if not isinstance(model, HookedTransformer):
+        raise DashboardError(
+            f"model={type(model).__name__} is not allowed; pass None or 'embedded', a "
+            "TransformerLens model name, or a HookedTransformer"
+        )
+    if model.tokenizer is None:
+        raise DashboardError("the model has no tokenizer; sae-dashboard decodes tokens with it")
+    return model
+
+
+def _hook_layer(hook_name: str) -> int:
+    match = re.match(r"blocks\.(\d+)\.", hook_name)
+    if match is None:
+        raise DashboardError(
+            f"hook_name={hook_name!r} is not supported: sae-dashboard needs a hook inside a "
+            "block, 'blocks.<layer>.<...>'"
+        )
+    return int(match.group(1))
+
+
+def _token_rows(stream: list[int], context_size: int, n_rows: int, bos: int | None) -> list[list[int]]:
+    """Cut a token stream into at most `n_rows` rows: `[BOS] + context_size - 1` stream tokens
+    when `bos` is given (SAELens' pretokenisation convention), else `context_size` tokens."""
+    body = context_size - 1 if bos is not None else context_size
+    rows = []
+    for start in range(0, len(stream) - body + 1, body):
+        if len(rows) == n_rows:
+            break
+        chunk = stream[start : start + body]
+        rows.append([bos, *chunk] if bos is not None else chunk)
+    return rows
+
+
+def load_tokens(
+    model: Any,
+    dataset: Any,
+    n_prompts: int,
+    context_size: int,
+    seed: int = 0,
+) -> tuple[torch.Tensor, str]:
+    """Token rows [n_prompts (or fewer), context_size] and a description of their source.
+
+    dataset None: the held-out split of the plugin's local corpus (the stdlib sources). A
+    `datasets.Dataset`, a `save_to_disk` folder or a dataset name (streamed): rows with a `tokens`
+    or `input_ids` column are taken as token ids as they are (a row of exactly `context_size`
+    tokens is kept whole; other lengths are concatenated and re-cut); a `text` column is
+    tokenised, with BOS between documents.
+    """
+    if dataset is None:
+        from sae_lens_allocation.demo import corpus_dataset
+
+        try:
+            ds = corpus_dataset(model, split="heldout", context_size=context_size, n_rows=n_prompts, seed=seed)
+        except ValueError as err:
+            raise DashboardError(str(err)) from err
+        return torch.tensor(ds["tokens"], dtype=torch.long), "local corpus (stdlib sources, held-out split)"
+
+    source = str(dataset) if isinstance(dataset, (str, Path)) else type(dataset).__name__
+    if isinstance(dataset, (str, Path)):
+        path = Path(dataset)
+        if path.is_dir():
+            from datasets import load_from_disk
+
+            dataset = load_from_disk(str(path))
+        else:
+            from datasets import load_dataset
+
+            try:
+                dataset = load_dataset(str(dataset), split="train", streaming=True)
+            except Exception as err:  # the datasets library raises many types; all mean "cannot load"
+                raise DashboardError(f"could not load dataset {str(dataset)!r}: {err}") from err
+    columns = list(dataset.column_names or next(iter(dataset)).keys())
+    token_column = next((c for c in ("tokens", "input_ids") if c in columns), None)
+    if token_column is None and "text" not in columns:
+        raise DashboardError(
+            f"dataset {source} has columns {columns}; it needs a 'tokens' or 'input_ids' column "
+            "(pretokenized) or a 'text' column"
+        )
+    tokenizer = model.tokenizer
+    bos = tokenizer.bos_token_id if token_column is None else None
+    rows: list[list[int]] = []
+    stream: list[int] = []
+    for example in dataset:
+        if token_column is not None:
+            ids = [int(t) for t in example[token_column]]
+            if len(ids) == context_size:
+                rows.append(ids)
+            else:
+                stream.extend(ids)
+        else:
+            stream.extend(tokenizer(example["text"], add_special_tokens=False)["input_ids"])
+            if bos is not None:
+                stream.append(bos)
+        if len(rows) + len(stream) // context_size >= n_prompts:
+            break
+    rows += _token_rows(stream, context_size, n_prompts - len(rows), bos)
+    if not rows:
+        raise DashboardError(f"dataset {source} gave no row of {context_size} tokens")
+    return torch.tensor(rows, dtype=torch.long), f"dataset {source}"
+
+
+# --------------------------------------------------------------------------------------------
+# Feature selection
+
+
+def ignored_token_ids(model: Any) -> list[int]:
+    """BOS, EOS and PAD ids: positions holding them are left out of the statistics and examples,
+    as sae-dashboard's Neuronpedia runner does (attention-sink positions dwarf everything)."""
+    tok = model.tokenizer
+    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def example_positions(context_size: int) -> slice:
+    """Token positions sae-dashboard can centre an example sequence on: it shows `buffer` =
+    (5, 5) tokens around the bold token plus the one before it, so positions
+    buffer[0] + 1 <= t < context_size - buffer[1] of each row."""
+    from sae_dashboard.layout import SaeVisLayoutConfig
+
+    before, after = SaeVisLayoutConfig.default_feature_centric_layout().seq_cfg.buffer
+    window = slice(before + 1, context_size - after)
+    if window.stop <= window.start:
+        raise DashboardError(
+            f"context_size={context_size} is not allowed; sae-dashboard shows {before} tokens before "
+            f"and {after} after each example, so use context_size > {before + after + 1}"
+        )
+    return window
+
+
+@torch.inference_mode()
+def feature_frequencies(
+    sae: Any,
+    model: Any,
+    tokens: torch.Tensor,
+    minibatch_size_tokens: int = DEFAULT_MINIBATCH_SIZE_TOKENS,
+    ignore_tokens: Sequence[int] = (),
+    progress: _Progress | None = None,
+) -> torch.Tensor:
+    """Firing frequency of every latent on `tokens`: p_j = #{t : f_j(x_t) > 0} / #{t}, over the
+    positions t that can centre an example (`example_positions`) and whose token is not in
+    `ignore_tokens`; so p_j > 0 exactly when the dashboard has an example to show for j. Also
+    checks that the model has the SAE's hook and that its width is the SAE's d_in."""
+    hook = sae.cfg.metadata.hook_name
+    layer = _hook_layer(hook)
+    if hook not in model.hook_dict:
+        raise DashboardError(f"the model has no hook {hook!r} (the SAE's metadata.hook_name)")
+    ignore = torch.tensor(list(ignore_tokens), dtype=tokens.dtype)
+    window = example_positions(tokens.shape[1])
+    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    n_positions = 0
+    batches = tokens.split(minibatch_size_tokens)
+    bar = (progress or _Progress(False)).bar(len(batches), "firing frequencies")
+    for batch in batches:
+        _, cache = model.run_with_cache(batch, names_filter=hook, stop_at_layer=layer + 1)
+        acts = cache[hook]
+        if "hook_z" in hook:
+            acts = acts.flatten(-2, -1)
+        if acts.shape[-1] != sae.cfg.d_in:
+            hint = sae.cfg.metadata.model_name
+            raise DashboardError(
+                f"the model's {hook} has width {acts.shape[-1]} but the SAE has d_in="
+                f"{sae.cfg.d_in}: pass the model the SAE was trained on"
+                + (f" (its metadata names {hint!r})" if hint else "")
+            )
+        keep = ~torch.isin(batch, ignore)
+        keep[:, : window.start] = False
+        keep[:, window.stop :] = False
+        fired = (sae.encode(acts.to(device=sae.device, dtype=sae.dtype)) > 0) & keep.unsqueeze(-1).to(sae.device)
+        counts += fired.sum(dim=(0, 1)).double().cpu()
+        n_positions += int(keep.sum())
+        bar.update(1)
+    bar.close()
+    return (counts / max(n_positions, 1)).float()
+
+
+def default_features(
+    frequencies: torch.Tensor,
+    n_most_active: int = 8,
+    n_random: int = 8,
+    n_rarest: int = 4,
+    seed: int = 0,
+) -> list[int]:
+    """A useful default selection of latents to show (project definition).
+
+    Over the live latents L = {j : p_j > 0} ordered by firing frequency p_j (ties by index):
+    the `n_most_active` most frequent, the `n_rarest` least frequent of the rest, and `n_random`
+    drawn uniformly without replacement (torch generator seeded with `seed`) from what remains.
+    Returned as [most active (descending p; the page opens on the first), random (ascending
+    index), rarest (ascending p)]. Dead latents are never chosen: they have nothing to show.
+    Fewer live latents than asked for gives all of them.
+    """
+    for name, value in (("n_most_active", n_most_active), ("n_random", n_random), ("n_rarest", n_rarest)):
+        if not isinstance(value, int) or value < 0:
+            raise DashboardError(f"{name}={value!r} is not allowed; use an int >= 0")
+    freq = frequencies.detach().float().cpu()
+    alive = torch.nonzero(freq > 0).flatten()
+    # Stable sort on -p keeps ascending index among equal frequencies.
+    by_freq = alive[torch.sort(-freq[alive], stable=True).indices]
+    top = by_freq[:n_most_active]
+    rest = by_freq[n_most_active:]
+    rare = rest.flip(0)[:n_rarest] if n_rarest else rest[:0]
+    remaining = rest[: len(rest) - len(rare)]
+    g = torch.Generator().manual_seed(seed)
+    sample = remaining[torch.randperm(len(remaining), generator=g)[:n_random]].sort().values
+    return [int(j) for j in torch.cat([top, sample, rare])]
+
+
+def _check_features(features: Sequence[int], d_sae: int) -> list[int]:
+    out = []
+    for f in features:
+        if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae:
+            raise DashboardError(f"feature {f!r} is not allowed; features are ints in [0, {d_sae})")
+        if f not in out:
+            out.append(f)
+    if not out:
+        raise DashboardError("features=[] is not allowed; pass None for the default selection")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# sae-dashboard
+
+
+def compute_vis_data(
+    sae: Any,
+    model: Any,
+    tokens: torch.Tensor,
+    features: Sequence[int],
+    minibatch_size_tokens: int = DEFAULT_MINIBATCH_SIZE_TOKENS,
+    minibatch_size_features: int = DEFAULT_MINIBATCH_SIZE_FEATURES,
+    ignore_tokens: Sequence[int] = (),
+    seed: int = 0,
+    progress: _Progress | None = None,
+) -> Any:
+    """sae-dashboard's `SaeVisData` for `features`, one `SaeVisRunner.run` per feature minibatch
+    (as `run` itself loops) so progress is reported per minibatch. `minibatch_size_tokens` is
+    sae-dashboard's: the number of token rows per forward pass."""
+    from sae_dashboard.sae_vis_data import SaeVisConfig, SaeVisData
+    from sae_dashboard.sae_vis_runner import SaeVisRunner
+
+    cfg = SaeVisConfig(
+        hook_point=sae.cfg.metadata.hook_name,
+        features=list(features),
+        minibatch_size_features=minibatch_size_features,
+        minibatch_size_tokens=minibatch_size_tokens,
+        device=str(sae.device),
+        ignore_tokens=set(ignore_tokens),
+        seed=seed,
+        verbose=False,
+    )
+    data = SaeVisData(cfg=cfg)
+    bar = (progress or _Progress(False)).bar(len(cfg.features), "feature panels")
+    for start in range(0, len(cfg.features), minibatch_size_features):
+        batch = cfg.features[start : start + minibatch_size_features]
+        with warnings.catch_warnings():
+            # eindex (inside sae-dashboard) trips a torch deprecation warning on every call.
+            warnings.filterwarnings("ignore", category=UserWarning, module="eindex")
+            part = SaeVisRunner(replace(cfg, features=batch)).run(encoder=sae, model=model, tokens=tokens)
+        data.update(part)
+        bar.update(len(batch))
+    bar.close()
+    data.model = model
+    data.encoder = sae
+    return data
+
+
+def _inline_script(js: str) -> str:
+    # "</script" inside the code would end the element early.
+    return "<script>\n" + re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE) + "\n</script>"
+
+
+def d3_source() -> str:
+    """d3 v6 as fetched from the npm registry at set-up (`dashboard_assets/d3.v6.min.js`)."""
+    if not D3_JS.is_file():
+        raise FileNotFoundError(f"d3 v6 is missing ({D3_JS}), so dashboards cannot work offline: {D3_INSTALL_HINT}")
+    js = D3_JS.read_text(encoding="utf-8")
+    if "d3js.org v6." not in js[:200]:
+        raise FileNotFoundError(f"{D3_JS} is not d3 v6 (its header is {js[:60]!r}): {D3_INSTALL_HINT}")
+    return js
+
+
+def make_offline_html(page: str, title: str, header_html: str = "") -> str:
+    """sae-dashboard's page made self-contained: its d3 v6 and plotly CDN `<script src>` tags are
+    replaced by inline copies of the same libraries, and it is wrapped in a full HTML document
+    with a UTF-8 charset (the tokens shown are not ASCII) and `header_html` above the panels."""
+    from plotly.offline import get_plotlyjs
+
+    for tag, source in ((D3_CDN_TAG, d3_source), (PLOTLY_CDN_TAG, get_plotlyjs)):
+        if tag not in page:
+            raise RuntimeError(f"sae-dashboard's HTML no longer contains {tag}; cannot make it offline")
+        page = page.replace(tag, _inline_script(source()), 1)
+    remote = re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=\s*[\"']?(https?:)?//", page, flags=re.IGNORECASE)
+    if remote:
+        raise RuntimeError(f"sae-dashboard's HTML loads another remote resource: {remote.group(0)!r}")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{html.escape(title)}</title>\n</head>\n<body>\n{header_html}\n{page}\n</body>\n</html>\n"
+    )
+
+
+def sae_metadata(sae: Any) -> dict[str, Any]:
+    """What the dashboard records about the SAE (the Neuronpedia JSON's `metadata`)."""
+    meta = sae.cfg.metadata
+    out = {
+        "architecture": _architecture(sae),
+        "training_architecture": training_architecture(sae),
+        "training_architecture_details": meta.training_architecture_details,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "model_name": meta.model_name,
+        "hook_name": meta.hook_name,
+        "sae_lens_version": meta.sae_lens_version,
+        "sae_lens_training_version": meta.sae_lens_training_version,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def neuronpedia_vocab(model: Any) -> dict[int, str]:
+    """Token id -> string as sae-dashboard's NeuronpediaRunner builds it (vocab strings with the
+    byte-level markers replaced, ids past the tokenizer padded with an out-of-range marker)."""
+    vocab: dict[int, str] = {}
+    for token, idx in model.tokenizer.vocab.items():
+        for old, new in _NP_TOKEN_REPLACEMENTS.items():
+            token = token.replace(old, new)
+        vocab[idx] = token
+    for idx in range(len(vocab), model.cfg.d_vocab):
+        vocab[idx] = _NP_OUT_OF_RANGE_TOKEN
+    return vocab
+
+
+def neuronpedia_batch(
+    vis_data: Any,
+    model: Any,
+    sae: Any,
+    sae_set: str,
+    n_prompts: int,
+    context_size: int,
+    dataset_name: str,
+    extra_metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """sae-dashboard's `NeuronpediaConverter.convert_to_np_json` output as a dict, with a
+    `metadata` object: `sae_metadata(sae)` (architecture, training_architecture, ...) plus
+    `extra_metadata`."""
+    from sae_dashboard.neuronpedia.neuronpedia_converter import NeuronpediaConverter
+    from sae_dashboard.neuronpedia.neuronpedia_runner_config import NeuronpediaRunnerConfig
+
+    hook = sae.cfg.metadata.hook_name
+    np_cfg = NeuronpediaRunnerConfig(
+        sae_set=sae_set,
+        sae_path="",
+        outputs_dir="",
+        huggingface_dataset_path=dataset_name,
+        n_prompts_total=n_prompts,
+        n_tokens_in_prompt=context_size,
+        model_id=sae.cfg.metadata.model_name or model.cfg.model_name,
+        layer=_hook_layer(hook),
+    )
+    batch = json.loads(NeuronpediaConverter.convert_to_np_json(model, vis_data, np_cfg, neuronpedia_vocab(model)))
+    batch["metadata"] = {**sae_metadata(sae), **(extra_metadata or {})}
+    return batch
+
+
+def _header_html(sae: Any, sae_name: str, n_prompts: int, context_size: int, source: str) -> str:
+    arch, trained = _architecture(sae), training_architecture(sae)
+    arch_text = arch if trained == arch else f"{arch} (trained as {trained})"
+    e = html.escape
+    text = " &middot; ".join(
+        [
+            f"SAE <b>{e(sae_name)}</b>",
+            e(arch_text),
+            e(str(sae.cfg.metadata.hook_name)),
+            f"d_sae {sae.cfg.d_sae}",
+            f"{n_prompts} &times; {context_size} tokens from {e(source)}",
+        ]
+    )
+    return f"<p id='sae-info' style='font-family: system-ui; font-size: 0.9em; color: #444;'>{text}</p>"
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def make_dashboard(
+    sae_dir: str | Path | Any,
+    model: Any = None,
+    features: Sequence[int] | None = None,
+    n_tokens: int = DEFAULT_N_TOKENS,
+    out: str | Path = DEFAULT_OUT,
+    dataset: Any = None,
+    minibatch_size_tokens: int = DEFAULT_MINIBATCH_SIZE_TOKENS,
+    minibatch_size_features: int = DEFAULT_MINIBATCH_SIZE_FEATURES,
+    context_size: int | None = None,
+    neuronpedia: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+    device: str = "cpu",
+) -> DashboardResult:
+    """Write a self-contained feature dashboard (and the Neuronpedia JSON) for an SAE.
+
+    sae_dir: an exported SAE folder (any SAELens architecture sae-dashboard computes; plugin
+        SAEs export to `jumprelu` or `topk`), a SAELens training checkpoint, or an SAE object
+        (copied, never modified).
+    model: None or "embedded" (the plugin's embedded model), a TransformerLens model name, or a
+        HookedTransformer.
+    features: latent indices to show; None picks `default_features` (most active, a random
+        sample, the rarest) from the firing frequencies on the same tokens. Requested latents with
+        no example to show are skipped (reported in `skipped`).
+    n_tokens: tokens to compute on: n_tokens // context_size rows.
+    dataset: None for the local corpus' held-out split, else see `load_tokens`.
+    minibatch_size_tokens: token rows per forward pass (sae-dashboard's `minibatch_size_tokens`);
+        the activations shown do not depend on it.
+    context_size: tokens per row; default the SAE's recorded context size, else 128, at most the
+        model's n_ctx.
+    out: output folder: `feature_dashboard.html` and `neuronpedia/batch-0.json`.
+    """
+    report = _Progress(progress)
+    for name, value in (
+        ("n_tokens", n_tokens),
+        ("minibatch_size_tokens", minibatch_size_tokens),
+        ("minibatch_size_features", minibatch_size_features),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DashboardError(f"{name}={value!r} is not allowed; use an int >= 1")
+    sae_name = Path(sae_dir).name if isinstance(sae_dir, (str, Path)) else type(sae_dir).__name__
+    report(f"loading SAE {sae_dir}")
+    sae = load_dashboard_sae(sae_dir, device=device)
+    report(
+        f"SAE: {_architecture(sae)} (trained as {training_architecture(sae)}), d_sae {sae.cfg.d_sae}, "
+        f"hook {sae.cfg.metadata.hook_name}"
+    )
+    report(f"loading model {'embedded' if model is None else model if isinstance(model, str) else type(model).__name__}")
+    model = resolve_model(model, sae, device=device)
+
+    ctx = context_size or sae.cfg.metadata.context_size or DEFAULT_CONTEXT_SIZE
+    ctx = min(int(ctx), model.cfg.n_ctx)
+    if ctx < 2:
+        raise DashboardError(f"context_size={ctx} is not allowed; use an int >= 2")
+    n_prompts = max(1, n_tokens // ctx)
+    tokens, source = load_tokens(model, dataset, n_prompts, ctx, seed=seed)
+    report(f"tokens: {tokens.shape[0]} rows x {ctx} from {source}")
+
+    ignore = ignored_token_ids(model)
+    freq = feature_frequencies(sae, model, tokens, minibatch_size_tokens, ignore, progress=report)
+    n_alive = int((freq > 0).sum())
+    report(f"{n_alive} of {sae.cfg.d_sae} latents fire on these tokens")
+    if features is None:
+        chosen = default_features(freq, seed=seed)
+        skipped: list[int] = []
+        if not chosen:
+            raise DashboardError("no latent fires on these tokens: nothing to show")
+    else:
+        requested = _check_features(list(features), sae.cfg.d_sae)
+        chosen = [f for f in requested if freq[f] > 0]
+        skipped = [f for f in requested if freq[f] <= 0]
+        if skipped:
+            report(f"skipping latents with no example on these tokens (never fire): {skipped}")
+        if not chosen:
+            raise DashboardError(f"none of the requested latents {requested} fires on these tokens")
+    report(f"features: {chosen}")
+
+    vis_data = compute_vis_data(
+        sae, model, tokens, chosen, minibatch_size_tokens, minibatch_size_features, ignore, seed, report
+    )
+
+    from sae_dashboard.data_writing_fns import save_feature_centric_vis
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    html_path = out / HTML_NAME
+    report(f"writing {html_path}")
+    save_feature_centric_vis(vis_data, html_path)
+    title = f"Feature dashboard: {sae_name} ({training_architecture(sae)})"
+    header = _header_html(sae, sae_name, tokens.shape[0], ctx, source)
+    html_path.write_text(make_offline_html(html_path.read_text(encoding="utf-8"), title, header), encoding="utf-8")
+
+    np_path = None
+    if neuronpedia:
+        np_path = out / NEURONPEDIA_NAME
+        report(f"writing {np_path}")
+        batch = neuronpedia_batch(
+            vis_data,
+            model,
+            sae,
+            sae_set=sae_name,
+            n_prompts=tokens.shape[0],
+            context_size=ctx,
+            dataset_name=source,
+            extra_metadata={"sae_path": str(sae_dir)} if isinstance(sae_dir, (str, Path)) else None,
+        )
+        np_path.parent.mkdir(parents=True, exist_ok=True)
+        np_path.write_text(json.dumps(batch), encoding="utf-8")
+    return DashboardResult(html_path, np_path, chosen, skipped, tokens.shape[0], ctx)
+
+
+def add_dashboard_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `dashboard` command's arguments (matching `make_dashboard`) to `parser`."""
+    parser.add_argument("sae_dir", help="exported SAE folder (or a SAELens SAE folder)")
+    parser.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (default: the shipped model) or a TransformerLens model name",
+    )
+    parser.add_argument(
+        "--features",
+        type=int,
+        nargs="+",
+        metavar="J",
+        help="latents to show (default: the most active, a random sample and the rarest)",
+    )
+    parser.add_argument("--n-tokens", type=int, default=DEFAULT_N_TOKENS, help="tokens to compute on (default %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--dataset",
+        help="save_to_disk folder or dataset name with tokens/input_ids or text (default: the local corpus' held-out split)",
+    )
+    parser.add_argument("--context-size", type=int, help="tokens per row (default: the SAE's, else 128)")
+    parser.add_argument(
+        "--minibatch-size-tokens",
+        type=int,
+        default=DEFAULT_MINIBATCH_SIZE_TOKENS,
+        help="token rows per forward pass (default %(default)s)",
+    )
+    parser.add_argument(
+        "--minibatch-size-features",
+        type=int,
+        default=DEFAULT_MINIBATCH_SIZE_FEATURES,
+        help="features per sae-dashboard pass (default %(default)s)",
+    )
+    parser.add_argument("--no-neuronpedia", action="store_true", help="do not write the Neuronpedia JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the token rows and the random features")
+    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    return parser
+
+
+def run_dashboard_command(args: argparse.Namespace) -> int:
+    """Run `make_dashboard` from parsed arguments; print the written paths. A user error (missing
+    folder or asset, wrong architecture, model or features) is one line on stderr, exit code 2."""
+    try:
+        result = make_dashboard(
+            args.sae_dir,
+            model=args.model,
+            features=args.features,
+            n_tokens=args.n_tokens,
+            out=args.out,
+            dataset=args.dataset,
+            minibatch_size_tokens=args.minibatch_size_tokens,
+            minibatch_size_features=args.minibatch_size_features,
+            context_size=args.context_size,
+            neuronpedia=not args.no_neuronpedia,
+            progress=not args.quiet,
+            seed=args.seed,
+            device=args.device,
+        )
+    except (DashboardError, FileNotFoundError) as err:
+        print(f"sae-lens-allocation dashboard: error: {err}", file=sys.stderr)
+        return 2
+    print(f"dashboard: {result.html.resolve()}")
+    if result.neuronpedia is not None:
+        print(f"neuronpedia json: {result.neuronpedia.resolve()}")
+    return 0

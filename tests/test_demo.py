@@ -1,0 +1,23 @@
+"""The main job end to end on a reduced token budget: export, evaluation JSON, dashboard."""
+
+import json
+import subprocess
+import sys
+
+from sae_lens_allocation.demo.job import run_demo
+
+
+def test_demo_writes_a_plain_saelens_export_an_eval_and_a_dashboard(tmp_path):
+    report = run_demo(tmp_path, ["training_tokens=8192", "sae.calibration_tokens=2048"])
+    code = (
+        "import sys; from sae_lens import SAE; "
+        f"s = SAE.load_from_disk({report['sae_dir']!r}); "
+        "assert 'sae_lens_allocation' not in sys.modules; print(s.cfg.architecture())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "jumprelu"
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert 0.0 < result["summary"]["ce_loss_recovered"] <= 1.0
+    assert result["l0_per_token"]["tokens"] > 0
+    assert report["dashboard"] is not None
+    assert "<script>" in open(report["dashboard"]["html"]).read()
