@@ -533,7 +533,8 @@ def test_dashboard_renders_offline_in_headless_chromium(browser, dashboards, tmp
         assert float(panel["topTitle"].split("= ")[1]) > 0, panel
         assert panel["tokens"], panel
         for text, token_id in panel["tokens"]:
-            expected = html.unescape(decode(token_id)).replace("\xa0", " ")
+            # sae-dashboard escapes a backslash twice in its data and the page shows it once.
+            expected = html.unescape(decode(token_id)).replace("\xa0", " ").replace("\\\\", "\\")
             assert token_id is not None and text.replace("\xa0", " ") == expected, (text, token_id)
     assert shot.stat().st_size > 20_000
 
