@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dashboard_arguments(dash)
     dash.set_defaults(func=_cmd_dashboard)
+
+    from sae_lens_allocation.compare import add_compare_arguments, run_compare_command
+
+    cmp = sub.add_parser(
+        "compare",
+        help="train several architectures on the same data and report them side by side",
+    )
+    add_compare_arguments(cmp)
+    cmp.set_defaults(func=run_compare_command)
     return parser
 
 

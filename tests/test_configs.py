@@ -10,7 +10,11 @@ import sae_lens_allocation  # noqa: F401
 
 from sae_lens_allocation.yaml_config import load_runner_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+# Runner configs; compare-*.yaml are comparison configs (tests/test_compare.py builds them).
+CONFIGS = sorted(
+    p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+    if not p.name.startswith("compare-")
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
