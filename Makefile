@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(OFFLINE) $(BIN)/sae-lens-allocation demo --out out/demo
 
 bench: $(STAMP)
-	$(OFFLINE) $(BIN)/python benchmarks/allocation.py
+	$(OFFLINE) $(BIN)/python benchmarks/allocation.py --quick
 
 clean:
 	rm -rf $(VENV) out

@@ -79,7 +79,8 @@ def budget(n_tokens: int, k: float) -> int:
 
 def mutual_choice(pre_acts: torch.Tensor, k: float) -> Allocation:
     """Mutual Choice (Ayonrinde 2024): keep the M = floor(k*N) largest entries of relu(z) over the
-    whole N x F matrix, N = product of the leading dims. Equal to SAELens `batchtopk`.
+    whole N x F matrix, N = product of the leading dims (M capped at N*F; with fewer than M
+    positive entries every positive one is kept). The operator of SAELens `batchtopk`.
 
     cutoff = the M-th largest relu(z) (+inf when M = 0). Ties at the cut-off: see the module doc.
     """
@@ -238,7 +239,8 @@ def _first_ties(z: torch.Tensor, cutoff: torch.Tensor, need: torch.Tensor | int)
     taken = torch.zeros(width, dtype=torch.long, device=z.device) if per_column else 0
     found = [_empty_index(z)]
     for start in range(0, n_rows, step):
-        if bool((taken >= need).all()) if per_column else taken >= need:
+        satisfied = bool((taken >= need).all()) if per_column else taken >= need
+        if satisfied:
             break
         equal = z[start : start + step] == cutoff
         if per_column:

@@ -27,6 +27,7 @@ from sae_lens_allocation.allocation import (
     ranks_from_frequency,
     uniform_capacities,
     zipf_capacities,
+    zipf_targets,
 )
 from sae_lens_allocation.batch_allocation import (
     BatchAllocationTrainingSAE,
@@ -106,13 +107,13 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         self._ema_threshold(allocation.cutoff.nan_to_num(posinf=0.0), torch.isfinite(allocation.cutoff))
 
     def firing_fractions(self) -> torch.Tensor:
-        """q_j = E[m_j] / N at the training batch size: k / F for uniform capacities."""
+        """q_j = E[m_j] / N at the training batch size: k / F for uniform capacities, the expected
+        Zipf capacity over N otherwise."""
         if self.cfg.capacity == "uniform":
             return torch.full((self.cfg.d_sae,), self.cfg.k / self.cfg.d_sae, dtype=torch.float64)
         n_tokens = int(self.capacity_tokens) or self.cfg.calibration_tokens
         ranks = ranks_from_frequency(self.firing_ema.detach().cpu())
-        caps = zipf_capacities(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent)
-        return caps.double() / n_tokens
+        return zipf_targets(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent).double() / n_tokens
 
     @override
     def calibrated_thresholds(
