@@ -31,12 +31,10 @@ from typing_extensions import override
 from sae_lens_allocation.allocation import Allocation
 from sae_lens_allocation.calibration import iter_rows
 from sae_lens_allocation.losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.validation import field_error
 
 _SUPPORTED_NORMALIZATION = ("none", "expected_average_only_in")
 
-
-def _field_error(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{field}={value!r} is not allowed: {allowed}")
 
 
 @dataclass(kw_only=True)
@@ -63,15 +61,15 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         super().__post_init__()
         self.validate_aux_loss()
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
-            raise _field_error("k", self.k, "a number with 0 < k < d_sae")
+            raise field_error("k", self.k, "a number with 0 < k < d_sae")
         if not (math.isfinite(self.k) and 0 < self.k < self.d_sae):
-            raise _field_error("k", self.k, f"0 < k < d_sae (d_sae={self.d_sae})")
+            raise field_error("k", self.k, f"0 < k < d_sae (d_sae={self.d_sae})")
         if self.use_sparse_activations:
-            raise _field_error(
+            raise field_error(
                 "use_sparse_activations", True, "False (batch allocation produces dense codes)"
             )
         if self.normalize_activations not in _SUPPORTED_NORMALIZATION:
-            raise _field_error(
+            raise field_error(
                 "normalize_activations",
                 self.normalize_activations,
                 f"one of {_SUPPORTED_NORMALIZATION} (thresholds are calibrated in input units)",
@@ -79,9 +77,9 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         for name in ("calibration_tokens", "calibration_chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _field_error(name, value, "an integer >= 1")
+                raise field_error(name, value, "an integer >= 1")
         if not 0 < self.threshold_ema_rate <= 1:
-            raise _field_error("threshold_ema_rate", self.threshold_ema_rate, "0 < rate <= 1")
+            raise field_error("threshold_ema_rate", self.threshold_ema_rate, "0 < rate <= 1")
 
 
 class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):

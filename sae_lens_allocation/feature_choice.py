@@ -32,9 +32,9 @@ from sae_lens_allocation.allocation import (
 from sae_lens_allocation.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
-    _field_error,
 )
 from sae_lens_allocation.calibration import per_latent_thresholds
+from sae_lens_allocation.validation import field_error
 
 CAPACITIES = ("uniform", "zipf")
 
@@ -60,9 +60,9 @@ class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.capacity not in CAPACITIES:
-            raise _field_error("capacity", self.capacity, f"one of {CAPACITIES}")
+            raise field_error("capacity", self.capacity, f"one of {CAPACITIES}")
         if not (isinstance(self.zipf_exponent, (int, float)) and 0 < self.zipf_exponent < math.inf):
-            raise _field_error("zipf_exponent", self.zipf_exponent, "a finite number > 0")
+            raise field_error("zipf_exponent", self.zipf_exponent, "a finite number > 0")
 
     def check_batch_tokens(self, n_tokens: int) -> None:
         """Every latent needs m_j >= 1, so the budget must cover the latents: floor(k*N) >= d_sae."""

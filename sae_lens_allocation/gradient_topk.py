@@ -34,12 +34,10 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingS
 from typing_extensions import override
 
 from sae_lens_allocation.losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.validation import field_error
 
 GRADIENT_STATE_BUFFERS = ("grad_rms", "grad_rms_updates")
 
-
-def _field_error(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{field}={value!r} is not allowed: {allowed}")
 
 
 # -- pure selection rule --------------------------------------------------------------------
@@ -123,27 +121,27 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         super().__post_init__()
         self.validate_aux_loss()
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
-            raise _field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
+            raise field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
         if (
             isinstance(self.beta, bool)
             or not isinstance(self.beta, (int, float))
             or not math.isfinite(self.beta)
             or self.beta < 0
         ):
-            raise _field_error("beta", self.beta, "a finite number >= 0 (0 = plain TopK)")
+            raise field_error("beta", self.beta, "a finite number >= 0 (0 = plain TopK)")
         if not (
             isinstance(self.grad_rms_ema_rate, (int, float)) and 0 < self.grad_rms_ema_rate <= 1
         ):
-            raise _field_error("grad_rms_ema_rate", self.grad_rms_ema_rate, "0 < rate <= 1")
+            raise field_error("grad_rms_ema_rate", self.grad_rms_ema_rate, "0 < rate <= 1")
         if self.normalize_activations != "none":
-            raise _field_error(
+            raise field_error(
                 "normalize_activations",
                 self.normalize_activations,
                 "'none' for gradient_topk (activation scaling would need the gradient scaled by "
                 "the inverse factor, and SAELens estimates norms over whole [acts | grads] rows)",
             )
         if self.use_sparse_activations:
-            raise _field_error(
+            raise field_error(
                 "use_sparse_activations", True, "False (gradient_topk builds dense codes)"
             )
 

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import act_times_W_dec
+
+from sae_lens_allocation.validation import field_error, is_finite_number
 
 AuxLossMetrics = dict[str, "torch.Tensor | float"]
 AuxLossFn = Callable[[Any, "AuxLossContext"], "tuple[torch.Tensor, AuxLossMetrics]"]
@@ -258,12 +261,6 @@ def aux_zipf_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossM
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _allowed(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{field}={value!r} is not allowed: {allowed}")
 
 
 @dataclass(kw_only=True)
@@ -294,42 +291,42 @@ class AuxLossConfig:
     def validate_aux_loss(self) -> None:
         """Raise `ValueError` naming the field, the value and what is allowed."""
         if self.aux_loss not in AUX_LOSSES:
-            raise _allowed(
+            raise field_error(
                 "aux_loss",
                 self.aux_loss,
                 f"registered auxiliary losses are {', '.join(sorted(AUX_LOSSES))} "
                 "(add one with sae_lens_allocation.losses.register_aux_loss)",
             )
-        if not (_is_number(self.aux_loss_coefficient) and self.aux_loss_coefficient >= 0):
-            raise _allowed("aux_loss_coefficient", self.aux_loss_coefficient, "a finite number >= 0")
+        if not (is_finite_number(self.aux_loss_coefficient) and self.aux_loss_coefficient >= 0):
+            raise field_error("aux_loss_coefficient", self.aux_loss_coefficient, "a finite number >= 0")
         if self.aux_k is not None and (
             isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 1
         ):
-            raise _allowed("aux_k", self.aux_k, "None (= d_in // 2) or an integer >= 1")
+            raise field_error("aux_k", self.aux_k, "None (= d_in // 2) or an integer >= 1")
         if (
             self.aux_loss_normalization is not None
             and self.aux_loss_normalization not in AUX_LOSS_NORMALIZATIONS
         ):
-            raise _allowed(
+            raise field_error(
                 "aux_loss_normalization",
                 self.aux_loss_normalization,
                 f"None (the loss's default) or one of {', '.join(AUX_LOSS_NORMALIZATIONS)}",
             )
-        if not (_is_number(self.aux_zipf_tau) and 0.0 <= self.aux_zipf_tau <= 1.0):
-            raise _allowed("aux_zipf_tau", self.aux_zipf_tau, "a number in [0, 1]")
+        if not (is_finite_number(self.aux_zipf_tau) and 0.0 <= self.aux_zipf_tau <= 1.0):
+            raise field_error("aux_zipf_tau", self.aux_zipf_tau, "a number in [0, 1]")
         if self.aux_zipf_exponent is not None and not (
-            _is_number(self.aux_zipf_exponent) and self.aux_zipf_exponent > 0
+            is_finite_number(self.aux_zipf_exponent) and self.aux_zipf_exponent > 0
         ):
-            raise _allowed(
+            raise field_error(
                 "aux_zipf_exponent", self.aux_zipf_exponent, "None (fit s) or a finite number > 0"
             )
-        if not (_is_number(self.aux_zipf_fit_fraction) and 0.0 < self.aux_zipf_fit_fraction <= 1.0):
-            raise _allowed("aux_zipf_fit_fraction", self.aux_zipf_fit_fraction, "a number in (0, 1]")
-        if not (_is_number(self.firing_ema_decay) and 0.0 <= self.firing_ema_decay < 1.0):
-            raise _allowed("firing_ema_decay", self.firing_ema_decay, "a number in [0, 1)")
+        if not (is_finite_number(self.aux_zipf_fit_fraction) and 0.0 < self.aux_zipf_fit_fraction <= 1.0):
+            raise field_error("aux_zipf_fit_fraction", self.aux_zipf_fit_fraction, "a number in (0, 1]")
+        if not (is_finite_number(self.firing_ema_decay) and 0.0 <= self.firing_ema_decay < 1.0):
+            raise field_error("firing_ema_decay", self.firing_ema_decay, "a number in [0, 1)")
         normalize_activations = getattr(self, "normalize_activations", "none")
         if self.aux_loss != "none" and normalize_activations in _UNSUPPORTED_NORMALIZE_ACTIVATIONS:
-            raise _allowed(
+            raise field_error(
                 "aux_loss",
                 self.aux_loss,
                 f"with normalize_activations={normalize_activations!r} the auxiliary "
