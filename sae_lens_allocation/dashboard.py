@@ -43,6 +43,8 @@ import torch
 from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.topk_sae import TopK, TopKSAE
 
+from sae_lens_allocation.sources import special_token_ids
+
 ASSETS_DIR = Path(__file__).parent / "dashboard_assets"
 D3_JS = ASSETS_DIR / "d3.v6.min.js"
 D3_CDN_TAG = '<script src="https://d3js.org/d3.v6.min.js"></script>'
@@ -216,18 +218,16 @@ def resolve_model(model: Any, sae: Any, device: str = "cpu") -> Any:
     """The HookedTransformer to read activations from.
 
     None or "embedded": the plugin's embedded demo model. Another string: a TransformerLens
-    model name (`HookedTransformer.from_pretrained`, with the SAE's recorded
+    model name (SAELens `load_model`, i.e. `HookedTransformer.from_pretrained`, with the SAE's recorded
     `model_from_pretrained_kwargs`). A HookedTransformer is used as it is.
     """
     from transformer_lens import HookedTransformer
 
-    if model is None or model == "embedded":
-        from sae_lens_allocation.demo import load_embedded_model
+    if model is None or isinstance(model, str):
+        from sae_lens_allocation.sources import EMBEDDED, load_lm
 
-        return load_embedded_model(device=device)
-    if isinstance(model, str):
         kwargs = dict(sae.cfg.metadata.model_from_pretrained_kwargs or {})
-        return HookedTransformer.from_pretrained(model, device=device, **kwargs)
+        return load_lm(model or EMBEDDED, device=device, model_from_pretrained_kwargs=kwargs)
     if not isinstance(model, HookedTransformer):
         raise DashboardError(
             f"model={type(model).__name__} is not allowed; pass None or 'embedded', a "
@@ -331,14 +331,6 @@ def load_tokens(
 
 # --------------------------------------------------------------------------------------------
 # Feature selection
-
-
-def ignored_token_ids(model: Any) -> list[int]:
-    """BOS, EOS and PAD ids: positions holding them are left out of the statistics and examples,
-    as sae-dashboard's Neuronpedia runner does (attention-sink positions dwarf everything)."""
-    tok = model.tokenizer
-    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-    return sorted(int(i) for i in ids if i is not None)
 
 
 def example_positions(context_size: int) -> slice:
@@ -669,7 +661,9 @@ def make_dashboard(
     tokens, source = load_tokens(model, dataset, n_prompts, ctx, seed=seed)
     report(f"tokens: {tokens.shape[0]} rows x {ctx} from {source}")
 
-    ignore = ignored_token_ids(model)
+    # BOS/EOS/PAD positions are left out, as sae-dashboard's Neuronpedia runner does
+    # (attention-sink positions dwarf everything).
+    ignore = special_token_ids(model)
     freq = feature_frequencies(sae, model, tokens, minibatch_size_tokens, ignore, progress=report)
     n_alive = int((freq > 0).sum())
     report(f"{n_alive} of {sae.cfg.d_sae} latents fire on these tokens")

@@ -14,7 +14,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
 from sae_lens_allocation.loading import load_sae
-from sae_lens_allocation.sources import EMBEDDED, embedded_tokens, load_lm
+from sae_lens_allocation.sources import EMBEDDED, embedded_tokens, load_lm, special_token_ids
 
 # Metrics copied into the summary, as (run_evals section, key, summary name).
 _SUMMARY = (
@@ -57,8 +57,7 @@ def l0_distribution(l0: torch.Tensor) -> dict[str, Any]:
 def per_token_l0(sae: Any, store: ActivationsStore, model: Any, n_batches: int) -> torch.Tensor:
     """L0 of every non-special token of `n_batches` prompt batches, encoded as (batch, seq, d)."""
     hook = sae.cfg.metadata.hook_name
-    special = {t for t in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id,
-                           model.tokenizer.pad_token_id) if t is not None}
+    special = special_token_ids(model)
     values = []
     for _ in range(n_batches):
         tokens = store.get_batch_tokens()

@@ -55,3 +55,10 @@ def runner_sources(cfg: Any, override_model: Any = None, override_dataset: Any =
         extra = (cfg.n_batches_in_buffer * cfg.store_batch_size_prompts + 64) * cfg.context_size
         dataset = embedded_tokens(model, "train", cfg.context_size, cfg.training_tokens + extra, cfg.seed)
     return model, dataset
+
+
+def special_token_ids(model: Any) -> list[int]:
+    """BOS, EOS and PAD ids of the model's tokenizer: positions evals and dashboards leave out."""
+    tok = model.tokenizer
+    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    return sorted(int(i) for i in ids if i is not None)

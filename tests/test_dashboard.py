@@ -24,6 +24,7 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
 from sae_lens_allocation import dashboard
+from sae_lens_allocation.sources import special_token_ids
 from sae_lens_allocation.dashboard import (
     DashboardError,
     add_dashboard_arguments,
@@ -211,7 +212,7 @@ def test_default_selection_is_most_active_then_random_then_rarest(sae_dirs, dash
     sae = load_dashboard_sae(sae_dirs["mutual_choice"])
     model = support.tiny_model()
     tokens = torch.tensor(support.tiny_dataset(n_rows=64, seed=1)["tokens"])
-    freq = feature_frequencies(sae, model, tokens, ignore_tokens=dashboard.ignored_token_ids(model))
+    freq = feature_frequencies(sae, model, tokens, ignore_tokens=special_token_ids(model))
     assert result.features == default_features(freq, seed=0)
     live = freq > 0
     assert freq[result.features[0]] == freq[live].max()
@@ -245,7 +246,7 @@ def test_mutual_choice_activations_do_not_depend_on_minibatch_size(sae_dirs, das
     model = support.tiny_model()
     tokens = torch.tensor(support.tiny_dataset(n_rows=64, seed=1)["tokens"])
     features = dashboards["mutual_choice"].features[:6]
-    ignore = dashboard.ignored_token_ids(model)
+    ignore = special_token_ids(model)
 
     def vis(minibatch_size_tokens: int) -> Any:
         sae = load_dashboard_sae(sae_dirs["mutual_choice"])
