@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
-D3_JS := sae_lens_allocation/dashboard_assets/d3.v6.min.js
+D3_JS := sae_lens_allocation/analysis/dashboard_assets/d3.v6.min.js
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
 .PHONY: test demo env bench clean

@@ -39,8 +39,8 @@ from sae_lens.synthetic.synthetic_sae_runner import (  # noqa: E402
     SyntheticSAERunnerConfig,
 )
 
-from sae_lens_allocation.losses import fit_zipf, frequency_ranks, expected_frequency  # noqa: E402
-from sae_lens_allocation.topk_aux import TopKAuxTrainingSAEConfig  # noqa: E402
+from sae_lens_allocation.training.losses import fit_zipf, frequency_ranks, expected_frequency  # noqa: E402
+from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAEConfig  # noqa: E402
 
 LOSSES = ("none", "aux_k", "aux_zipf")
 
@@ -56,7 +56,7 @@ def sae_config(arch: str, args: argparse.Namespace, aux_loss: str) -> Any:
     if arch == "topk_aux":
         return TopKAuxTrainingSAEConfig(k=int(args.k), **common)
     if arch == "mutual_choice":
-        from sae_lens_allocation.mutual_choice import MutualChoiceTrainingSAEConfig
+        from sae_lens_allocation.saes.mutual_choice import MutualChoiceTrainingSAEConfig
 
         return MutualChoiceTrainingSAEConfig(
             k=args.k, calibration_tokens=args.batch_size * 8, **common
@@ -66,10 +66,10 @@ def sae_config(arch: str, args: argparse.Namespace, aux_loss: str) -> Any:
 
 def training_cls(arch: str) -> type:
     if arch == "topk_aux":
-        from sae_lens_allocation.topk_aux import TopKAuxTrainingSAE
+        from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE
 
         return TopKAuxTrainingSAE
-    from sae_lens_allocation.mutual_choice import MutualChoiceTrainingSAE
+    from sae_lens_allocation.saes.mutual_choice import MutualChoiceTrainingSAE
 
     return MutualChoiceTrainingSAE
 

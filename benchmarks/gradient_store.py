@@ -37,7 +37,7 @@ from datasets import Dataset  # noqa: E402
 from sae_lens.training.activations_store import ActivationsStore  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
-from sae_lens_allocation.gradients import (  # noqa: E402
+from sae_lens_allocation.training.gradients import (  # noqa: E402
     GradientActivationsStore,
     activation_gradients,
     loss_at_hook,

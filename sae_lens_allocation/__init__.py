@@ -4,16 +4,16 @@ Importing this package registers every plugin architecture with SAELens' registr
 `architecture: mutual_choice` (etc.) works in any SAELens config, loader or runner afterwards.
 """
 
-from sae_lens_allocation.calibration import calibrate
-from sae_lens_allocation.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
-from sae_lens_allocation.gradient_topk import GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig
-from sae_lens_allocation.gradients import GradientActivationsStore, activation_gradients
 from sae_lens_allocation.loading import load_sae
-from sae_lens_allocation.losses import AUX_LOSSES, register_aux_loss
-from sae_lens_allocation.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_lens_allocation.registration import register_architecture, registered_architectures
-from sae_lens_allocation.runner import build_runner, train
-from sae_lens_allocation.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
+from sae_lens_allocation.saes.batch_allocation import calibrate
+from sae_lens_allocation.saes.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
+from sae_lens_allocation.saes.gradient_topk import GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig
+from sae_lens_allocation.saes.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
+from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
+from sae_lens_allocation.training.gradients import GradientActivationsStore, activation_gradients
+from sae_lens_allocation.training.losses import AUX_LOSSES, register_aux_loss
+from sae_lens_allocation.training.runner import build_runner, train
 
 # (name, training SAE, training config, inference SAE, inference config); the inference classes
 # are None where the export is a SAELens built-in (jumprelu, topk).

@@ -19,7 +19,7 @@ class UsageError(Exception):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sae_lens_allocation.runner import train
+    from sae_lens_allocation.training.runner import train
     from sae_lens_allocation.yaml_config import load_runner_config
 
     cfg = load_runner_config(args.config, args.set)
@@ -32,7 +32,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from sae_lens_allocation.evaluation import evaluate_sae, format_table
+    from sae_lens_allocation.analysis.evaluation import evaluate_sae, format_table
 
     sae_dir = Path(args.sae_dir)
     if not (sae_dir / "cfg.json").is_file():
@@ -47,14 +47,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sae_lens_allocation.demo.job import run_demo
+    from sae_lens_allocation.demo import run_demo
 
     run_demo(args.out, args.set)
     return 0
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from sae_lens_allocation.dashboard import run_dashboard_command
+    from sae_lens_allocation.analysis.dashboard import run_dashboard_command
 
     return run_dashboard_command(args)
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a field of the demo config")
     demo.set_defaults(func=_cmd_demo)
 
-    from sae_lens_allocation.dashboard import add_dashboard_arguments
+    from sae_lens_allocation.analysis.dashboard import add_dashboard_arguments
 
     dash = sub.add_parser(
         "dashboard",
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dashboard_arguments(dash)
     dash.set_defaults(func=_cmd_dashboard)
 
-    from sae_lens_allocation.compare import add_compare_arguments, run_compare_command
+    from sae_lens_allocation.analysis.compare import add_compare_arguments, run_compare_command
 
     cmp = sub.add_parser(
         "compare",

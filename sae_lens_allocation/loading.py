@@ -10,16 +10,14 @@ from sae_lens import SAE, TrainingSAE
 from sae_lens.constants import SAE_CFG_FILENAME
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_allocation.registration import PLUGIN_PACKAGE
+from sae_lens_allocation.registration import PLUGIN_PACKAGE, plugin_architectures
 
 
 def unknown_architecture_message(name: str, where: str) -> str:
-    from sae_lens_allocation import ARCHITECTURES
-
     known = sorted(set(SAE_CLASS_REGISTRY) | set(SAE_TRAINING_CLASS_REGISTRY))
     return (
         f"unknown SAE architecture {name!r} in {where}. Registered architectures: "
-        f"{', '.join(known)}. Plugin architectures ({', '.join(ARCHITECTURES) or 'none'}) are "
+        f"{', '.join(known)}. Plugin architectures ({', '.join(plugin_architectures()) or 'none'}) are "
         f"provided by the {PLUGIN_PACKAGE} package (import sae_lens_allocation); other plugin "
         f"names need their own package imported first."
     )

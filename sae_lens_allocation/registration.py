@@ -63,6 +63,17 @@ def register_architecture(
         _register(SAE_CLASS_REGISTRY, register_sae_class, name, (sae_class, sae_cfg_class))
 
 
+def plugin_architectures() -> tuple[str, ...]:
+    """Training architectures whose classes this package provides, in registration order
+    (derived from SAELens' registry, so it needs no import of the architectures themselves)."""
+    package = __name__.rpartition(".")[0] + "."
+    return tuple(
+        name
+        for name, (sae_class, _) in SAE_TRAINING_CLASS_REGISTRY.items()
+        if sae_class.__module__.startswith(package)
+    )
+
+
 def registered_architectures() -> dict[str, list[str]]:
     """Names SAELens can resolve right now: {"training": [...], "inference": [...]}."""
     return {

@@ -14,7 +14,7 @@ from sae_lens.training.activations_store import ActivationsStore
 
 import sae_lens_allocation
 from sae_lens_allocation import FeatureChoiceTrainingSAEConfig, MutualChoiceTrainingSAEConfig
-from sae_lens_allocation.calibration import calibrate
+from sae_lens_allocation import calibrate
 
 import support
 

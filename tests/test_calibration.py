@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sae_lens_allocation.calibration import global_threshold, iter_rows, per_latent_thresholds
+from sae_lens_allocation.training.calibration import global_threshold, iter_rows, per_latent_thresholds
 
 
 @settings(max_examples=30, deadline=None)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import support
 
-from sae_lens_allocation.compare import check_compare_config, run_compare
+from sae_lens_allocation.analysis.compare import check_compare_config, run_compare
 from sae_lens_allocation.yaml_config import ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs"

@@ -23,9 +23,9 @@ from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
-from sae_lens_allocation import dashboard
-from sae_lens_allocation.sources import special_token_ids
-from sae_lens_allocation.dashboard import (
+from sae_lens_allocation.analysis import dashboard
+from sae_lens_allocation.training.sources import special_token_ids
+from sae_lens_allocation.analysis.dashboard import (
     DashboardError,
     add_dashboard_arguments,
     compute_vis_data,
@@ -36,7 +36,7 @@ from sae_lens_allocation.dashboard import (
     make_offline_html,
     run_dashboard_command,
 )
-from sae_lens_allocation.runner import train
+from sae_lens_allocation.training.runner import train
 
 import support
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from sae_lens_allocation.demo.job import run_demo
+from sae_lens_allocation.demo import run_demo
 
 
 def test_demo_writes_a_plain_saelens_export_an_eval_and_a_dashboard(tmp_path):

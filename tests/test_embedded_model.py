@@ -10,7 +10,7 @@ import pytest
 import support
 import torch
 
-from sae_lens_allocation.demo import (
+from sae_lens_allocation.embedded import (
     DEFAULT_HOOK_NAME,
     EMBEDDED_MODEL_NAME,
     corpus_dataset,
@@ -19,8 +19,8 @@ from sae_lens_allocation.demo import (
     load_embedded_model,
     load_embedded_tokenizer,
 )
-from sae_lens_allocation.demo.corpus import EXCLUDED_DIRS, split_of, stdlib_root
-from sae_lens_allocation.demo.model import mean_token_loss, tokens_sha256
+from sae_lens_allocation.embedded.corpus import EXCLUDED_DIRS, split_of, stdlib_root
+from sae_lens_allocation.embedded.model import mean_token_loss, tokens_sha256
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from safetensors.torch import load_file, save_file
 
-from sae_lens_allocation.gradient_topk import (
+from sae_lens_allocation.saes.gradient_topk import (
     GradientTopKTrainingSAE,
     GradientTopKTrainingSAEConfig,
     changed_selection_share,
@@ -25,9 +25,9 @@ from sae_lens_allocation.gradient_topk import (
     gradient_scores,
     select_topk,
 )
-from sae_lens_allocation.gradients import GradientActivationsStore
+from sae_lens_allocation.training.gradients import GradientActivationsStore
 from sae_lens_allocation.registration import register_architecture
-from sae_lens_allocation.runner import build_runner, train
+from sae_lens_allocation.training.runner import build_runner, train
 
 import support
 

@@ -15,7 +15,7 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_lens_allocation import register_architecture
-from sae_lens_allocation.losses import (
+from sae_lens_allocation.training.losses import (
     AUX_LOSS_KEY,
     AUX_LOSSES,
     AuxLossContext,
@@ -27,7 +27,7 @@ from sae_lens_allocation.losses import (
     update_firing_ema,
     zipf_underuse,
 )
-from sae_lens_allocation.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
+from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 
 register_architecture("topk_aux", TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig)
 

@@ -21,8 +21,8 @@ from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_allocation.gradients import GradientActivationsStore
-from sae_lens_allocation.sources import runner_sources
+from sae_lens_allocation.training.gradients import GradientActivationsStore
+from sae_lens_allocation.training.sources import runner_sources
 
 
 def needs_activation_gradients(cfg: LanguageModelSAERunnerConfig[Any]) -> bool:

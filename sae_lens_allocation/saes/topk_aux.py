@@ -16,7 +16,7 @@ from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens_allocation.losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.training.losses import AuxLossConfig, AuxLossMixin
 
 
 @dataclass(kw_only=True)

@@ -29,11 +29,11 @@ from sae_lens_allocation.allocation import (
     zipf_capacities,
     zipf_targets,
 )
-from sae_lens_allocation.batch_allocation import (
+from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
 )
-from sae_lens_allocation.calibration import per_latent_thresholds
+from sae_lens_allocation.training.calibration import per_latent_thresholds
 from sae_lens_allocation.validation import field_error
 
 CAPACITIES = ("uniform", "zipf")

@@ -14,7 +14,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
 from sae_lens_allocation.loading import load_sae
-from sae_lens_allocation.sources import EMBEDDED, embedded_tokens, load_lm, special_token_ids
+from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, load_lm, special_token_ids
 
 # Metrics copied into the summary, as (run_evals section, key, summary name).
 _SUMMARY = (

@@ -18,7 +18,6 @@ value where a latent must never fire (c_j = 0), so the export stays a valid safe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import torch
 
@@ -164,32 +163,3 @@ def iter_rows(
             yield chunk
         if remaining <= 0:
             return
-
-
-def calibrate(
-    sae: Any,
-    source: torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor],
-    n_tokens: int | None = None,
-    device: str | None = None,
-) -> Any:
-    """Calibrate the export thresholds of a Mutual/Feature Choice training SAE on held-out
-    activations, in place, and return the SAE.
-
-    `sae` is a training SAE or the path of a training checkpoint (loaded with
-    `sae_lens_allocation.load_sae`). `source` gives raw activations at the SAE's hook: a tensor,
-    an iterable of batches, or a callable such as `ActivationsStore.next_batch`. `n_tokens`
-    defaults to the config's `calibration_tokens`. Save the export afterwards with
-    `sae.save_inference_model(path)` (which does not recalibrate once calibrated).
-    """
-    from sae_lens_allocation.batch_allocation import BatchAllocationTrainingSAE
-    from sae_lens_allocation.loading import load_sae
-
-    if not isinstance(sae, torch.nn.Module):
-        sae = load_sae(sae, device=device or "cpu")
-    if not isinstance(sae, BatchAllocationTrainingSAE):
-        raise ValueError(
-            f"calibrate() needs a mutual_choice or feature_choice training SAE, got "
-            f"{type(sae).__name__}; exported jumprelu SAEs are already calibrated"
-        )
-    sae.calibrate_thresholds(source, n_tokens=n_tokens, source_name="held-out")
-    return sae

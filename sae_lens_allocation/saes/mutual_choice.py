@@ -15,11 +15,11 @@ import torch
 from typing_extensions import override
 
 from sae_lens_allocation.allocation import Allocation, mutual_choice
-from sae_lens_allocation.batch_allocation import (
+from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
 )
-from sae_lens_allocation.calibration import global_threshold
+from sae_lens_allocation.training.calibration import global_threshold
 
 
 @dataclass(kw_only=True)

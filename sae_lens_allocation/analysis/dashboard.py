@@ -43,7 +43,7 @@ import torch
 from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.topk_sae import TopK, TopKSAE
 
-from sae_lens_allocation.sources import special_token_ids
+from sae_lens_allocation.training.sources import special_token_ids
 
 ASSETS_DIR = Path(__file__).parent / "dashboard_assets"
 D3_JS = ASSETS_DIR / "d3.v6.min.js"
@@ -156,8 +156,10 @@ def load_dashboard_sae(sae: str | Path | Any, device: str = "cpu") -> Any:
     """
     import copy
 
-    from sae_lens_allocation import ARCHITECTURES
     from sae_lens_allocation.loading import is_training_checkpoint, load_sae, read_sae_cfg
+    from sae_lens_allocation.registration import plugin_architectures
+
+    plugin = plugin_architectures()
 
     if isinstance(sae, (str, Path)):
         path = Path(sae)
@@ -165,7 +167,7 @@ def load_dashboard_sae(sae: str | Path | Any, device: str = "cpu") -> Any:
             raise FileNotFoundError(f"SAE folder {path} does not exist")
         cfg = read_sae_cfg(path)
         arch = cfg.get("architecture")
-        if is_training_checkpoint(cfg) and arch in ARCHITECTURES:
+        if is_training_checkpoint(cfg) and arch in plugin:
             raise DashboardError(
                 f"{path} is a training checkpoint of the {arch} architecture; dashboards are "
                 f"computed from the exported SAE (SAELens `jumprelu` or `topk`). Pass the exported "
@@ -182,7 +184,7 @@ def load_dashboard_sae(sae: str | Path | Any, device: str = "cpu") -> Any:
     else:
         loaded = copy.deepcopy(sae).to(device)
     if isinstance(loaded, TrainingSAE):
-        if _architecture(loaded) in ARCHITECTURES:
+        if _architecture(loaded) in plugin:
             raise DashboardError(
                 f"got a {_architecture(loaded)} training SAE; dashboards are computed from its "
                 f"export: call `sae.save_inference_model(folder)` and pass the folder"
@@ -224,7 +226,7 @@ def resolve_model(model: Any, sae: Any, device: str = "cpu") -> Any:
     from transformer_lens import HookedTransformer
 
     if model is None or isinstance(model, str):
-        from sae_lens_allocation.sources import EMBEDDED, load_lm
+        from sae_lens_allocation.training.sources import EMBEDDED, load_lm
 
         kwargs = dict(sae.cfg.metadata.model_from_pretrained_kwargs or {})
         return load_lm(model or EMBEDDED, device=device, model_from_pretrained_kwargs=kwargs)
@@ -277,7 +279,7 @@ def load_tokens(
     tokenised, with BOS between documents.
     """
     if dataset is None:
-        from sae_lens_allocation.demo import corpus_dataset
+        from sae_lens_allocation.embedded import corpus_dataset
 
         try:
             ds = corpus_dataset(model, split="heldout", context_size=context_size, n_rows=n_prompts, seed=seed)

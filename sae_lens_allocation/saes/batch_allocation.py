@@ -29,8 +29,9 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
 from sae_lens_allocation.allocation import Allocation
-from sae_lens_allocation.calibration import iter_rows
-from sae_lens_allocation.losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.loading import load_sae
+from sae_lens_allocation.training.calibration import iter_rows
+from sae_lens_allocation.training.losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.validation import field_error
 
 _SUPPORTED_NORMALIZATION = ("none", "expected_average_only_in")
@@ -297,3 +298,29 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         if self.calibration_rows is not None:
             self.calibration_rows /= scaling_factor
         self.calibrated.fill_(False)
+
+
+def calibrate(
+    sae: BatchAllocationTrainingSAE | str | Path,
+    source: torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor],
+    n_tokens: int | None = None,
+    device: str | None = None,
+) -> BatchAllocationTrainingSAE:
+    """Calibrate the export thresholds of a Mutual/Feature Choice training SAE on held-out
+    activations, in place, and return the SAE.
+
+    `sae` is a training SAE or the path of a training checkpoint (loaded with
+    `sae_lens_allocation.load_sae`). `source` gives raw activations at the SAE's hook: a tensor,
+    an iterable of batches, or a callable such as `ActivationsStore.next_batch`. `n_tokens`
+    defaults to the config's `calibration_tokens`. Save the export afterwards with
+    `sae.save_inference_model(path)` (which does not recalibrate once calibrated).
+    """
+    if not isinstance(sae, torch.nn.Module):
+        sae = load_sae(sae, device=device or "cpu")
+    if not isinstance(sae, BatchAllocationTrainingSAE):
+        raise ValueError(
+            f"calibrate() needs a mutual_choice or feature_choice training SAE, got "
+            f"{type(sae).__name__}; exported jumprelu SAEs are already calibrated"
+        )
+    sae.calibrate_thresholds(source, n_tokens=n_tokens, source_name="held-out")
+    return sae

@@ -18,7 +18,7 @@ def load_lm(
     """`embedded` gives the shipped model; any other name goes to SAELens' `load_model`
     (TransformerLens names need the model hub)."""
     if name == EMBEDDED:
-        from sae_lens_allocation.demo import load_embedded_model
+        from sae_lens_allocation.embedded import load_embedded_model
 
         return load_embedded_model(device=device)
     return load_model(model_class_name, name, device=device,
@@ -28,7 +28,7 @@ def load_lm(
 def embedded_tokens(model: Any, split: str, context_size: int, n_tokens: int | None, seed: int = 0) -> Any:
     """Pretokenized rows of the stdlib corpus covering about `n_tokens` tokens (all rows of the
     split when None, or when the split holds fewer)."""
-    from sae_lens_allocation.demo import corpus_dataset
+    from sae_lens_allocation.embedded import corpus_dataset
 
     n_rows = None if n_tokens is None else math.ceil(n_tokens / context_size)
     try:

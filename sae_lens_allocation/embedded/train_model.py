@@ -1,6 +1,6 @@
-"""Train the embedded demo language model and its tokenizer from the stdlib corpus.
+"""Train the embedded language model and its tokenizer from the stdlib corpus.
 
-    python -m sae_lens_allocation.demo.train_model --out sae_lens_allocation/demo/assets
+    python -m sae_lens_allocation.embedded.train_model --out sae_lens_allocation/embedded/assets
 
 Steps (all seeded by `--seed`):
 1. a byte-level BPE tokenizer (`--vocab-size`, special token `<|endoftext|>` as BOS/EOS/PAD) is
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from sae_lens_allocation.demo.corpus import corpus_dataset, corpus_files, read_source, token_stream
-from sae_lens_allocation.demo.model import (
+from sae_lens_allocation.embedded.corpus import corpus_dataset, corpus_files, read_source, token_stream
+from sae_lens_allocation.embedded.model import (
     BOS_TOKEN,
     MODEL_RECORD_FILE,
     MODEL_WEIGHTS_FILE,
@@ -162,7 +162,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     record = {
         "config": cfg_fields,
         "training": {
-            "command": "python -m sae_lens_allocation.demo.train_model " + " ".join(args.argv),
+            "command": "python -m sae_lens_allocation.embedded.train_model " + " ".join(args.argv),
             "seed": args.seed,
             "steps": args.steps,
             "batch_size": args.batch_size,

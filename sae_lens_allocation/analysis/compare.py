@@ -181,7 +181,7 @@ def run_config(cfg: dict[str, Any], run: dict[str, Any], out: Path) -> Any:
     d["seed"] = cfg["seed"]
     slug = run["label"].replace("/", "_")
     if cfg["source"] == "language_model":
-        from sae_lens_allocation.demo import DEFAULT_HOOK_NAME
+        from sae_lens_allocation.embedded import DEFAULT_HOOK_NAME
         from sae_lens_allocation.yaml_config import runner_config_from_dict
 
         if d.setdefault("model_name", "embedded") == "embedded":
@@ -235,8 +235,8 @@ def heldout_stats(export: Any, training_sae: Any, x: torch.Tensor, batch_tokens:
                   tau: float, fit_fraction: float) -> dict[str, Any]:
     """Export-side firing, dead/underused shares, NMSE, EV, per-token L0 on rows `x` [N, d_in];
     with `training_sae` also its train-mode EV and mean L0 (batch rule over `batch_tokens` rows)."""
-    from sae_lens_allocation.evaluation import l0_distribution
-    from sae_lens_allocation.losses import expected_frequency, fit_zipf, frequency_ranks
+    from sae_lens_allocation.analysis.evaluation import l0_distribution
+    from sae_lens_allocation.training.losses import expected_frequency, fit_zipf, frequency_ranks
 
     export.eval()
     counts = torch.zeros(export.cfg.d_sae)
@@ -336,16 +336,16 @@ def hub_heldout_rows(path: str, split: str, skip_rows: int, n_rows: int, context
 
 def _run_language_model(cfg: dict[str, Any], runs: list[dict[str, Any]], out: Path,
                         override_model: Any, override_dataset: Any, override_heldout: Any) -> dict[str, Any]:
-    from sae_lens_allocation.evaluation import evaluate_sae
+    from sae_lens_allocation.analysis.evaluation import evaluate_sae
     from sae_lens_allocation.loading import load_sae
-    from sae_lens_allocation.runner import build_runner
-    from sae_lens_allocation.sources import EMBEDDED, embedded_tokens, runner_sources
+    from sae_lens_allocation.training.runner import build_runner
+    from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, runner_sources
 
     ev = cfg["eval"]
     first = run_config(cfg, runs[0], out)
     model, dataset = runner_sources(first, override_model, override_dataset)
     if model is None:
-        from sae_lens_allocation.sources import load_lm
+        from sae_lens_allocation.training.sources import load_lm
 
         model = load_lm(first.model_name, device=first.device,
                         model_class_name=first.model_class_name,

@@ -33,7 +33,7 @@ from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens_allocation.losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.training.losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.validation import field_error
 
 GRADIENT_STATE_BUFFERS = ("grad_rms", "grad_rms_updates")
@@ -227,7 +227,7 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
                     "the LM-loss gradient next to each activation (rows [acts | grads] of width "
                     f"{2 * self.cfg.d_in}): train it with sae_lens_allocation.train(cfg) or "
                     "`sae-lens-allocation train config.yaml`, which use "
-                    "sae_lens_allocation.gradients.GradientActivationsStore. Call sae.eval() to "
+                    "sae_lens_allocation.training.gradients.GradientActivationsStore. Call sae.eval() to "
                     "encode activations alone (plain TopK, as the exported SAE does)."
                 )
             codes, indices = select_topk(hidden_pre, hidden_pre.detach(), self.cfg.k)

@@ -295,7 +295,7 @@ class AuxLossConfig:
                 "aux_loss",
                 self.aux_loss,
                 f"registered auxiliary losses are {', '.join(sorted(AUX_LOSSES))} "
-                "(add one with sae_lens_allocation.losses.register_aux_loss)",
+                "(add one with sae_lens_allocation.training.losses.register_aux_loss)",
             )
         if not (is_finite_number(self.aux_loss_coefficient) and self.aux_loss_coefficient >= 0):
             raise field_error("aux_loss_coefficient", self.aux_loss_coefficient, "a finite number >= 0")

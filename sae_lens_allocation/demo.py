@@ -14,8 +14,8 @@ DEMO_CONFIG = Path(__file__).parent / "demo-mutual-choice.yaml"
 
 def run_demo(out: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and (with the dashboard extra) visualise; returns the paths and figures."""
-    from sae_lens_allocation.evaluation import evaluate_sae, format_table
-    from sae_lens_allocation.runner import train
+    from sae_lens_allocation.analysis.evaluation import evaluate_sae, format_table
+    from sae_lens_allocation.training.runner import train
     from sae_lens_allocation.yaml_config import load_runner_config
 
     out = Path(out).resolve()
@@ -41,7 +41,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None) -> dict[str, A
     print(format_table(result), flush=True)
 
     if find_spec("sae_dashboard") is not None:
-        from sae_lens_allocation.dashboard import make_dashboard
+        from sae_lens_allocation.analysis.dashboard import make_dashboard
 
         print("[demo] writing the feature dashboard", flush=True)
         start = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Tools that read trained SAEs: evaluation, side-by-side comparison, feature dashboards."""

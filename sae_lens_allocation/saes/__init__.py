@@ -1,0 +1,1 @@
+"""One module per plugin architecture, config and training SAE together (as in `sae_lens.saes`)."""

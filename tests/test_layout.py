@@ -1,0 +1,144 @@
+"""The package layout: no import cycles, and the public names still import from the top level."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import sae_lens_allocation
+
+PACKAGE = "sae_lens_allocation"
+ROOT = Path(sae_lens_allocation.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> package modules it imports, at module level or inside functions alike (a lazy
+    import is still a dependency). `from pkg import name` counts as importing `pkg.name` when that
+    is a module, else `pkg` itself (whose __init__ runs)."""
+    paths = sorted(ROOT.rglob("*.py"))
+    modules = {_module_name(p): p for p in paths}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, node, path.name == "__init__.py")
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    for alias in node.names
+                ]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target.startswith(PACKAGE) and target != name:
+                    deps.add(target)
+        graph[name] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep) :] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_inside_the_package():
+    graph = import_graph()
+    # The root package imports (registers) everything, so only it and the entry points may
+    # import it; a submodule importing the root is a cycle through __init__.
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_graph_counts_lazy_and_root_imports():
+    graph = import_graph()
+    # A function-level import (cli imports the demo lazily) is an edge.
+    assert "sae_lens_allocation.demo" in graph["sae_lens_allocation.cli"]
+    assert "sae_lens_allocation.saes.batch_allocation" in graph[PACKAGE]
+
+
+def test_layout_groups_the_modules():
+    graph = import_graph()
+    saes = {m for m in graph if m.startswith(f"{PACKAGE}.saes.")}
+    assert {m.rsplit(".", 1)[1] for m in saes} == {
+        "batch_allocation", "mutual_choice", "feature_choice", "gradient_topk", "topk_aux"
+    }
+    # Architectures and training machinery never reach up into the tools built on them.
+    for module in saes | {m for m in graph if m.startswith(f"{PACKAGE}.training.")}:
+        assert not any(dep.startswith(f"{PACKAGE}.analysis") for dep in graph[module]), module
+    assert not any(dep.startswith(f"{PACKAGE}.analysis") for dep in graph[f"{PACKAGE}.embedded"])
+
+
+@pytest.mark.parametrize("name", sae_lens_allocation.__all__)
+def test_public_names_import_from_the_top_level(name):
+    module = importlib.import_module(PACKAGE)
+    assert getattr(module, name) is not None
+
+
+PREVIOUS_LAYOUT = Path(__file__).parent / "data" / "previous-layout"
+
+
+@pytest.mark.parametrize("arch", ["mutual_choice", "feature_choice"])
+def test_files_written_by_the_previous_flat_layout_still_load(arch):
+    """Checkpoints and exports hold no class paths (cfg.json names the architecture, the weights
+    are safetensors), so folders written before the move load unchanged."""
+    from safetensors.torch import load_file
+    from sae_lens import SAE
+
+    from sae_lens_allocation import load_sae
+
+    checkpoint = PREVIOUS_LAYOUT / arch / "checkpoint"
+    sae = load_sae(checkpoint)
+    assert sae.cfg.architecture() == arch
+    assert type(sae).__module__ == f"{PACKAGE}.saes.{arch}"
+    saved = load_file(checkpoint / "sae_weights.safetensors")
+    state = sae.state_dict()
+    assert set(saved) <= set(state)
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+
+    export = load_sae(PREVIOUS_LAYOUT / arch / "export")
+    assert isinstance(export, SAE) and export.cfg.architecture() == "jumprelu"
+    assert torch.equal(export.threshold, load_file(PREVIOUS_LAYOUT / arch / "export" / "sae_weights.safetensors")["threshold"])
