@@ -20,12 +20,40 @@ class UsageError(Exception):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from sae_lens_allocation.training.runner import train
-    from sae_lens_allocation.yaml_config import load_runner_config
+    from sae_lens_allocation.yaml_config import load_runner_config, read_yaml
 
+    if "saes" in read_yaml(args.config):
+        return _cmd_train_multi(args)
     cfg = load_runner_config(args.config, args.set)
     train(cfg)
     if cfg.output_path is not None:
         print(f"exported SAE: {Path(cfg.output_path).resolve()}")
+    return 0
+
+
+def _cmd_train_multi(args: argparse.Namespace) -> int:
+    from sae_lens_allocation.training.multi_runner import export_dirs, train_multi
+    from sae_lens_allocation.yaml_config import load_train_config
+
+    cfg = load_train_config(args.config, args.set)
+    train_multi(cfg)
+    for name, path in export_dirs(cfg).items():
+        print(f"exported SAE {name}: {path.resolve()}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from sae_lens_allocation.training.gradient_cache import build_cache, cache_config_from_dict
+    from sae_lens_allocation.yaml_config import ConfigError, apply_overrides, read_yaml
+
+    try:
+        cfg, gradients = cache_config_from_dict(apply_overrides(read_yaml(args.config), args.set))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    dataset = build_cache(cfg, gradients=gradients)
+    print(f"cached {len(dataset)} sequences of {cfg.context_size} tokens "
+          f"({'activations and gradients' if gradients else 'activations'}): "
+          f"{Path(str(cfg.new_cached_activations_path)).resolve()}")
     return 0
 
 
@@ -73,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with SAELens' LanguageModelSAETrainingRunner. model_name: embedded "
         "selects the shipped model; any other name goes to SAELens/TransformerLens.",
     )
-    train.add_argument("config", help="SAELens runner config YAML (sae.architecture is a plain string)")
+    train.add_argument("config", help="SAELens runner config YAML (sae.architecture is a plain "
+                       "string), or a multi-SAE config with a 'saes:' mapping (docs/multi-sae.md)")
     train.add_argument(
         "--set",
         action="append",
@@ -82,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set training_tokens=100000 --set sae.k=16",
     )
     train.set_defaults(func=_cmd_train)
+
+    cache = sub.add_parser(
+        "cache",
+        help="cache activations and their LM-loss gradients for training without the model",
+        description="Write SAELens' activation cache, plus the gradient column gradient_topk "
+        "needs, from a CacheActivationsRunnerConfig YAML (gradients: false for a plain cache). "
+        "Train from it with use_cached_activations: true, cached_activations_path: <the path>.",
+    )
+    cache.add_argument("config", help="CacheActivationsRunnerConfig YAML (+ gradients: true|false)")
+    cache.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field, e.g. --set training_tokens=100000")
+    cache.set_defaults(func=_cmd_cache)
 
     ev = sub.add_parser(
         "eval",

@@ -100,3 +100,59 @@ def load_runner_config(
 ) -> LanguageModelSAERunnerConfig[Any]:
     """Read a SAELens runner YAML with a plain `sae.architecture` string, apply overrides."""
     return runner_config_from_dict(apply_overrides(read_yaml(path), overrides or []))
+
+
+def check_multi_keys(cfg: dict[str, Any]) -> None:
+    """The `saes:` form (SAELens' `MultiSAETrainingRunnerConfig`): every runner key a field of
+    that config, every `saes.<name>` a mapping with a registered `architecture` and only fields
+    of its config class, `logger` keys of `LoggingConfig`."""
+    from sae_lens_allocation.training.multi_runner import multi_runner_fields
+
+    if "sae" in cfg:
+        raise ConfigError("a config has either 'sae' (one SAE) or 'saes' (several SAEs from one "
+                          "LM pass), not both")
+    saes = cfg.get("saes")
+    if not isinstance(saes, dict) or not saes:
+        raise ConfigError("'saes' must map SAE names to SAE sections, each with an 'architecture'")
+    allowed = multi_runner_fields()
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]} for the multi-SAE runner config; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+    if isinstance(cfg.get("logger"), dict):
+        unknown = sorted(set(cfg["logger"]) - _field_names(LoggingConfig))
+        if unknown:
+            raise ConfigError(f"unknown config key logger.{unknown[0]}; allowed: "
+                              f"{', '.join(sorted(_field_names(LoggingConfig)))}")
+    for name, sae in saes.items():
+        if not isinstance(sae, dict) or "architecture" not in sae:
+            raise ConfigError(f"saes.{name} must be a mapping with an 'architecture' string")
+        arch = sae["architecture"]
+        if arch not in SAE_TRAINING_CLASS_REGISTRY:
+            raise ConfigError(unknown_architecture_message(str(arch), f"saes.{name}.architecture"))
+        sae_allowed = _field_names(SAE_TRAINING_CLASS_REGISTRY[arch][1]) | {"architecture"}
+        unknown = sorted(set(sae) - sae_allowed)
+        if unknown:
+            raise ConfigError(f"unknown config key saes.{name}.{unknown[0]} (architecture {arch}); "
+                              f"allowed: {', '.join(sorted(sae_allowed))}")
+
+
+def multi_runner_config_from_dict(cfg: dict[str, Any]) -> Any:
+    """A `MultiSAETrainingRunnerConfig` from the `saes:` form after strict key checks; a missing
+    `logger` section means no wandb logging."""
+    from sae_lens_allocation.training import multi_runner
+
+    check_multi_keys(cfg)
+    try:
+        return multi_runner.multi_runner_config_from_dict(cfg)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """A runner config from YAML: `LanguageModelSAERunnerConfig` for the `sae:` form,
+    `MultiSAETrainingRunnerConfig` for the `saes:` form (`--set saes.NAME.k=16` overrides one)."""
+    cfg = apply_overrides(read_yaml(path), overrides or [])
+    if "saes" in cfg:
+        return multi_runner_config_from_dict(cfg)
+    return runner_config_from_dict(cfg)

@@ -5,8 +5,10 @@
 runner's activation store as the calibration source of Mutual/Feature Choice SAEs and, when the
 SAE architecture needs activation gradients (its config class sets
 `needs_activation_gradients = True`, e.g. `gradient_topk`), swaps in a `GradientActivationsStore`
-as both the training data and the evaluator's store; SAELens has no store override, and replacing
-`runner.activations_store` after construction is what its runner supports.
+as both the training data and the evaluator's store (reading the gradients from a gradient cache
+when `use_cached_activations`, gradient_cache.py); SAELens has no store override, and replacing
+`runner.activations_store` after construction is what its runner supports. Several SAEs from one
+LM pass: multi_runner.py.
 """
 
 from __future__ import annotations
@@ -41,12 +43,6 @@ def build_runner(
     if hasattr(cfg.sae, "check_batch_tokens"):
         cfg.sae.check_batch_tokens(cfg.train_batch_size_tokens)
     gradients = needs_activation_gradients(cfg)
-    if gradients and cfg.use_cached_activations:
-        raise ValueError(
-            f"use_cached_activations=True is not allowed for architecture "
-            f"{cfg.sae.architecture()!r}: cached activations hold no gradients of the LM loss; "
-            "set use_cached_activations=False so the model runs during training"
-        )
     # SAELens does not seed the SAE's initialisation; seeding here makes a config reproducible.
     torch.manual_seed(cfg.seed)
     override_model, override_dataset = runner_sources(cfg, override_model, override_dataset)
@@ -64,6 +60,9 @@ def build_runner(
         # The final save calibrates the export on fresh batches from the same stream, which the
         # SAE never trained on (docs/architectures.md).
         runner.sae.set_calibration_source(runner.activations_store.next_batch)
+    # The shuffle order depends on the seed only, not on how many numbers the SAE's init drew:
+    # the same seed gives every architecture the same stream, as in the multi runner.
+    torch.manual_seed(cfg.seed)
     return runner
 
 
