@@ -203,3 +203,36 @@ def test_train_command_runs_the_saes_form(tmp_path, capsys):
     assert cfg["k"] == 4 and cfg["metadata"]["hook_name"] == H1
     runner_cfg = json.loads((tmp_path / "out" / "runner_cfg.json").read_text())
     assert runner_cfg["training_tokens"] == 256 and set(runner_cfg["saes"]) == {"mc", "g"}
+
+
+def test_compare_trains_arms_in_lockstep_with_the_same_result_as_one_by_one(tmp_path, tiny_model):
+    from sae_lens_allocation.analysis.compare import run_compare
+
+    base = support.runner_cfg_dict("topk", tmp_path, training_tokens=3 * 256, sae_k=4)
+    base["sae"].pop("architecture")
+    for key in ("output_path", "checkpoint_path"):
+        base.pop(key)
+    cfg = {
+        "source": "language_model", "seed": 3, "threads": 1, "base": base,
+        "architectures": [
+            {"name": "mc", "architecture": "mutual_choice", "sae": {"calibration_tokens": 256}},
+            {"name": "g", "architecture": "gradient_topk"},
+        ],
+        "eval": {"n_batches": 1, "batch_size_prompts": 4},
+    }
+    results = {}
+    for lockstep in (True, False):
+        results[lockstep] = run_compare(
+            {**cfg, "lockstep": lockstep}, output_dir=tmp_path / str(lockstep),
+            override_model=tiny_model, override_dataset=support.tiny_dataset(128),
+            override_heldout=support.tiny_dataset(32, seed=9),
+        )
+    assert results[True]["data"]["training"] == "lockstep (one multi-SAE run)"
+    assert results[False]["data"]["training"] == "one run per architecture"
+    for name in ("mc", "g"):
+        together = _export_tensors(tmp_path / "True" / "saes" / name)
+        alone = _export_tensors(tmp_path / "False" / "saes" / name)
+        for key in together:
+            torch.testing.assert_close(together[key], alone[key], rtol=1e-5, atol=1e-6)
+    rows = {r["name"]: r for r in results[True]["rows"]}
+    assert rows["mc"]["train_seconds"] == rows["g"]["train_seconds"]  # one shared run

@@ -15,11 +15,18 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
       - {name: mc-aux_zipf, architecture: mutual_choice, sae: {aux_loss: aux_zipf}, runner: {}}
     k_values: [8, 16, 32]             # optional sweep of sae.k (explained variance vs L0 plot)
     eval: {n_batches: 8, batch_size_prompts: 8, samples: 65536}
+    lockstep: true                    # language_model: train the arms in one multi-SAE run
+                                      # when their runner settings agree (see below)
                                       # hub models: heldout_dataset_path, heldout_split and
                                       # heldout_skip_rows (rows past those used in training)
 
 Same data: the training dataset (language model) or the synthetic sample stream is built once;
 every run starts from `torch.manual_seed(seed)` and reads the same rows in the same order.
+Language model, `lockstep: true` (default): when the arms' runner configs agree on everything
+but the SAE section, they train in lockstep in one SAELens multi-SAE run
+(training/multi_runner.py): one LM pass per batch feeds every arm the very same shuffled
+batches, so identical data holds by construction; tok/s is then that run's, shared by the arms.
+Otherwise each arm runs alone, as below.
 SAELens' mixing buffer shuffles with the global torch RNG, so the in-buffer order is identical
 between runs up to the first refill and afterwards for architectures that draw no random numbers
 while training (Feature Choice's randomised rounding does). The synthetic stream draws batch i
@@ -58,7 +65,8 @@ import torch
 from sae_lens_allocation.yaml_config import ConfigError, apply_overrides, read_yaml
 
 SOURCES = ("language_model", "synthetic")
-_TOP_KEYS = {"source", "output_dir", "seed", "threads", "base", "architectures", "k_values", "eval"}
+_TOP_KEYS = {"source", "output_dir", "seed", "threads", "base", "architectures", "k_values", "eval",
+             "lockstep"}
 _ARCH_KEYS = {"name", "architecture", "sae", "runner"}
 _EVAL_KEYS = {"n_batches", "batch_size_prompts", "samples", "underused_tau", "fit_fraction",
               "heldout_dataset_path", "heldout_split", "heldout_skip_rows"}
@@ -148,8 +156,12 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         entries.append({"name": name, "architecture": arch,
                         "sae": _mapping(entry.get("sae"), f"architectures[{i}].sae"),
                         "runner": _mapping(entry.get("runner"), f"architectures[{i}].runner")})
+    lockstep = cfg.get("lockstep", True)
+    if not isinstance(lockstep, bool):
+        raise ConfigError(f"lockstep={lockstep!r} is not allowed; use true or false")
     out = {
         "source": source, "seed": seed, "threads": threads, "base": base, "architectures": entries,
+        "lockstep": lockstep,
         "k_values": k_values, "eval": {**_EVAL_DEFAULTS, **ev},
         "output_dir": str(cfg.get("output_dir") or "runs/compare"),
     }
@@ -372,16 +384,31 @@ def _run_language_model(cfg: dict[str, Any], runs: list[dict[str, Any]], out: Pa
         data["train_dataset_sha256"] = _sha256(torch.tensor(dataset[column]))
         data["train_dataset_rows"] = len(dataset)
     rows = []
-    for run in runs:
-        rcfg = run_config(cfg, run, out)
-        print(f"[compare] training {run['label']} ({rcfg.sae.architecture()}, k={getattr(rcfg.sae, 'k', None)}, "
-              f"{rcfg.training_tokens:,} tokens)", flush=True)
-        torch.manual_seed(cfg["seed"])
-        runner = build_runner(rcfg, override_model=model, override_dataset=dataset)
-        torch.manual_seed(cfg["seed"])
+    configs = [run_config(cfg, run, out) for run in runs]
+    lockstep = cfg["lockstep"] and lockstep_allowed(configs)
+    data["training"] = "lockstep (one multi-SAE run)" if lockstep else "one run per architecture"
+    trained: dict[str, tuple[Any, float]] = {}
+    if lockstep:
+        from sae_lens_allocation.training.multi_runner import PluginMultiSAETrainingRunner
+
+        print(f"[compare] training {', '.join(r['label'] for r in runs)} in lockstep "
+              f"({configs[0].training_tokens:,} tokens, one LM pass per batch)", flush=True)
+        multi = PluginMultiSAETrainingRunner(lockstep_config(configs, runs, out),
+                                             override_dataset=dataset, override_model=model)
         start = time.perf_counter()
-        training_sae = runner.run()
+        saes = multi.run()
         seconds = time.perf_counter() - start
+        trained = {run["label"]: (saes[_slug(run)], seconds) for run in runs}
+    for run, rcfg in zip(runs, configs):
+        if lockstep:
+            training_sae, seconds = trained[run["label"]]
+        else:
+            print(f"[compare] training {run['label']} ({rcfg.sae.architecture()}, "
+                  f"k={getattr(rcfg.sae, 'k', None)}, {rcfg.training_tokens:,} tokens)", flush=True)
+            runner = build_runner(rcfg, override_model=model, override_dataset=dataset)
+            start = time.perf_counter()
+            training_sae = runner.run()
+            seconds = time.perf_counter() - start
         sae_dir = Path(rcfg.output_path)
         result = evaluate_sae(sae_dir, model=model, dataset=heldout, n_batches=ev["n_batches"],
                               batch_size_prompts=ev["batch_size_prompts"], device=rcfg.device)
@@ -402,6 +429,48 @@ def _run_language_model(cfg: dict[str, Any], runs: list[dict[str, Any]], out: Pa
     data["model"] = first.model_name
     data["hook_name"] = first.hook_name
     return {"data": data, "rows": rows}
+
+
+# Runner fields that may differ between the arms of a lockstep run.
+_PER_RUN_FIELDS = ("sae", "output_path", "checkpoint_path", "logger")
+
+
+def _slug(run: dict[str, Any]) -> str:
+    return run["label"].replace("/", "_")
+
+
+def lockstep_allowed(configs: list[Any]) -> bool:
+    """Arms train in one multi-SAE run when their runner configs agree on everything but the
+    SAE (same model, hook, data, batch, schedule, seed) and use nothing SAELens' multi runner
+    lacks (cached activations, compile_sae, from_pretrained_path, resume)."""
+    def shared(c: Any) -> dict[str, Any]:
+        d = c.to_dict()
+        return {k: v for k, v in d.items() if k not in _PER_RUN_FIELDS}
+
+    first = shared(configs[0])
+    return all(
+        shared(c) == first and not c.use_cached_activations and not c.compile_sae
+        and c.from_pretrained_path is None and c.resume_from_checkpoint is None
+        for c in configs
+    )
+
+
+def lockstep_config(configs: list[Any], runs: list[dict[str, Any]], out: Path) -> Any:
+    """The `MultiSAETrainingRunnerConfig` training every arm on the first config's settings;
+    SAE `<label>` exports to out/saes/<label> as a single run would."""
+    from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
+
+    from sae_lens_allocation.training.multi_runner import multi_runner_fields
+
+    first = configs[0]
+    per_run = {"saes", "hook_names", "hook_head_indices", "output_path", "checkpoint_path"}
+    fields = {f: getattr(first, f) for f in multi_runner_fields() - per_run if hasattr(first, f)}
+    return MultiSAETrainingRunnerConfig(
+        **fields,
+        saes={_slug(run): c.sae for run, c in zip(runs, configs)},
+        hook_names=first.hook_name, hook_head_indices=first.hook_head_index,
+        output_path=str(out / "saes"), checkpoint_path=str(out / "checkpoints"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
