@@ -10,10 +10,11 @@ import sae_lens_allocation  # noqa: F401
 
 from sae_lens_allocation.yaml_config import load_runner_config
 
-# Runner configs; compare-*.yaml are comparison configs (tests/test_compare.py builds them).
+# Single-SAE runner configs; compare-*.yaml are comparison configs (tests/test_compare.py builds
+# them), multi-SAE (`saes:`) and cache configs are built in test_multi_runner/test_gradient_cache.
 CONFIGS = sorted(
     p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
-    if not p.name.startswith("compare-")
+    if not p.name.startswith("compare-") and "sae" in yaml.safe_load(p.read_text())
 )
 
 

@@ -130,3 +130,18 @@ def test_cache_command_builds_from_yaml_and_checks_keys(tmp_path, capsys):
     assert "unknown cache config key hook;" in capsys.readouterr().err
     assert main(["cache", str(path), "--set", "gradients=maybe"]) == 2
     assert "gradients='maybe' is not allowed" in capsys.readouterr().err
+
+
+def test_shipped_cache_config_builds():
+    from pathlib import Path
+
+    from sae_lens_allocation.training.gradient_cache import cache_config_from_dict
+
+    configs = Path(__file__).parents[1] / "configs"
+    cfg, gradients = cache_config_from_dict(
+        yaml.safe_load((configs / "embedded-gradient-cache.yaml").read_text()))
+    assert gradients and cfg.n_tokens_in_batch <= cfg.n_tokens_in_buffer <= cfg.training_tokens
+    train = yaml.safe_load((configs / "embedded-gradient-topk-cached.yaml").read_text())
+    assert train["cached_activations_path"] == cfg.new_cached_activations_path
+    assert (train["hook_name"], train["sae"]["d_in"], train["context_size"]) == (
+        cfg.hook_name, cfg.d_in, cfg.context_size)

@@ -236,3 +236,14 @@ def test_compare_trains_arms_in_lockstep_with_the_same_result_as_one_by_one(tmp_
             torch.testing.assert_close(together[key], alone[key], rtol=1e-5, atol=1e-6)
     rows = {r["name"]: r for r in results[True]["rows"]}
     assert rows["mc"]["train_seconds"] == rows["g"]["train_seconds"]  # one shared run
+
+
+def test_shipped_multi_config_builds():
+    from sae_lens_allocation.yaml_config import load_train_config
+
+    cfg = load_train_config(Path(__file__).parents[1] / "configs" / "embedded-multi.yaml")
+    assert {n: c.architecture() for n, c in cfg.saes.items()} == {
+        "mc-l0": "mutual_choice", "mc-l1": "mutual_choice", "fc-l0": "feature_choice",
+        "gtopk-l1": "gradient_topk"}
+    assert set(cfg.hook_names_per_sae.values()) == {H0, H1}
+    assert cfg.n_batches_in_buffer * cfg.context_size >= cfg.train_batch_size_tokens
