@@ -63,7 +63,7 @@ def split_batches(draw, max_rows: int = 24, max_latents: int = 12):
     return z, sizes
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(batch=split_batches(), k=st.floats(0, 8, allow_nan=False))
 def test_global_mutual_choice_equals_single_process_exactly(batch, k):
     z, sizes = batch
@@ -73,7 +73,7 @@ def test_global_mutual_choice_equals_single_process_exactly(batch, k):
     assert torch.equal(cutoff, expected.cutoff)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(batch=split_batches(), data=st.data())
 def test_global_feature_choice_equals_single_process_exactly(batch, data):
     z, sizes = batch
@@ -262,3 +262,62 @@ def test_two_ranks_train_the_weights_of_one_process_on_the_global_batch(two_rank
 def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(two_rank_run):
     message = (two_rank_run / "dead-rank0.txt").read_text()
     assert "rank 0 of 2" in message and "Another rank probably died" in message
+
+
+# --- the command line under torchrun ------------------------------------------------------------
+
+
+def test_torchrun_trains_on_the_embedded_model_and_rank_0_writes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m sae_lens_allocation train CONFIG`: one checkpoint and
+    one export, written by rank 0, the export calibrated on rows of both ranks."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sae_lens_allocation import load_sae
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        torchrun = shutil.which("torchrun")
+    assert torchrun, "torchrun is installed with torch"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = {
+        "training_tokens": 4096, "train_batch_size_tokens": 512, "sae.d_sae": 128, "sae.k": 8,
+        "sae.calibration_tokens": 1024, "n_batches_in_buffer": 8, "store_batch_size_prompts": 4,
+        "n_checkpoints": 1, "checkpoint_path": tmp_path / "ckpt", "output_path": tmp_path / "sae",
+    }
+    command = [
+        str(torchrun), "--nproc-per-node", "2", "--master-port", str(port),
+        "-m", "sae_lens_allocation", "train", "configs/embedded-mutual-choice.yaml",
+    ]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAE_LENS_ALLOCATION_DP_TIMEOUT": "120"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("exported SAE:") == 1
+    checkpoints = list((tmp_path / "ckpt").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.pt").is_file()
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"
+    assert cfg["metadata"]["calibration"] == {"source": "held-out", "tokens": 1024}
+    runner_cfg = json.loads((tmp_path / "sae" / "runner_cfg.json").read_text())
+    assert runner_cfg["train_batch_size_tokens"] == 512
+    assert load_sae(tmp_path / "sae").cfg.d_sae == 128
+
+
+def test_configs_that_data_parallel_cannot_honour_name_the_field(tmp_path):
+    from support import runner_cfg
+
+    from sae_lens_allocation.training.distributed import check_data_parallel_config
+
+    with pytest.raises(ValueError, match="train_batch_size_tokens.*multiple of the number of processes \\(3\\)"):
+        check_data_parallel_config(runner_cfg("mutual_choice", tmp_path), 3)
+    with pytest.raises(ValueError, match="compile_sae"):
+        check_data_parallel_config(runner_cfg("mutual_choice", tmp_path, compile_sae=True), 2)
+    check_data_parallel_config(runner_cfg("mutual_choice", tmp_path), 2)

@@ -52,6 +52,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def process_rank() -> int:
+    """This process's global rank as the launcher set it (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def timeout_from_env() -> timedelta:
     raw = os.environ.get(TIMEOUT_ENV)
     if raw is None:
