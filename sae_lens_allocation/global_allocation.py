@@ -177,11 +177,11 @@ def merge_feature_choice(
     n_latents = capacities.numel()
     device = values[0].device
     caps = capacities.to(device=device, dtype=torch.long)
-    column = torch.cat(
-        [torch.repeat_interleave(torch.arange(n_latents, device=device), c.to(device)) for c in counts]
-    )
+    latents = torch.arange(n_latents, device=device)
+    column = torch.cat([torch.repeat_interleave(latents, c.to(device)) for c in counts])
     rank = torch.cat(
-        [torch.full((int(c.sum()),), r, dtype=torch.long, device=device) for r, c in enumerate(counts)]
+        [torch.full((int(c.sum()),), r, dtype=torch.long, device=device)
+         for r, c in enumerate(counts)]
     )
     everything = torch.cat(values)
     order = _column_value_order(everything, column)
@@ -225,9 +225,10 @@ class BatchGroup:
     """The processes that share one training batch, in rank order.
 
     `BatchGroup()` is a single process: every collective is the identity and the allocations are
-    allocation.py's. `BatchGroup(process_group)` uses torch.distributed on that group (None
-    after `init_process_group` = the default group). Statistics over the batch (firing counts,
-    means) go through `sum`; the allocations through `mutual_choice` / `feature_choice`.
+    allocation.py's (also for a process group of one). `BatchGroup(process_group)` uses
+    torch.distributed on that group; `from_default_group()` on the default group. Statistics
+    over the batch (firing counts, means) go through `sum`; the allocations through
+    `mutual_choice` / `feature_choice`.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, distributed: bool = False):
@@ -252,16 +253,20 @@ class BatchGroup:
         if not self.distributed:
             return [tensor]
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        self._collective("all_gather", lambda: dist.all_gather(out, tensor.contiguous(), group=self.process_group))
+        self._collective(
+            "all_gather",
+            lambda: dist.all_gather(out, tensor.contiguous(), group=self.process_group),
+        )
         return out
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (a new tensor; the input is left alone)."""
+        """Sum over ranks; the input is left alone (one process: the input itself)."""
         if not self.distributed:
             return tensor
         out = tensor.detach().clone()
         self._collective(
-            "all_reduce", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.process_group)
+            "all_reduce",
+            lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.process_group),
         )
         return out
 
@@ -317,7 +322,7 @@ class BatchGroup:
     # -- allocations ----------------------------------------------------------------------
     def mutual_choice(self, pre_acts: torch.Tensor, k: float) -> Allocation:
         """Mutual Choice over the global batch; this rank's codes (module doc)."""
-        if not self.distributed:
+        if self.world_size == 1:
             return mutual_choice(pre_acts, k)
         if not k >= 0:
             raise ValueError(f"mutual_choice: k must be a number >= 0, got k={k!r}")
@@ -325,8 +330,8 @@ class BatchGroup:
         rows = self.row_counts(pre_acts.shape[:-1].numel(), pre_acts.device)
         m = min(budget(sum(rows), k), sum(rows) * n_latents)
         candidates = local_mutual_choice(pre_acts, m)
-        # Every rank's list length: positives are only known locally, so it travels with the
-        # values (one extra entry), the pad being 0.
+        # A list is shorter than min(M, n_r F) when the rank has fewer positive entries, which
+        # only that rank knows: the lengths go first, then the values padded to the longest.
         lengths = self.row_counts(candidates.values.numel(), pre_acts.device)
         gathered = self._gather_padded(candidates.values.detach(), lengths)
         cutoff, kept = merge_mutual_choice(gathered, m)
@@ -335,7 +340,7 @@ class BatchGroup:
 
     def feature_choice(self, pre_acts: torch.Tensor, capacities: torch.Tensor) -> Allocation:
         """Feature Choice over the global batch with global capacities m_j; this rank's codes."""
-        if not self.distributed:
+        if self.world_size == 1:
             return feature_choice(pre_acts, capacities)
         n_latents = pre_acts.shape[-1]
         integer = not (capacities.is_floating_point() or capacities.is_complex())

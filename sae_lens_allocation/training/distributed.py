@@ -38,6 +38,7 @@ from sae_lens.training.types import DataProvider
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_allocation.global_allocation import BatchGroup, DataParallelError
+from sae_lens_allocation.training.calibration import iter_rows
 from sae_lens_allocation.training.runner import build_runner
 from sae_lens_allocation.training.sources import runner_sources
 from sae_lens_allocation.validation import field_error
@@ -102,7 +103,9 @@ def check_data_parallel_config(cfg: LanguageModelSAERunnerConfig[Any], world_siz
         )
     if cfg.use_cached_activations:
         raise field_error(
-            "use_cached_activations", True, "False under data parallel (cached activations are not sharded)"
+            "use_cached_activations",
+            True,
+            "False under data parallel (cached activations are not sharded)",
         )
     if cfg.compile_sae:
         raise field_error(
@@ -250,8 +253,6 @@ def share_calibration_rows(sae: Any, group: BatchGroup) -> None:
     calibration_tokens / W) rows each from its held-out source (its own shard of the stream),
     or from its training tail when it has no source, as a single-process run of the same size
     would use. The export's metadata keeps saying which of the two it was."""
-    from sae_lens_allocation.training.calibration import iter_rows
-
     want = math.ceil(sae.cfg.calibration_tokens / group.world_size)
     held_out = sae._calibration_source is not None
     source = sae._calibration_source if held_out else sae.calibration_rows
@@ -315,7 +316,9 @@ def train_data_parallel(
             dist.destroy_process_group()
 
 
-def _run(runner: Any, cfg: LanguageModelSAERunnerConfig[Any], group: BatchGroup) -> TrainingSAE[Any]:
+def _run(
+    runner: Any, cfg: LanguageModelSAERunnerConfig[Any], group: BatchGroup
+) -> TrainingSAE[Any]:
     """LanguageModelSAETrainingRunner.run (sae-lens 6.54) with the data-parallel trainer and
     rank-0 writes."""
     import wandb
@@ -335,7 +338,8 @@ def _run(runner: Any, cfg: LanguageModelSAERunnerConfig[Any], group: BatchGroup)
         from sae_lens.training.prefetch import PrefetchingIterator
 
         size = 1 if isinstance(cfg.prefetch_llm_batches, bool) else cfg.prefetch_llm_batches
-        data_provider = prefetching = PrefetchingIterator(iter(runner.activations_store), prefetch=size)
+        prefetching = PrefetchingIterator(iter(runner.activations_store), prefetch=size)
+        data_provider = prefetching
     try:
         trainer = DataParallelSAETrainer(
             cfg=cfg.to_sae_trainer_config(),
