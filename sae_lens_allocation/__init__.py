@@ -13,6 +13,7 @@ from sae_lens_allocation.saes.mutual_choice import MutualChoiceTrainingSAE, Mutu
 from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 from sae_lens_allocation.training.gradients import GradientActivationsStore, activation_gradients
 from sae_lens_allocation.training.losses import AUX_LOSSES, register_aux_loss
+from sae_lens_allocation.training.distributed import train_data_parallel
 from sae_lens_allocation.training.multi_runner import build_multi_runner, train_multi
 from sae_lens_allocation.training.runner import build_runner, train
 
@@ -51,5 +52,6 @@ __all__ = [
     "TopKAuxTrainingSAE",
     "TopKAuxTrainingSAEConfig",
     "train",
+    "train_data_parallel",
     "train_multi",
 ]

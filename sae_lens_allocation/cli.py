@@ -19,13 +19,25 @@ class UsageError(Exception):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from sae_lens_allocation.training import distributed
     from sae_lens_allocation.training.runner import train
     from sae_lens_allocation.yaml_config import load_runner_config, read_yaml
 
     if "saes" in read_yaml(args.config):
         return _cmd_train_multi(args)
     cfg = load_runner_config(args.config, args.set)
-    train(cfg)
+    if not distributed.launched_by_torchrun():
+        train(cfg)
+    else:
+        # `torchrun --nproc-per-node W -m sae_lens_allocation train ...`: data parallel
+        # (docs/distributed.md); rank 0 writes the export.
+        try:
+            distributed.train_data_parallel(cfg)
+        except distributed.DataParallelError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 1
+        if distributed.process_rank() != 0:
+            return 0
     if cfg.output_path is not None:
         print(f"exported SAE: {Path(cfg.output_path).resolve()}")
     return 0

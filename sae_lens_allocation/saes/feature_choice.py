@@ -23,7 +23,6 @@ from typing_extensions import override
 from sae_lens_allocation.allocation import (
     Allocation,
     budget,
-    feature_choice,
     ranks_from_frequency,
     uniform_capacities,
     zipf_capacities,
@@ -97,10 +96,12 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
 
     @override
     def allocate(self, hidden_pre: torch.Tensor) -> Allocation:
-        n_tokens = hidden_pre.shape[:-1].numel()
+        # Capacities from the global budget; one process: allocation.feature_choice, data
+        # parallel: exact over the global batch (global_allocation.py).
+        n_tokens = self.batch_group.total_rows(hidden_pre.shape[:-1].numel(), hidden_pre.device)
         self.capacity_tokens.fill_(n_tokens)
         caps = self.capacities(n_tokens).to(hidden_pre.device)
-        return feature_choice(hidden_pre, caps)
+        return self.batch_group.feature_choice(hidden_pre, caps)
 
     @override
     def update_running_threshold(self, allocation: Allocation) -> None:

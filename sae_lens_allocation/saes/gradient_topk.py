@@ -191,7 +191,10 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         # Tensor arithmetic only: no host sync per step.
         rate = (1.0 / (self.grad_rms_updates + 1)).clamp(min=self.cfg.grad_rms_ema_rate)
         mean_square = self.grad_rms.square()
-        mean_square += rate * (alignment.float().square().mean() - mean_square)
+        # mean(a^2) over the global batch when it is split across processes.
+        squares = alignment.float().square()
+        count = self.batch_group.total_rows(squares.numel(), squares.device)
+        mean_square += rate * (self.batch_group.sum(squares.sum()) / count - mean_square)
         self.grad_rms.copy_(mean_square.sqrt())
         self.grad_rms_updates.add_(1)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from typing_extensions import override
 
-from sae_lens_allocation.allocation import Allocation, mutual_choice
+from sae_lens_allocation.allocation import Allocation
 from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
@@ -42,7 +42,8 @@ class MutualChoiceTrainingSAE(BatchAllocationTrainingSAE):
 
     @override
     def allocate(self, hidden_pre: torch.Tensor) -> Allocation:
-        return mutual_choice(hidden_pre, self.cfg.k)
+        # One process: allocation.mutual_choice; data parallel: exact over the global batch.
+        return self.batch_group.mutual_choice(hidden_pre, self.cfg.k)
 
     @override
     def update_running_threshold(self, allocation: Allocation) -> None:

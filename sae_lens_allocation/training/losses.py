@@ -30,6 +30,7 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import act_times_W_dec
 
+from sae_lens_allocation.global_allocation import SINGLE_PROCESS, BatchGroup
 from sae_lens_allocation.validation import field_error, is_finite_number
 
 AuxLossMetrics = dict[str, "torch.Tensor | float"]
@@ -220,8 +221,12 @@ def reconstruct_residual_loss(
     error = (recons - residual).pow(2).sum(dim=-1).mean()
     normalization = cfg.aux_loss_normalization or default_normalization
     if normalization == "residual_variance":
+        # Over the global batch when it is split across processes (sae.batch_group).
+        group: BatchGroup = sae.batch_group
         flat = residual.reshape(-1, residual.shape[-1])
-        variance = (flat - flat.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        rows = group.total_rows(flat.shape[0], flat.device)
+        mean = group.sum(flat.sum(dim=0)) / rows
+        variance = group.sum((flat - mean).pow(2).sum()) / rows
         # Guards a residual with zero variance (e.g. a perfect reconstruction).
         error = error / variance.clamp_min(torch.finfo(variance.dtype).eps)
     return cfg.aux_loss_coefficient * scale * error
@@ -349,6 +354,10 @@ class AuxLossMixin:
 
     AUX_STATE_BUFFERS: tuple[str, ...] = ("firing_ema", "firing_ema_steps", "zipf_fit")
 
+    #: The processes sharing each training batch: firing fractions and residual variances are
+    #: over the global batch (training/distributed.py sets it; one process by default).
+    batch_group: BatchGroup = SINGLE_PROCESS
+
     cfg: Any
     firing_ema: torch.Tensor
     firing_ema_steps: torch.Tensor
@@ -365,9 +374,12 @@ class AuxLossMixin:
 
     @torch.no_grad()
     def update_firing_stats(self, feature_acts: torch.Tensor) -> None:
-        """One EMA update from (feature_acts != 0) over all leading dims, then refit Zipf."""
+        """One EMA update from (feature_acts != 0) over all leading dims (and every rank of
+        `batch_group`), then refit Zipf."""
         acts = feature_acts.to_dense() if feature_acts.is_sparse else feature_acts
-        fired = (acts != 0).reshape(-1, acts.shape[-1]).to(torch.float32).mean(dim=0)
+        fired = (acts != 0).reshape(-1, acts.shape[-1])
+        rows = self.batch_group.total_rows(fired.shape[0], fired.device)
+        fired = self.batch_group.sum(fired.sum(dim=0, dtype=torch.float32)) / rows
         self.firing_ema_steps += 1
         decay = self.cfg.firing_ema_decay
         ema = update_firing_ema(self.firing_ema.to(torch.float32), fired, self.firing_ema_steps, decay)

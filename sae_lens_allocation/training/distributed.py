@@ -1,0 +1,373 @@
+"""Data-parallel training on torch.distributed (docs/distributed.md).
+
+W processes (launched by `torchrun`) train one SAE on one global batch of N =
+`train_batch_size_tokens` rows per step; each rank reads its own disjoint shard of the dataset and
+encodes N / W rows. Project definition (docs/algorithms.md, "Data parallel"): one step equals a
+single-process step on the global batch:
+
+- identical start: every parameter and buffer is broadcast from rank 0;
+- allocation over the global batch: Mutual Choice and Feature Choice through
+  `global_allocation.BatchGroup` (exact, ties included); TopK, topk_aux and gradient_topk select
+  per token and need nothing (gradient_topk's activation gradients come with each rank's rows);
+- gradients averaged, g = (1/W) sum_r g_r, which is the gradient of the global-batch mean loss
+  since every rank holds N / W rows; SAELens' grad-norm clip and Adam then see the same numbers;
+- global statistics: firing counts (SAELens' dead mask and feature sparsity), the aux-loss firing
+  EMA and residual variance, gradient_topk's running RMS, the Zipf ranking (it reads the global
+  EMA) and the activation-norm scaling factor are reduced over ranks;
+- rank 0 writes checkpoints and the export; the export calibrates on calibration rows drawn from
+  every rank's shard;
+- a collective waits at most `timeout` for the other ranks; a dead or stuck rank makes the others
+  raise `DataParallelError` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.config import HfDataset, SAETrainerConfig
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointFn
+from sae_lens.training.types import DataProvider
+from transformer_lens.hook_points import HookedRootModule
+
+from sae_lens_allocation.global_allocation import BatchGroup, DataParallelError
+from sae_lens_allocation.training.calibration import iter_rows
+from sae_lens_allocation.training.runner import build_runner
+from sae_lens_allocation.training.sources import runner_sources
+from sae_lens_allocation.validation import field_error
+
+#: Environment variable: seconds a collective waits for the other ranks (default 300).
+TIMEOUT_ENV = "SAE_LENS_ALLOCATION_DP_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set WORLD_SIZE > 1 for this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_rank() -> int:
+    """This process's global rank as the launcher set it (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def timeout_from_env() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: allowed is a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
+def init_from_env(device: str, timeout: timedelta | None = None) -> BatchGroup:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    LOCAL_RANK): NCCL when `device` is CUDA, else gloo. Returns the group of all ranks."""
+    if not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=timeout or timeout_from_env()
+        )
+    return BatchGroup.from_default_group()
+
+
+def local_device(device: str) -> str:
+    """CUDA devices become this process's GPU, cuda:LOCAL_RANK; others are unchanged."""
+    if torch.device(device).type == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def check_data_parallel_config(cfg: LanguageModelSAERunnerConfig[Any], world_size: int) -> None:
+    """Fields that data-parallel training cannot honour raise, naming the field."""
+    n = cfg.train_batch_size_tokens
+    if n % world_size:
+        raise field_error(
+            "train_batch_size_tokens",
+            n,
+            f"a multiple of the number of processes ({world_size}), so every rank encodes "
+            "N / W rows and averaged gradients equal the global-batch gradient",
+        )
+    if cfg.use_cached_activations:
+        raise field_error(
+            "use_cached_activations",
+            True,
+            "False under data parallel (cached activations are not sharded)",
+        )
+    if cfg.compile_sae:
+        raise field_error(
+            "compile_sae", True, "False under data parallel (collectives inside the step)"
+        )
+    if cfg.sae.normalize_activations not in ("none", "expected_average_only_in"):
+        raise field_error(
+            "sae.normalize_activations",
+            cfg.sae.normalize_activations,
+            "'none' or 'expected_average_only_in' under data parallel (reduced over ranks)",
+        )
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, group: BatchGroup, src: int = 0) -> None:
+    """Every parameter and buffer of `module` becomes rank `src`'s."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        group.broadcast_(tensor.data, src)
+
+
+class DataParallelSAETrainer(SAETrainer[Any, Any]):
+    """SAELens' `SAETrainer`, one rank of W: the data provider gives this rank's N / W rows;
+    `cfg` is the global trainer config (train_batch_size_samples = N, total samples global).
+
+    `step` counts global samples; `_train_step` is SAELens' step (sae-lens 6.54) with the firing
+    counts summed over ranks and the gradients averaged before the grad-norm clip;
+    `save_checkpoint` writes on rank 0 only; `fit` first estimates the activation-norm scaling
+    factor over every rank's batches.
+    """
+
+    def __init__(
+        self,
+        cfg: SAETrainerConfig,
+        sae: TrainingSAE[Any],
+        data_provider: DataProvider,
+        group: BatchGroup,
+        evaluator: Evaluator[Any] | None = None,
+        save_checkpoint_fn: SaveCheckpointFn | None = None,
+    ) -> None:
+        if cfg.train_batch_size_samples % group.world_size:
+            raise field_error(
+                "train_batch_size_tokens",
+                cfg.train_batch_size_samples,
+                f"a multiple of the number of processes ({group.world_size})",
+            )
+        self.group = group
+        sae.to(cfg.device)
+        # Set before SAETrainer builds the optimiser: the batch statistics of the SAE reduce
+        # over the group from the first step on.
+        sae.batch_group = group  # type: ignore[attr-defined]
+        broadcast_module(sae, group)
+        super().__init__(cfg, sae, data_provider, evaluator, save_checkpoint_fn)
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.cfg.train_batch_size_samples // self.group.world_size
+
+    def fit(self) -> TrainingSAE[Any]:
+        if (
+            self.sae.cfg.normalize_activations == "expected_average_only_in"
+            and self.activation_scaler.scaling_factor is None
+        ):
+            self.activation_scaler.scaling_factor = self._global_scaling_factor()
+        return super().fit()
+
+    @torch.no_grad()
+    def _global_scaling_factor(self) -> float:
+        """sqrt(d_in) / mean ||x|| over `n_batches_for_norm_estimate` batches of every rank
+        (SAELens' `ActivationScaler.estimate_scaling_factor` over the global batches)."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.sae.device)
+        for _ in range(self.cfg.n_batches_for_norm_estimate):
+            norms = next(self.data_provider).to(self.sae.device).norm(dim=-1)
+            total[0] += norms.double().sum()
+            total[1] += norms.numel()
+        total = self.group.sum(total)
+        return self.sae.cfg.d_in**0.5 / float(total[0] / total[1])
+
+    def step(self, batch: torch.Tensor) -> TrainStepOutput:
+        batch = batch.to(self.sae.device)
+        if batch.shape[0] != self.rows_per_rank:
+            raise DataParallelError(
+                f"rank {self.group.rank} got a batch of {batch.shape[0]} rows; every rank must "
+                f"give train_batch_size_tokens / W = {self.rows_per_rank} rows per step"
+            )
+        self.n_training_samples += self.cfg.train_batch_size_samples
+        return self._train_step(sae=self.sae, sae_in=self.activation_scaler(batch))
+
+    def _train_step(self, sae: TrainingSAE[Any], sae_in: torch.Tensor) -> TrainStepOutput:
+        sae.train()
+        with self.autocast_if_enabled:
+            output = self.sae.training_forward_pass(
+                step_input=TrainStepInput(
+                    sae_in=sae_in,
+                    dead_neuron_mask=self.dead_neurons,
+                    coefficients=self.get_coefficients(),
+                    n_training_steps=self.n_training_steps,
+                    is_logging_step=self._is_logging_step(),
+                ),
+            )
+            with torch.no_grad():
+                acts = output.feature_acts
+                acts = acts.to_dense() if acts.is_sparse else acts
+                fired = acts.bool().reshape(-1, acts.shape[-1]).float().sum(0)
+                fired = self.group.sum(fired)
+                self.n_forward_passes_since_fired += 1
+                self.n_forward_passes_since_fired[fired > 0] = 0
+                self.act_freq_scores += fired
+                self.n_frac_active_samples += self.cfg.train_batch_size_samples
+
+        output.loss.backward()
+        self._average_gradients()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.lr_scheduler.step()
+        for scheduler in self.coefficient_schedulers.values():
+            scheduler.step()
+        return output
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        """g <- (1/W) sum_r g_r for every parameter, in one all-reduce of the flattened grads."""
+        if self.group.world_size == 1:
+            return
+        params = [p for p in self.sae.parameters() if p.grad is not None]
+        if not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = self.group.sum(flat) / self.group.world_size
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+    def save_checkpoint(self, checkpoint_name: str, *args: Any, **kwargs: Any) -> None:
+        """Rank 0 writes (every rank holds the same weights and statistics)."""
+        if self.group.rank == 0:
+            super().save_checkpoint(checkpoint_name, *args, **kwargs)
+
+
+@torch.no_grad()
+def share_calibration_rows(sae: Any, group: BatchGroup) -> None:
+    """Give every rank the calibration rows of all ranks, in rank order: ceil(
+    calibration_tokens / W) rows each from its held-out source (its own shard of the stream),
+    or from its training tail when it has no source, as a single-process run of the same size
+    would use. The export's metadata keeps saying which of the two it was."""
+    want = math.ceil(sae.cfg.calibration_tokens / group.world_size)
+    held_out = sae._calibration_source is not None
+    source = sae._calibration_source if held_out else sae.calibration_rows
+    if source is None:
+        local = torch.zeros(0, sae.cfg.d_in)
+    else:
+        local = torch.cat(list(iter_rows(source, want, sae.cfg.calibration_chunk_tokens)))
+    local = local.to(device=sae.W_enc.device, dtype=torch.float32)
+    counts = group.row_counts(local.shape[0], local.device)
+    padded = local.new_zeros(max(counts), sae.cfg.d_in)
+    padded[: local.shape[0]] = local
+    rows = torch.cat([g[:n] for g, n in zip(group.all_gather(padded), counts)])
+    if not rows.shape[0]:
+        return
+    if held_out:
+        sae.set_calibration_source(rows)
+    else:
+        sae.calibration_rows = rows
+
+
+def train_data_parallel(
+    cfg: LanguageModelSAERunnerConfig[Any] | Mapping[str, Any],
+    override_model: HookedRootModule | None = None,
+    override_dataset: HfDataset | None = None,
+    timeout: timedelta | None = None,
+) -> TrainingSAE[Any]:
+    """Train on every rank of the torchrun job this process belongs to; returns the trained
+    SAE (identical on every rank). Rank 0 writes checkpoints and `cfg.output_path`."""
+    if isinstance(cfg, Mapping):
+        cfg = LanguageModelSAERunnerConfig.from_dict(dict(cfg))
+    group = init_from_env(cfg.device, timeout)
+    check_data_parallel_config(cfg, group.world_size)
+    for name in ("device", "llm_device", "act_store_device"):
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value != "with_model":
+            setattr(cfg, name, local_device(value))
+    cfg.sae.device = cfg.device
+    if group.rank != 0:
+        cfg.logger.log_to_wandb = False
+    model, dataset = runner_sources(cfg, override_model, override_dataset)
+    if dataset is None:
+        from datasets import load_dataset
+
+        dataset = load_dataset(
+            cfg.dataset_path,
+            split="train",
+            streaming=cfg.streaming,
+            trust_remote_code=cfg.dataset_trust_remote_code,
+        )
+    from datasets.distributed import split_dataset_by_node
+
+    dataset = split_dataset_by_node(dataset, rank=group.rank, world_size=group.world_size)
+    runner = build_runner(cfg, override_model=model, override_dataset=dataset)
+    store = runner.activations_store
+    # This rank's share of each global batch; read lazily when the store starts its loader.
+    store.train_batch_size_tokens = cfg.train_batch_size_tokens // group.world_size
+    try:
+        return _run(runner, cfg, group)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(
+    runner: Any, cfg: LanguageModelSAERunnerConfig[Any], group: BatchGroup
+) -> TrainingSAE[Any]:
+    """LanguageModelSAETrainingRunner.run (sae-lens 6.54) with the data-parallel trainer and
+    rank-0 writes."""
+    import wandb
+
+    runner._set_sae_metadata()
+    if cfg.logger.log_to_wandb:
+        wandb.init(
+            project=cfg.logger.wandb_project,
+            entity=cfg.logger.wandb_entity,
+            config=cfg.to_dict(),
+            name=cfg.logger.run_name,
+            id=cfg.logger.wandb_id,
+        )
+    data_provider: Any = runner.activations_store
+    prefetching = None
+    if cfg.prefetch_llm_batches:
+        from sae_lens.training.prefetch import PrefetchingIterator
+
+        size = 1 if isinstance(cfg.prefetch_llm_batches, bool) else cfg.prefetch_llm_batches
+        prefetching = PrefetchingIterator(iter(runner.activations_store), prefetch=size)
+        data_provider = prefetching
+    try:
+        trainer = DataParallelSAETrainer(
+            cfg=cfg.to_sae_trainer_config(),
+            sae=runner.sae,
+            data_provider=data_provider,
+            group=group,
+            evaluator=runner.evaluator,
+            save_checkpoint_fn=runner.save_checkpoint,
+        )
+        if cfg.resume_from_checkpoint is not None:
+            # Every rank reads the checkpoint rank 0 wrote: same weights, optimiser and
+            # statistics; the store skips as far as rank 0's had read of its own shard.
+            trainer.load_trainer_state(cfg.resume_from_checkpoint)
+            runner.sae.load_weights_from_checkpoint(cfg.resume_from_checkpoint)
+            runner.activations_store.load_from_checkpoint(cfg.resume_from_checkpoint)
+        sae = trainer.fit()
+        if hasattr(sae, "set_calibration_source"):
+            share_calibration_rows(sae, group)
+        if group.rank == 0 and cfg.output_path is not None:
+            runner.save_final_sae(
+                sae=sae,
+                output_path=cfg.output_path,
+                log_feature_sparsity=trainer.log_feature_sparsity,
+            )
+        group.barrier()
+        if cfg.logger.log_to_wandb:
+            wandb.finish()
+        return sae
+    finally:
+        if prefetching is not None:
+            prefetching.close()
