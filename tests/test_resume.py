@@ -33,6 +33,7 @@ ARCHS = {
     "feature_choice": {"sae_k": 4, "sae_calibration_tokens": 512},
     "topk_aux": {"sae_k": 4},
     "gradient_topk": {"sae_k": 4},
+    "topk": {"sae_k": 4},  # SAELens' own TopK, through the same runner
 }
 STEPS = 12
 STOP_AFTER = 5  # steps completed when the signal arrives
@@ -251,3 +252,57 @@ def test_store_replays_to_the_same_rows_after_a_restart(tmp_path):
     restarted.load_from_checkpoint(tmp_path)
     for batch in expected:
         assert torch.equal(next(restarted), batch)
+
+
+def test_sigterm_during_the_export_lets_it_finish_then_stops(reference, tmp_path):
+    """Mutual Choice calibrates its export on fresh store batches after the last step: a signal
+    then does not cut the export short; it is complete and equal to the uninterrupted one."""
+    ref_folder, _ = reference("mutual_choice")
+    runner = build_runner(_cfg("mutual_choice", tmp_path), override_model=support.tiny_model(),
+                          override_dataset=support.tiny_dataset())
+    store = runner.activations_store
+    state = {"trained": False, "sent": False}
+
+    class SignalAtExport(type(store)):
+        def __next__(self):
+            state["trained"] |= self.stop_check is not None
+            if state["trained"] and self.stop_check is None and not state["sent"]:
+                state["sent"] = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__next__()
+
+    store.__class__ = SignalAtExport
+    with pytest.raises(TrainingInterrupted, match="after the last step; the export .* is complete") as stop:
+        runner.run()
+    assert state["sent"] and stop.value.exit_code == 143
+    _assert_same_export(tmp_path / "output", ref_folder / "output")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_publishing_into_an_existing_export_moves_cfg_json_last(tmp_path, monkeypatch):
+    """While files move in, the folder holds no cfg.json: never new weights under an old config."""
+    import sae_lens_allocation.training.resume as resume
+
+    final, new = tmp_path / "out", tmp_path / ".out.incomplete-1"
+    final.mkdir()
+    new.mkdir()
+    for folder, tag in ((final, "old"), (new, "new")):
+        for name in ("cfg.json", "sae_weights.safetensors", "runner_cfg.json"):
+            (folder / name).write_text(tag)
+    (final / "notes.txt").write_text("the user's")
+    moved = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        assert not (final / "cfg.json").exists()
+        moved.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(resume.os, "replace", recording_replace)
+    resume.publish_folder(new, final)
+    assert moved[-1] == "cfg.json" and len(moved) == 3
+    assert {p.name: p.read_text() for p in final.iterdir()} == {
+        "cfg.json": "new", "sae_weights.safetensors": "new", "runner_cfg.json": "new",
+        "notes.txt": "the user's",
+    }
+    assert not new.exists()
