@@ -1,7 +1,9 @@
 """Command-line tool `sae-lens-allocation` (also `python -m sae_lens_allocation`).
 
-Every user error (missing file, bad YAML, unknown architecture or key, invalid field value) is
-one line on stderr and exit code 2, with no traceback.
+Exit codes: 0 success; 2 a user mistake (missing or broken file, bad YAML, unknown architecture
+or key, invalid field, flag or data), printed as one line on stderr with no traceback; 130 / 143
+training stopped by SIGINT / SIGTERM after writing a checkpoint (one line says where); 1 a bug,
+with its traceback.
 """
 
 from __future__ import annotations
@@ -10,12 +12,28 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
+
+from sae_lens_allocation.validation import UsageError, one_line
 
 PROG = "sae-lens-allocation"
 
 
-class UsageError(Exception):
-    """A problem with the user's input, reported as one line and exit code 2."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (its default prints the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; use an integer >= 1")
+    return value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -72,14 +90,13 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from sae_lens_allocation.analysis.evaluation import evaluate_sae, format_table
+    from sae_lens_allocation.analysis.evaluation import check_eval_arguments, evaluate_sae, format_table
 
     sae_dir = Path(args.sae_dir)
-    if not (sae_dir / "cfg.json").is_file():
-        raise UsageError(f"not an SAE folder (no cfg.json): {sae_dir}")
+    out = Path(args.out) if args.out else sae_dir / "eval.json"
+    check_eval_arguments(sae_dir, out)
     result = evaluate_sae(sae_dir, model=args.model, n_batches=args.n_batches,
                           batch_size_prompts=args.batch_size_prompts, device=args.device)
-    out = Path(args.out) if args.out else sae_dir / "eval.json"
     out.write_text(json.dumps(result, indent=2))
     print(format_table(result))
     print(f"evaluation written to {out}")
@@ -100,7 +117,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Train, evaluate and inspect Mutual Choice, Feature Choice and Gradient TopK "
         "SAEs with SAELens.",
@@ -145,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("sae_dir", help="exported SAE folder (cfg.json + sae_weights.safetensors)")
     ev.add_argument("--model", default=None,
                     help="'embedded' or a TransformerLens name (default: the model it was trained on)")
-    ev.add_argument("--n-batches", type=int, default=10, help="prompt batches to evaluate")
-    ev.add_argument("--batch-size-prompts", type=int, default=8)
+    ev.add_argument("--n-batches", type=_positive_int, default=10, help="prompt batches to evaluate")
+    ev.add_argument("--batch-size-prompts", type=_positive_int, default=8)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default=None, help="JSON output (default: SAE_DIR/eval.json)")
     ev.set_defaults(func=_cmd_eval)
@@ -181,16 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring)."""
     import sae_lens_allocation  # noqa: F401  (registers the plugin architectures)
-    from sae_lens_allocation.yaml_config import ConfigError
+    from sae_lens_allocation.training.resume import TrainingInterrupted
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+    except (UsageError, FileNotFoundError) as err:
+        print(f"{PROG}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"{PROG}: {one_line(str(stop))}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

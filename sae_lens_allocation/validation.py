@@ -1,4 +1,8 @@
-"""The one shape of config error: a `ValueError` naming the field, its value and what is allowed."""
+"""The one shape of user error: `UsageError`, a `ValueError` whose message is one line for the user.
+
+`field_error` names the field, its value and what is allowed. The CLI prints any `UsageError` as
+one line on stderr and exits with code 2; every other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,109 @@ import math
 from typing import Any
 
 
-def field_error(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{field}={value!r} is not allowed: {allowed}")
+class UsageError(ValueError):
+    """A mistake in the user's input (config, flag, file, data), reported as one line."""
+
+
+def field_error(field: str, value: Any, allowed: str) -> UsageError:
+    return UsageError(f"{field}={value!r} is not allowed: {allowed}")
 
 
 def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def one_line(message: str) -> str:
+    """Collapse whitespace and line breaks so a message prints as one line."""
+    return " ".join(str(message).split())
+
+
+# Runner fields (SAELens `LanguageModelSAERunnerConfig`) and what each allows. SAELens checks few
+# of them: a string `lr` fails in its `__post_init__` with a TypeError naming no field, a batch of
+# 0 tokens fails at step 1.
+_POSITIVE_INTS = (
+    "context_size", "training_tokens", "train_batch_size_tokens", "store_batch_size_prompts",
+    "n_batches_in_buffer", "dead_feature_window", "feature_sampling_window",
+    "n_batches_for_norm_estimate",
+)
+_NON_NEGATIVE_INTS = ("n_checkpoints", "lr_warm_up_steps", "lr_decay_steps", "n_eval_batches")
+_STRINGS = ("model_name", "hook_name", "dataset_path", "device", "model_class_name", "dtype")
+
+
+def _get(section: Any, name: str, default: Any = None) -> Any:
+    if isinstance(section, dict):
+        return section.get(name, default)
+    return getattr(section, name, default)
+
+
+def check_runner_fields(cfg: Any) -> None:
+    """Raise `UsageError` for the first runner field with a wrong type or range.
+
+    `cfg` is a runner config dict (before `from_dict`) or a `LanguageModelSAERunnerConfig`.
+    Absent keys keep SAELens' defaults and are not checked.
+    """
+    missing = object()
+
+    def value(name: str) -> Any:
+        return _get(cfg, name, missing)
+
+    for name in _POSITIVE_INTS:
+        v = value(name)
+        if v is not missing and not (is_int(v) and v >= 1):
+            raise field_error(name, v, "an integer >= 1")
+    for name in _NON_NEGATIVE_INTS:
+        v = value(name)
+        if v is not missing and not (is_int(v) and v >= 0):
+            raise field_error(name, v, "an integer >= 0")
+    seed = value("seed")
+    if seed is not missing and not is_int(seed):
+        raise field_error("seed", seed, "an integer")
+    for name in _STRINGS:
+        v = value(name)
+        if v is not missing and not (isinstance(v, str) and v):
+            raise field_error(name, v, "a non-empty string")
+    lr = value("lr")
+    if lr is not missing and not (is_finite_number(lr) and lr > 0):
+        raise field_error("lr", lr, "a finite number > 0, e.g. 3e-4")
+    lr_end = value("lr_end")
+    if lr_end not in (missing, None) and not (is_finite_number(lr_end) and lr_end >= 0):
+        raise field_error("lr_end", lr_end, "null (lr / 10) or a finite number >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = value(name)
+        if v is not missing and not (is_finite_number(v) and 0 <= v < 1):
+            raise field_error(name, v, "a number with 0 <= beta < 1")
+    for name, low, high in (("activations_mixing_fraction", 0, 1), ("dead_feature_threshold", 0, math.inf)):
+        v = value(name)
+        if v is not missing and not (is_finite_number(v) and low <= v <= high):
+            raise field_error(name, v, f"a number in [{low}, {high}]")
+    eval_prompts = value("eval_batch_size_prompts")
+    if eval_prompts not in (missing, None) and not (is_int(eval_prompts) and eval_prompts >= 1):
+        raise field_error("eval_batch_size_prompts", eval_prompts, "null or an integer >= 1")
+    head = value("hook_head_index")
+    if head not in (missing, None) and not (is_int(head) and head >= 0):
+        raise field_error("hook_head_index", head, "null or an integer >= 0")
+    sae = value("sae")
+    if sae is not missing:
+        for name in ("d_in", "d_sae"):
+            v = _get(sae, name, missing)
+            if v is not missing and not (is_int(v) and v >= 1):
+                raise field_error(f"sae.{name}", v, "an integer >= 1")
+    batch, ctx, buffers, tokens = (
+        value("train_batch_size_tokens"), value("context_size"), value("n_batches_in_buffer"),
+        value("training_tokens"),
+    )
+    if missing not in (batch, ctx, buffers) and buffers * ctx < batch:
+        # SAELens' shuffle buffer holds n_batches_in_buffer * context_size rows; it fails at step 1.
+        raise field_error(
+            "n_batches_in_buffer", buffers,
+            f"n_batches_in_buffer * context_size >= train_batch_size_tokens ({buffers} * {ctx} < "
+            f"{batch}); use n_batches_in_buffer >= {math.ceil(batch / ctx)}",
+        )
+    if missing not in (batch, tokens) and tokens < batch:
+        raise field_error(
+            "training_tokens", tokens, f"at least one batch (train_batch_size_tokens={batch})"
+        )

@@ -2,12 +2,17 @@
 
 SAELens' `LanguageModelSAERunnerConfig.from_dict` silently drops unknown `sae` keys; a typo in a
 field name would then train with the default. Here every key is checked against the dataclass it
-belongs to, and every problem is one `ConfigError` line.
+belongs to, every runner field's type and range before SAELens sees it
+(`validation.check_runner_fields`), and every problem is one `ConfigError` line.
+
+Numbers follow YAML 1.2: `1e-3` and `3e-4` are floats (PyYAML's YAML 1.1 resolver reads a float
+without a dot as a string, which SAELens then divides). YAML 1.1's `500_000` stays an integer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +21,26 @@ from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
 from sae_lens_allocation.loading import unknown_architecture_message
+from sae_lens_allocation.validation import UsageError, check_runner_fields, one_line
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file or override that cannot be used; the message is one line for the user."""
+
+
+class _Yaml12NumbersLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus YAML 1.2 core-schema floats: `1e-3`, `+3E4`, `5.`, `.5e1`."""
+
+
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
+_Yaml12NumbersLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with YAML 1.2 numbers (see the module docstring)."""
+    return yaml.load(text, Loader=_Yaml12NumbersLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _field_names(cls: type) -> set[str]:
@@ -31,7 +52,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -43,12 +64,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`key=value` or `sae.key=value`; the value is parsed as YAML (`k=16`, `lr=1e-3`, `x=null`)."""
+    """`key=value` or `sae.key=value`; the value is parsed as YAML with YAML 1.2 numbers
+    (`k=16`, `lr=1e-3`, `x=null`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value or sae.key=value")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = load_yaml(raw) if raw else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
         target = cfg
         parts = key.split(".")
         for part in parts[:-1]:
@@ -90,9 +116,10 @@ def runner_config_from_dict(cfg: dict[str, Any]) -> LanguageModelSAERunnerConfig
     cfg.setdefault("logger", {"log_to_wandb": False})
     check_keys(cfg)
     try:
+        check_runner_fields(cfg)
         return LanguageModelSAERunnerConfig.from_dict(cfg)
     except (ValueError, TypeError) as err:
-        raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+        raise ConfigError(one_line(str(err)) if str(err) else repr(err)) from None
 
 
 def load_runner_config(

@@ -44,6 +44,7 @@ from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.topk_sae import TopK, TopKSAE
 
 from sae_lens_allocation.training.sources import special_token_ids
+from sae_lens_allocation.validation import UsageError
 
 ASSETS_DIR = Path(__file__).parent / "dashboard_assets"
 D3_JS = ASSETS_DIR / "d3.v6.min.js"
@@ -82,7 +83,7 @@ _NP_TOKEN_REPLACEMENTS = {
 _NP_OUT_OF_RANGE_TOKEN = "<|outofrange|>"
 
 
-class DashboardError(ValueError):
+class DashboardError(UsageError):
     """A problem with the user's input (SAE folder, model, features, tokens)."""
 
 
@@ -646,10 +647,10 @@ def make_dashboard(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DashboardError(f"{name}={value!r} is not allowed; use an int >= 1")
     sae_name = Path(sae_dir).name if isinstance(sae_dir, (str, Path)) else type(sae_dir).__name__
-    report(f"loading SAE {sae_dir}")
+    # Reported once loaded: a folder that cannot be used gives its one error line and nothing else.
     sae = load_dashboard_sae(sae_dir, device=device)
     report(
-        f"SAE: {_architecture(sae)} (trained as {training_architecture(sae)}), d_sae {sae.cfg.d_sae}, "
+        f"SAE {sae_dir}: {_architecture(sae)} (trained as {training_architecture(sae)}), d_sae {sae.cfg.d_sae}, "
         f"hook {sae.cfg.metadata.hook_name}"
     )
     report(f"loading model {'embedded' if model is None else model if isinstance(model, str) else type(model).__name__}")
@@ -761,7 +762,20 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
 
 def run_dashboard_command(args: argparse.Namespace) -> int:
     """Run `make_dashboard` from parsed arguments; print the written paths. A user error (missing
-    folder or asset, wrong architecture, model or features) is one line on stderr, exit code 2."""
+    folder or asset, wrong architecture, model or features, or the `dashboard` extra not
+    installed) is one line on stderr, exit code 2."""
+    from importlib.util import find_spec
+
+    if find_spec("sae_dashboard") is None:
+        print("sae-lens-allocation dashboard: error: sae-dashboard is not installed; install the "
+              "dashboard extra: pip install 'sae-lens-allocation[dashboard]'", file=sys.stderr)
+        return 2
+    for flag, value in (("--n-tokens", args.n_tokens), ("--minibatch-size-tokens", args.minibatch_size_tokens),
+                        ("--minibatch-size-features", args.minibatch_size_features)):
+        if value < 1:
+            print(f"sae-lens-allocation dashboard: error: {flag} {value} is not allowed; use an "
+                  "integer >= 1", file=sys.stderr)
+            return 2
     try:
         result = make_dashboard(
             args.sae_dir,
@@ -778,8 +792,8 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
         )
-    except (DashboardError, FileNotFoundError) as err:
-        print(f"sae-lens-allocation dashboard: error: {err}", file=sys.stderr)
+    except (UsageError, FileNotFoundError) as err:
+        print(f"sae-lens-allocation dashboard: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"dashboard: {result.html.resolve()}")
     if result.neuronpedia is not None:

@@ -13,8 +13,15 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_lens_allocation.loading import load_sae
+from sae_lens_allocation.loading import (
+    TRAINER_STATE_FILENAME,
+    check_sae_weights,
+    is_training_checkpoint,
+    load_sae,
+    read_sae_cfg,
+)
 from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, load_lm, special_token_ids
+from sae_lens_allocation.validation import UsageError
 
 # Metrics copied into the summary, as (run_evals section, key, summary name).
 _SUMMARY = (
@@ -53,16 +60,61 @@ def l0_distribution(l0: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def check_eval_arguments(sae_dir: str | Path, out: str | Path | None = None) -> None:
+    """Refuse, before any model is loaded, what `evaluate_sae` cannot evaluate or write: a missing
+    or broken SAE folder, a training checkpoint (its thresholds are not calibrated: evaluate the
+    export), an output file in a folder that does not exist. Raises `UsageError`."""
+    sae_dir = Path(sae_dir)
+    cfg = read_sae_cfg(sae_dir)
+    if is_training_checkpoint(cfg) or (sae_dir / TRAINER_STATE_FILENAME).is_file():
+        raise UsageError(
+            f"{sae_dir} is a training checkpoint of the {cfg.get('architecture')} architecture; "
+            "evaluate its export instead: the runner's output_path (written at the end of "
+            "training), or the folder written by `sae.save_inference_model(folder)`"
+        )
+    check_sae_weights(sae_dir, cfg)
+    if out is not None:
+        out = Path(out)
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a folder; give a file name, e.g. {out / 'eval.json'}")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+
+
 @torch.no_grad()
 def per_token_l0(sae: Any, store: ActivationsStore, model: Any, n_batches: int) -> torch.Tensor:
-    """L0 of every non-special token of `n_batches` prompt batches, encoded as (batch, seq, d)."""
+    """L0 of every non-special token of `n_batches` prompt batches, encoded as (batch, seq, d).
+
+    Activations are shaped as SAELens' `run_evals` shapes them: a head index selects that head,
+    a head dimension (hook_q/k/v/z) is flattened into d_in, and the SAE's hook_z reshaping is off
+    while encoding."""
     hook = sae.cfg.metadata.hook_name
+    head = sae.cfg.metadata.hook_head_index
     special = special_token_ids(model)
+    reshaping = bool(getattr(sae, "hook_z_reshaping_mode", False))
+    if reshaping:
+        sae.turn_off_forward_pass_hook_z_reshaping()
+    try:
+        return _per_token_l0(sae, store, model, n_batches, hook, head, special)
+    finally:
+        if reshaping:
+            sae.turn_on_forward_pass_hook_z_reshaping()
+
+
+def _per_token_l0(
+    sae: Any, store: ActivationsStore, model: Any, n_batches: int, hook: str, head: int | None,
+    special: list[int],
+) -> torch.Tensor:
     values = []
     for _ in range(n_batches):
         tokens = store.get_batch_tokens()
         _, cache = model.run_with_cache(tokens, names_filter=hook)
-        codes = sae.encode(cache[hook].to(sae.device))
+        acts = cache[hook]
+        if head is not None:
+            acts = acts[:, :, head]
+        elif acts.ndim > 3:
+            acts = acts.flatten(2)
+        codes = sae.encode(acts.to(sae.device))
         keep = torch.ones_like(tokens, dtype=torch.bool)
         for t in special:
             keep &= tokens != t
@@ -87,6 +139,10 @@ def evaluate_sae(
     per-token L0 distribution (`l0_per_token`).
     """
     sae_dir = Path(sae_dir)
+    check_eval_arguments(sae_dir)
+    for name, value in (("n_batches", n_batches), ("batch_size_prompts", batch_size_prompts)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name}={value!r} is not allowed: an integer >= 1")
     sae = load_sae(sae_dir, device=device)
     sae.eval()
     runner = _runner_cfg(sae_dir)
@@ -101,7 +157,7 @@ def evaluate_sae(
         else:
             dataset = runner.get("dataset_path")
             if not dataset:
-                raise ValueError(f"no dataset given and none recorded in {sae_dir / RUNNER_CFG_FILENAME}")
+                raise UsageError(f"no dataset given and none recorded in {sae_dir / RUNNER_CFG_FILENAME}")
     store = ActivationsStore.from_sae(
         model, sae, dataset=dataset, context_size=context_size, streaming=isinstance(dataset, str),
         store_batch_size_prompts=batch_size_prompts, n_batches_in_buffer=2,

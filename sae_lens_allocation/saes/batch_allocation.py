@@ -32,7 +32,7 @@ from sae_lens_allocation.allocation import Allocation
 from sae_lens_allocation.loading import load_sae
 from sae_lens_allocation.training.calibration import iter_rows
 from sae_lens_allocation.training.losses import AuxLossConfig, AuxLossMixin
-from sae_lens_allocation.validation import field_error
+from sae_lens_allocation.validation import field_error, is_finite_number
 
 _SUPPORTED_NORMALIZATION = ("none", "expected_average_only_in")
 
@@ -79,7 +79,7 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise field_error(name, value, "an integer >= 1")
-        if not 0 < self.threshold_ema_rate <= 1:
+        if not (is_finite_number(self.threshold_ema_rate) and 0 < self.threshold_ema_rate <= 1):
             raise field_error("threshold_ema_rate", self.threshold_ema_rate, "0 < rate <= 1")
 
 

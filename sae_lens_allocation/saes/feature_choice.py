@@ -33,7 +33,7 @@ from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAEConfig,
 )
 from sae_lens_allocation.training.calibration import per_latent_thresholds
-from sae_lens_allocation.validation import field_error
+from sae_lens_allocation.validation import UsageError, field_error
 
 CAPACITIES = ("uniform", "zipf")
 
@@ -66,7 +66,7 @@ class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
     def check_batch_tokens(self, n_tokens: int) -> None:
         """Every latent needs m_j >= 1, so the budget must cover the latents: floor(k*N) >= d_sae."""
         if budget(n_tokens, self.k) < self.d_sae:
-            raise ValueError(
+            raise UsageError(
                 f"train_batch_size_tokens={n_tokens} is too small for feature_choice capacities: "
                 f"floor(k * N) = {budget(n_tokens, self.k)} < d_sae = {self.d_sae}; need "
                 f"train_batch_size_tokens >= {math.ceil(self.d_sae / self.k)} (or a larger k)"

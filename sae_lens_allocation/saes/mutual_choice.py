@@ -8,18 +8,20 @@ calibration activations (project definition, calibration.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from typing_extensions import override
 
-from sae_lens_allocation.allocation import Allocation
+from sae_lens_allocation.allocation import Allocation, budget
 from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
 )
 from sae_lens_allocation.training.calibration import global_threshold
+from sae_lens_allocation.validation import field_error
 
 
 @dataclass(kw_only=True)
@@ -33,6 +35,16 @@ class MutualChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "mutual_choice"
+
+    def check_batch_tokens(self, n_tokens: int) -> None:
+        """The batch budget M = floor(k * N) must be >= 1, or every code of every batch is zero."""
+        if budget(n_tokens, self.k) < 1:
+            raise field_error(
+                "train_batch_size_tokens", n_tokens,
+                f"floor(k * N) >= 1 for mutual_choice (k={self.k}: floor(k * N) = "
+                f"{budget(n_tokens, self.k)}, every code would be zero); use "
+                f"train_batch_size_tokens >= {math.ceil(1 / self.k)} or a larger k",
+            )
 
 
 class MutualChoiceTrainingSAE(BatchAllocationTrainingSAE):

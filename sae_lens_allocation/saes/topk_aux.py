@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
 from sae_lens_allocation.training.losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.validation import field_error, is_int
 
 
 @dataclass(kw_only=True)
@@ -35,6 +37,8 @@ class TopKAuxTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_aux_loss()
+        if not (is_int(self.k) and 1 <= self.k <= self.d_sae):
+            raise field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
 
 
 class TopKAuxTrainingSAE(AuxLossMixin, TopKTrainingSAE):
@@ -49,6 +53,13 @@ class TopKAuxTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         output = super().training_forward_pass(step_input)
+        if not torch.isfinite(output.loss):
+            raise FloatingPointError(
+                f"topk_aux training met a non-finite loss ({output.loss.item()}) at step "
+                f"{step_input.n_training_steps}; stopping before a broken checkpoint is written. "
+                "Lower lr, check the activations for NaN/Inf, or use "
+                "normalize_activations='expected_average_only_in'."
+            )
         output.metrics.update(self.aux_loss_metrics())
         return output
 

@@ -27,8 +27,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from sae_lens.training.activations_store import ActivationsStore
 from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+from sae_lens_allocation.training.resume import ResumableActivationsStore
+from sae_lens_allocation.validation import field_error
 
 # A gradient cache stores g next to the activations, in the column `<hook_name>.grad`.
 GRADIENT_COLUMN_SUFFIX = ".grad"
@@ -167,15 +169,15 @@ def gradient_column(hook_name: str) -> str:
     return f"{hook_name}{GRADIENT_COLUMN_SUFFIX}"
 
 
-class GradientActivationsStore(ActivationsStore):
+class GradientActivationsStore(ResumableActivationsStore):
     """SAELens `ActivationsStore` whose training batches are rows `[acts | grads]`, width 2*d_in.
 
-    Only the per-batch producers differ from the stock store: `get_raw_llm_batch` computes the
-    gradients, or, with `cached_activations_path`, reads them from a gradient cache (SAELens'
-    cache format plus a column `<hook_name>.grad`, written by `sae-lens-allocation cache`);
-    `get_batch_tokens`, `get_activations` (used by `run_evals`), shuffling, special-token
-    filtering and `save_to_checkpoint` / `load_from_checkpoint` are SAELens' own. A cache
-    without the gradient column is refused.
+    Only the per-batch producers differ from the (resumable, resume.py) stock store:
+    `get_raw_llm_batch` computes the gradients, or, with `cached_activations_path`, reads them
+    from a gradient cache (SAELens' cache format plus a column `<hook_name>.grad`, written by
+    `sae-lens-allocation cache`); `get_batch_tokens`, `get_activations` (used by `run_evals`),
+    shuffling, special-token filtering and `save_to_checkpoint` / `load_from_checkpoint` are
+    SAELens' own. A cache without the gradient column is refused.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -227,6 +229,12 @@ class GradientActivationsStore(ActivationsStore):
         t = t[:, slice(*self.seqpos_slice)]
         if self.hook_head_index is not None:
             t = t[:, :, self.hook_head_index]
+        width = t[0, 0].numel() if t.shape[0] and t.shape[1] else self.d_in
+        if width != self.d_in:
+            # reshape(-1, d_in) would split or merge tokens silently.
+            raise field_error(
+                "sae.d_in", self.d_in, f"the width of hook {self.hook_name!r}, which is {width}"
+            )
         return t.reshape(-1, self.d_in).to(device=self.device, dtype=torch.float32)
 
     def get_raw_llm_batch(

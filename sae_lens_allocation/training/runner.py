@@ -1,14 +1,15 @@
 """Training with SAELens' own `LanguageModelSAETrainingRunner`.
 
-`train(cfg)` is `build_runner(cfg).run()`. `build_runner` resolves `model_name: embedded` /
-`dataset_path: embedded` to the shipped model and corpus, builds the stock runner, attaches the
-runner's activation store as the calibration source of Mutual/Feature Choice SAEs and, when the
-SAE architecture needs activation gradients (its config class sets
-`needs_activation_gradients = True`, e.g. `gradient_topk`), swaps in a `GradientActivationsStore`
-as both the training data and the evaluator's store (reading the gradients from a gradient cache
-when `use_cached_activations`, gradient_cache.py); SAELens has no store override, and replacing
-`runner.activations_store` after construction is what its runner supports. Several SAEs from one
-LM pass: multi_runner.py.
+`train(cfg)` is `build_runner(cfg).run()`. `build_runner` checks the config before anything
+heavy runs (field types and ranges, batch budgets, the resume checkpoint, then the hook: it must
+exist in the model and its width must equal `sae.d_in`), resolves `model_name: embedded` /
+`dataset_path: embedded` to the shipped model and corpus, builds the runner (SAELens' runner with
+clean stops and exact resume, resume.py), attaches the runner's activation store as the
+calibration source of Mutual/Feature Choice SAEs and, when the SAE architecture needs activation
+gradients (its config class sets `needs_activation_gradients = True`, e.g. `gradient_topk`),
+uses a `GradientActivationsStore` as both the training data and the evaluator's store (reading
+the gradients from a gradient cache when `use_cached_activations`, gradient_cache.py). Several
+SAEs from one LM pass: multi_runner.py.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typing import Any
 
 import torch
 
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_allocation.training.gradients import GradientActivationsStore
-from sae_lens_allocation.training.sources import runner_sources
+from sae_lens_allocation.training.resume import ResumableActivationsStore, ResumableTrainingRunner
+from sae_lens_allocation.training.sources import check_embedded_sources, runner_dataset, runner_model
+from sae_lens_allocation.validation import UsageError, check_runner_fields, field_error
 
 
 def needs_activation_gradients(cfg: LanguageModelSAERunnerConfig[Any]) -> bool:
@@ -36,26 +39,29 @@ def build_runner(
     override_model: HookedRootModule | None = None,
     override_dataset: HfDataset | None = None,
 ) -> LanguageModelSAETrainingRunner:
-    """The stock SAELens runner for `cfg` (a runner config, or a dict for
-    `LanguageModelSAERunnerConfig.from_dict`), with the gradient store where needed."""
+    """The runner for `cfg` (a runner config, or a dict for
+    `LanguageModelSAERunnerConfig.from_dict`), with the gradient store where needed. Every check
+    that can fail on the user's input runs before the runner is built (`UsageError`)."""
     if isinstance(cfg, Mapping):
+        check_runner_fields(dict(cfg))
         cfg = LanguageModelSAERunnerConfig.from_dict(dict(cfg))
+    check_runner_fields(cfg)
     if hasattr(cfg.sae, "check_batch_tokens"):
         cfg.sae.check_batch_tokens(cfg.train_batch_size_tokens)
+    if cfg.resume_from_checkpoint is not None:
+        check_resume_checkpoint(cfg)
     gradients = needs_activation_gradients(cfg)
     # SAELens does not seed the SAE's initialisation; seeding here makes a config reproducible.
     torch.manual_seed(cfg.seed)
-    override_model, override_dataset = runner_sources(cfg, override_model, override_dataset)
-    runner = LanguageModelSAETrainingRunner(
-        cfg, override_dataset=override_dataset, override_model=override_model
+    check_embedded_sources(cfg, override_model, override_dataset)
+    override_model = runner_model(cfg, override_model)
+    if not cfg.use_cached_activations:
+        check_hook(override_model, cfg)
+    override_dataset = runner_dataset(cfg, override_model, override_dataset)
+    runner = ResumableTrainingRunner(
+        cfg, override_dataset=override_dataset, override_model=override_model,
+        store_class=GradientActivationsStore if gradients else ResumableActivationsStore,
     )
-    if gradients:
-        # Reuse the dataset the stock store already opened rather than loading it again.
-        store = GradientActivationsStore.from_config(
-            runner.model, cfg, override_dataset=runner.activations_store.dataset
-        )
-        runner.activations_store = store
-        runner.evaluator.activations_store = store
     if hasattr(runner.sae, "set_calibration_source"):
         # The final save calibrates the export on fresh batches from the same stream, which the
         # SAE never trained on (docs/architectures.md).
@@ -64,6 +70,68 @@ def build_runner(
     # the same seed gives every architecture the same stream, as in the multi runner.
     torch.manual_seed(cfg.seed)
     return runner
+
+
+def check_hook(model: HookedRootModule, cfg: LanguageModelSAERunnerConfig[Any]) -> None:
+    """`hook_name` is a hook point of `model`, `hook_head_index` one of its heads, and the width
+    the activation store will read there (one head, or all heads flattened, as SAELens'
+    `ActivationsStore.get_activations` does) equals `sae.d_in`. One forward on two tokens."""
+    import difflib
+
+    from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+    hooks = list(getattr(model, "hook_dict", {}))
+    if cfg.hook_name not in hooks:
+        close = difflib.get_close_matches(cfg.hook_name, hooks, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {', '.join(hooks[:3])}"
+        raise field_error("hook_name", cfg.hook_name, f"a hook point of {cfg.model_name} ({hint})")
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if isinstance(n_ctx, int) and cfg.context_size > n_ctx:
+        raise field_error("context_size", cfg.context_size, f"at most the model's n_ctx ({n_ctx})")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=device)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            tokens, names_filter=[cfg.hook_name], prepend_bos=False,
+            stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(cfg.hook_name),
+            **cfg.model_kwargs,
+        )
+    acts = cache[cfg.hook_name]
+    if cfg.hook_head_index is not None:
+        if acts.ndim < 4 or cfg.hook_head_index >= acts.shape[2]:
+            heads = acts.shape[2] if acts.ndim >= 4 else 0
+            raise field_error("hook_head_index", cfg.hook_head_index,
+                              f"a head of {cfg.hook_name!r}, which has {heads} heads")
+        acts = acts[:, :, cfg.hook_head_index]
+    width = acts[0, 0].numel()
+    if width != cfg.sae.d_in:
+        raise field_error("sae.d_in", cfg.sae.d_in,
+                          f"the width of hook {cfg.hook_name!r} in {cfg.model_name}, which is {width}")
+
+
+def check_resume_checkpoint(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
+    """`resume_from_checkpoint` is a complete training checkpoint of the same SAE shape."""
+    from pathlib import Path
+
+    from sae_lens.constants import TRAINER_STATE_FILENAME
+
+    from sae_lens_allocation.loading import check_sae_weights, read_sae_cfg
+
+    path = Path(cfg.resume_from_checkpoint)  # type: ignore[arg-type]
+    if not path.is_dir():
+        raise field_error("resume_from_checkpoint", str(path), "an existing checkpoint folder")
+    saved = read_sae_cfg(path)
+    if not (path / TRAINER_STATE_FILENAME).is_file():
+        raise field_error("resume_from_checkpoint", str(path),
+                          f"a training checkpoint (it has no {TRAINER_STATE_FILENAME}); an export "
+                          "cannot be resumed")
+    check_sae_weights(path, saved)
+    for name, want in (("architecture", cfg.sae.architecture()), ("d_in", cfg.sae.d_in),
+                       ("d_sae", cfg.sae.d_sae)):
+        if saved.get(name) != want:
+            raise field_error("resume_from_checkpoint", str(path),
+                              f"a checkpoint of this SAE; it has {name}={saved.get(name)!r}, the "
+                              f"config says {want!r}")
 
 
 def train(

@@ -8,21 +8,34 @@ from typing import Any
 
 from sae_lens.load_model import load_model
 
+from sae_lens_allocation.validation import UsageError
+
 EMBEDDED = "embedded"
 
 
 def load_lm(
     name: str, device: str = "cpu", model_class_name: str = "HookedTransformer",
     model_from_pretrained_kwargs: dict[str, Any] | None = None,
+    hook_names: list[str] | None = None,
 ) -> Any:
     """`embedded` gives the shipped model; any other name goes to SAELens' `load_model`
-    (TransformerLens names need the model hub)."""
+    (TransformerLens names need the model hub). A name that cannot be loaded (unknown, or not
+    cached while offline) is a `UsageError`."""
     if name == EMBEDDED:
         from sae_lens_allocation.embedded import load_embedded_model
 
         return load_embedded_model(device=device)
-    return load_model(model_class_name, name, device=device,
-                      model_from_pretrained_kwargs=model_from_pretrained_kwargs)
+    try:
+        return load_model(model_class_name, name, device=device,
+                          model_from_pretrained_kwargs=model_from_pretrained_kwargs,
+                          hook_names=hook_names)
+    except (OSError, ValueError) as err:
+        # TransformerLens: ValueError for an unknown name; huggingface_hub: OSError offline.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"cannot load model {name!r} ({model_class_name}): {first[:200]}; without the model "
+            f"hub use model '{EMBEDDED}' or a model already in the local cache"
+        ) from None
 
 
 def embedded_tokens(model: Any, split: str, context_size: int, n_tokens: int | None, seed: int = 0) -> Any:
@@ -38,23 +51,44 @@ def embedded_tokens(model: Any, split: str, context_size: int, n_tokens: int | N
         return corpus_dataset(model, split=split, context_size=context_size, seed=seed)
 
 
+def runner_model(cfg: Any, override_model: Any = None) -> Any:
+    """The model for the stock runner: `override_model`, the shipped model for
+    `model_name: embedded`, else `cfg.model_name` loaded here, so a name that cannot be loaded is
+    one `UsageError`."""
+    if override_model is not None:
+        return override_model
+    return load_lm(cfg.model_name, device=cfg.llm_device or cfg.device,
+                   model_class_name=cfg.model_class_name,
+                   model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+                   hook_names=[cfg.hook_name])
+
+
+def runner_dataset(cfg: Any, model: Any, override_dataset: Any = None) -> Any:
+    """The dataset for the stock runner: `override_dataset`, the corpus' train split for
+    `dataset_path: embedded`, else None (SAELens opens `cfg.dataset_path`)."""
+    if override_dataset is not None or cfg.dataset_path != EMBEDDED:
+        return override_dataset
+    # Enough rows for training plus the shuffle buffer's refills and the in-training evals.
+    extra = (cfg.n_batches_in_buffer * cfg.store_batch_size_prompts + 64) * cfg.context_size
+    return embedded_tokens(model, "train", cfg.context_size, cfg.training_tokens + extra, cfg.seed)
+
+
+def check_embedded_sources(cfg: Any, override_model: Any = None, override_dataset: Any = None) -> None:
+    if override_model is None and override_dataset is None and cfg.dataset_path == EMBEDDED \
+            and cfg.model_name != EMBEDDED:
+        raise UsageError(
+            "dataset_path='embedded' is not allowed with this model_name: the stdlib corpus is "
+            "tokenized for the embedded model; use model_name: embedded"
+        )
+
+
 def runner_sources(cfg: Any, override_model: Any = None, override_dataset: Any = None) -> tuple[Any, Any]:
-    """(model, dataset) overrides for the stock runner: `model_name: embedded` and
-    `dataset_path: embedded` resolve to the shipped model and the corpus' train split."""
-    model = override_model
-    if model is None and cfg.model_name == EMBEDDED:
-        model = load_lm(EMBEDDED, device=cfg.llm_device or cfg.device)
-    dataset = override_dataset
-    if dataset is None and cfg.dataset_path == EMBEDDED:
-        if model is None:
-            raise ValueError(
-                "dataset_path='embedded' is not allowed with this model_name: the stdlib corpus is "
-                "tokenized for the embedded model; use model_name: embedded"
-            )
-        # Enough rows for training plus the shuffle buffer's refills and the in-training evals.
-        extra = (cfg.n_batches_in_buffer * cfg.store_batch_size_prompts + 64) * cfg.context_size
-        dataset = embedded_tokens(model, "train", cfg.context_size, cfg.training_tokens + extra, cfg.seed)
-    return model, dataset
+    """(model, dataset) overrides for the stock runner (`runner_model`, `runner_dataset`):
+    `model_name: embedded` and `dataset_path: embedded` resolve to the shipped model and the
+    corpus' train split."""
+    check_embedded_sources(cfg, override_model, override_dataset)
+    model = runner_model(cfg, override_model)
+    return model, runner_dataset(cfg, model, override_dataset)
 
 
 def special_token_ids(model: Any) -> list[int]:

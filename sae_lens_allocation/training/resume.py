@@ -1,0 +1,425 @@
+"""Clean stops and exact resume for SAELens' `LanguageModelSAETrainingRunner`.
+
+SAELens' runner (6.54) raises from its SIGINT/SIGTERM handler at whatever line is running, then
+saves only the activation store's state into a folder nobody created (`SafetensorError`). Its
+checkpoints restore the weights, the optimiser and the trainer counters, but not the RNG, the
+shuffle buffer or the store's exact position, and record `n_training_steps` one step short, so a
+resumed run differs from an uninterrupted one. Here, by subclassing (no patching):
+
+- `ResumableActivationsStore` shuffles with its own `torch.Generator` (seeded with `cfg.seed`)
+  through `MixingBuffer`, the same algorithm as SAELens' `mixing_buffer` with its state in the
+  open, and counts the token sequences it pulls from the dataset. Its checkpoint adds
+  `resume_store_state.pt`: that count, the buffer's rows and the generator's state. Loading
+  replays the count from a fresh dataset iterator (cheap: no model forward), so any
+  deterministic dataset, pretokenized or not, comes back to the same row.
+- `ResumableTrainingRunner` turns the first SIGINT/SIGTERM into a request that the store honours
+  at the next step boundary (before it hands out the next batch): a complete checkpoint is
+  written, then `TrainingInterrupted` (exit code 130 / 143 in the CLI). A second signal stops at
+  once. Checkpoints add `resume_state.pt` (the completed step count, the global torch / CUDA /
+  Python / NumPy RNG states and the state of every `torch.Generator` attribute of the SAE's
+  modules) and are written under `<checkpoint_path>/.incomplete/` and renamed into place when
+  complete; the export is written to a hidden sibling folder and moved into `output_path` with
+  cfg.json last. A folder a kill leaves behind therefore never looks like a finished SAE.
+
+Resuming from `resume_from_checkpoint` then continues exactly as the uninterrupted run would
+(same weights, buffers and data order on CPU). `prefetch_llm_batches` reads the store ahead in a
+thread, so a checkpoint taken with it cannot record where training stood: such a resume is as
+SAELens' (not exact).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import LanguageModelSAETrainingRunner, logger
+from sae_lens.constants import SAE_CFG_FILENAME
+from sae_lens.training.activations_store import ActivationsStore
+
+from sae_lens_allocation.loading import INCOMPLETE_DIRNAME
+
+RESUME_STATE_FILENAME = "resume_state.pt"
+STORE_STATE_FILENAME = "resume_store_state.pt"
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 (a stop the user asked for, not an error)
+    """Training stopped by SIGINT or SIGTERM. `checkpoint` is the folder to resume from, if one
+    was written; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.exit_code = _SIGNAL_EXIT.get(signal.Signals(signum), 128 + int(signum))
+
+
+class _StopAtStepBoundary(Exception):  # noqa: N818
+    """Raised by the store instead of handing out the next training batch."""
+
+
+class StopRequest:
+    """The first SIGINT/SIGTERM sets `signum`; a second one raises `TrainingInterrupted` at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.signum is not None:
+            raise TrainingInterrupted(
+                signum, f"stopped at once by a second {signal.Signals(signum).name}; no checkpoint "
+                "was written for the current step (finished checkpoints and exports are intact)"
+            )
+        self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Route SIGINT and SIGTERM here (main thread only), restoring the old handlers on exit."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+
+
+class MixingBuffer:
+    """SAELens' `mixing_buffer` as an iterator whose state can be saved.
+
+    Rows accumulate until there are `buffer_size`; the rows are then permuted (`torch.randperm`
+    with `generator`, unless mix_fraction = 0), `int(buffer_size * mix_fraction)` are kept for
+    mixing and the largest multiple of `batch_size` of the rest is served in order.
+    """
+
+    def __init__(self, buffer_size: int, batch_size: int, loader: Iterator[torch.Tensor],
+                 mix_fraction: float, generator: torch.Generator) -> None:
+        if buffer_size < batch_size:
+            raise ValueError("Buffer size must be greater than or equal to batch size")
+        if not 0 <= mix_fraction <= 1:
+            raise ValueError("mix_fraction must be in [0, 1]")
+        self.buffer_size, self.batch_size, self.mix_fraction = buffer_size, batch_size, mix_fraction
+        self.loader, self.generator = loader, generator
+        self.storage: torch.Tensor | None = None
+        self.serving: torch.Tensor | None = None
+        self.served = 0
+
+    def __iter__(self) -> MixingBuffer:
+        return self
+
+    @torch.no_grad()
+    def __next__(self) -> torch.Tensor:
+        while self.serving is None or self.served * self.batch_size >= self.serving.shape[0]:
+            self._refill()
+        batch = self.serving[self.served * self.batch_size : (self.served + 1) * self.batch_size]
+        self.served += 1
+        return batch
+
+    def _refill(self) -> None:
+        while self.storage is None or self.storage.shape[0] < self.buffer_size:
+            new = next(self.loader)
+            self.storage = new if self.storage is None else torch.cat([self.storage, new])
+        storage = self.storage
+        if self.mix_fraction > 0:
+            perm = torch.randperm(storage.shape[0], generator=self.generator)
+            storage = storage[perm.to(storage.device)]
+        keep = int(self.buffer_size * self.mix_fraction)
+        n_batches = max(1, (storage.shape[0] - keep) // self.batch_size)
+        cut = n_batches * self.batch_size
+        self.serving, self.storage, self.served = storage[:cut], storage[cut:], 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"storage": self.storage, "serving": self.serving, "served": self.served,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.storage = None if state["storage"] is None else state["storage"].to(device)
+        self.serving = None if state["serving"] is None else state["serving"].to(device)
+        self.served = int(state["served"])
+        self.generator.set_state(state["generator"])
+
+
+class ResumableActivationsStore(ActivationsStore):
+    """SAELens' `ActivationsStore` with a saved shuffle buffer, its own shuffle generator and an
+    exact dataset position (see the module docstring)."""
+
+    mixing_seed: int = 0
+    sequences_pulled: int = 0
+    stop_check: Callable[[], None] | None = None
+
+    @classmethod
+    def from_config(cls, model: Any, cfg: Any, override_dataset: Any = None) -> Any:  # type: ignore[override]
+        store = super().from_config(model, cfg, override_dataset=override_dataset)
+        store.mixing_seed = int(cfg.seed)
+        return store
+
+    def _iterate_tokenized_sequences(self) -> Any:
+        for sequence in super()._iterate_tokenized_sequences():
+            self.sequences_pulled += 1
+            yield sequence
+
+    def get_data_loader(self) -> MixingBuffer:  # type: ignore[override]
+        return MixingBuffer(
+            buffer_size=self.n_batches_in_buffer * self.training_context_size,
+            batch_size=self.train_batch_size_tokens,
+            loader=self._iterate_filtered_activations(),
+            mix_fraction=self.activations_mixing_fraction,
+            generator=torch.Generator().manual_seed(self.mixing_seed),
+        )
+
+    def __next__(self) -> torch.Tensor:
+        if self.stop_check is not None:
+            self.stop_check()
+        return super().__next__()
+
+    def save_to_checkpoint(self, checkpoint_path: str | Path) -> None:
+        super().save_to_checkpoint(checkpoint_path)
+        loader = self._dataloader
+        state = {
+            "sequences_pulled": self.sequences_pulled,
+            "current_row_idx": getattr(self, "current_row_idx", None),
+            "mixing": loader.state_dict() if isinstance(loader, MixingBuffer) else None,
+        }
+        torch.save(state, Path(checkpoint_path) / STORE_STATE_FILENAME)
+
+    def load_from_checkpoint(self, checkpoint_path: str | Path) -> None:
+        path = Path(checkpoint_path) / STORE_STATE_FILENAME
+        if not path.is_file():
+            # A checkpoint SAELens wrote: its own (approximate) fast-forward.
+            super().load_from_checkpoint(checkpoint_path)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if self.cached_activation_dataset is not None:
+            self.current_row_idx = state["current_row_idx"]
+        else:
+            self._replay_sequences(int(state["sequences_pulled"]))
+        if state["mixing"] is not None:
+            loader = self.get_data_loader()
+            loader.load_state_dict(state["mixing"], self.device)
+            self._dataloader = loader
+
+    def _replay_sequences(self, target: int) -> None:
+        """Pull `target` sequences from a fresh dataset iterator, restarting it at each epoch end
+        as `get_batch_tokens` does."""
+        self.sequences_pulled = 0
+        self.n_dataset_processed = 0
+        self.iterable_sequences = self._iterate_tokenized_sequences()
+        while self.sequences_pulled < target:
+            try:
+                next(self.iterable_sequences)
+            except StopIteration:
+                self.iterable_sequences = self._iterate_tokenized_sequences()
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`. A new `final` appears in one rename; into an
+    existing folder, cfg.json is removed first and moved last, so at no moment does `final` hold
+    a cfg.json next to weights that do not belong to it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if not final.is_dir():
+        raise FileExistsError(f"{final} exists and is not a folder")
+    (final / SAE_CFG_FILENAME).unlink(missing_ok=True)
+    names = sorted(p.name for p in tmp.iterdir() if p.name != SAE_CFG_FILENAME)
+    for name in [*names, SAE_CFG_FILENAME]:
+        if (tmp / name).exists():
+            _remove(final / name)
+            os.replace(tmp / name, final / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _generator_states(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.{name}" if prefix else name: value.get_state()
+        for prefix, sub in module.named_modules()
+        for name, value in vars(sub).items()
+        if isinstance(value, torch.Generator)
+    }
+
+
+def _set_generator_states(module: torch.nn.Module, states: dict[str, torch.Tensor]) -> None:
+    for key, state in states.items():
+        prefix, _, name = key.rpartition(".")
+        getattr(module.get_submodule(prefix), name).set_state(state)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+
+
+class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
+    """SAELens' runner with clean stops, atomic checkpoints and exports, and exact resume.
+
+    `store_class` (a `ResumableActivationsStore` subclass) replaces the stock store as training
+    data and evaluator store.
+    """
+
+    def __init__(self, cfg: Any, override_dataset: Any = None, override_model: Any = None,
+                 override_sae: Any = None,
+                 store_class: type[ResumableActivationsStore] = ResumableActivationsStore) -> None:
+        super().__init__(cfg, override_dataset=override_dataset, override_model=override_model,
+                         override_sae=override_sae)
+        # Reuse the dataset the stock store already opened rather than loading it again.
+        store = store_class.from_config(
+            self.model, cfg, override_dataset=self.activations_store.dataset
+        )
+        self.activations_store = store
+        self.evaluator.activations_store = store
+        self.stop = StopRequest()
+        self._trainer: Any = None
+
+    def run(self) -> Any:
+        """SAELens' `run()`, with SIGINT/SIGTERM turned into a stop at the next step boundary.
+        A signal that arrives after the last step lets the export finish, then stops."""
+        with self.stop.installed():
+            sae = super().run()
+        if self.stop.signum is not None:
+            name = signal.Signals(self.stop.signum).name
+            where = f"the export in {self.cfg.output_path} is complete" if self.cfg.output_path \
+                else "training had finished"
+            raise TrainingInterrupted(self.stop.signum, f"stopped by {name} after the last step; {where}")
+        return sae
+
+    def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+        self._trainer = trainer
+        if self.cfg.resume_from_checkpoint is not None:
+            self._load_resume_state(Path(self.cfg.resume_from_checkpoint), trainer)
+        if trainer.cfg.checkpoint_path is not None:
+            # Checkpoints are written here and renamed into checkpoint_path when complete.
+            trainer.cfg.checkpoint_path = str(Path(self.cfg.checkpoint_path) / INCOMPLETE_DIRNAME)
+        store = self.activations_store
+        store.stop_check = lambda: self._check_stop(trainer)
+        try:
+            return trainer.fit()
+        except _StopAtStepBoundary:
+            assert self.stop.signum is not None
+            signum = self.stop.signum
+            name = signal.Signals(signum).name
+            step = trainer.n_training_steps
+            if self.cfg.checkpoint_path is None:
+                raise TrainingInterrupted(
+                    signum, f"stopped by {name} after step {step}; no checkpoint written "
+                    "(checkpoint_path is null)"
+                ) from None
+            trainer.save_checkpoint(checkpoint_name=str(trainer.n_training_samples))
+            final = Path(self.cfg.checkpoint_path) / str(trainer.n_training_samples)
+            raise TrainingInterrupted(
+                signum, f"stopped by {name} after step {step}; checkpoint written to {final}; "
+                f"resume with --set resume_from_checkpoint={final}", checkpoint=final
+            ) from None
+        finally:
+            store.stop_check = None
+            if trainer.cfg.checkpoint_path is not None:
+                shutil.rmtree(Path(self.cfg.checkpoint_path) / INCOMPLETE_DIRNAME, ignore_errors=True)
+
+    def _check_stop(self, trainer: Any) -> None:
+        """Stop before the next training batch, unless the trainer is still estimating the
+        activation scaling (its checkpoint could not restore a half-done estimate)."""
+        if self.stop.signum is None:
+            return
+        norm = trainer.sae.cfg.normalize_activations
+        scaler = trainer.activation_scaler
+        estimating = (norm == "expected_average_only_in" and scaler.scaling_factor is None) or (
+            norm == "covariance_whitening" and scaler.whitening is None
+        )
+        if not estimating:
+            raise _StopAtStepBoundary
+
+    def save_checkpoint(self, checkpoint_path: Path | None) -> None:
+        """Called by the trainer once its own files are in `checkpoint_path` (the incomplete
+        area): add the store's and the resume state, then rename the folder into place."""
+        if checkpoint_path is None:
+            return
+        super().save_checkpoint(checkpoint_path)
+        trainer = self._trainer
+        state = {
+            # SAELens saves n_training_steps before counting the step it checkpoints after.
+            "n_training_steps": trainer.n_training_samples // trainer.cfg.train_batch_size_samples,
+            "rng": _rng_state(),
+            "sae_generators": _generator_states(trainer.sae),
+        }
+        torch.save(state, Path(checkpoint_path) / RESUME_STATE_FILENAME)
+        final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name  # type: ignore[arg-type]
+        if final.exists():
+            _remove(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(checkpoint_path, final)
+
+    def _load_resume_state(self, checkpoint: Path, trainer: Any) -> None:
+        path = checkpoint / RESUME_STATE_FILENAME
+        if not path.is_file():
+            logger.warning(
+                f"{checkpoint} has no {RESUME_STATE_FILENAME} (written by SAELens' own runner): "
+                "resuming as SAELens does, without the RNG and step state, so the run will not "
+                "match an uninterrupted one exactly"
+            )
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        trainer.n_training_steps = int(state["n_training_steps"])
+        # Thresholds already passed were checkpointed by the interrupted run.
+        trainer.checkpoint_thresholds = [
+            t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples
+        ]
+        _set_generator_states(trainer.sae, state["sae_generators"])
+        _set_rng_state(state["rng"])
+
+    def save_final_sae(self, sae: Any, output_path: str,
+                       log_feature_sparsity: torch.Tensor | None = None) -> None:
+        """SAELens' export, written to a hidden sibling folder and then published."""
+        final = Path(output_path)
+        tmp = final.parent / f".{final.name}.incomplete-{os.getpid()}"
+        _remove(tmp)
+        try:
+            super().save_final_sae(sae, str(tmp), log_feature_sparsity)
+            publish_folder(tmp, final)
+        finally:
+            _remove(tmp)
