@@ -99,8 +99,8 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
     def allocate(self, hidden_pre: torch.Tensor) -> Allocation:
         n_tokens = hidden_pre.shape[:-1].numel()
         self.capacity_tokens.fill_(n_tokens)
-        caps = self.capacities(n_tokens).to(hidden_pre.device)
-        return feature_choice(hidden_pre, caps)
+        # Host capacities: on a GPU the kernel sizes its buffers from them without a sync.
+        return feature_choice(hidden_pre, self.capacities(n_tokens))
 
     @override
     def update_running_threshold(self, allocation: Allocation) -> None:
