@@ -63,6 +63,9 @@ COMPILED_ROWS = ("topk", "mutual_choice", "feature_choice")
 
 FULL = dict(n=4096, d_in=768, d_sae=24576, k=32, repeats=7, store="gpt2", store_batches=6,
             train_tokens=1_000_000, eval_batches=8)
+# A moderate CPU shape: compiled against eager steps without a GPU (`--sizes moderate`).
+MODERATE = dict(n=1024, d_in=256, d_sae=4096, k=16, repeats=5, store="tiny", store_batches=2,
+                train_tokens=16384, eval_batches=2)
 SMALL = dict(n=256, d_in=32, d_sae=512, k=8, repeats=1, store="tiny", store_batches=1,
              train_tokens=4096, eval_batches=1)
 
@@ -251,7 +254,9 @@ def build_trainer(
     return SAETrainer(cfg=runner_cfg.to_sae_trainer_config(), sae=sae, data_provider=iter(()))
 
 
-def _step_input(arch: str, sizes: dict[str, Any], device: str, generator: torch.Generator) -> torch.Tensor:
+def _step_input(
+    arch: str, sizes: dict[str, Any], device: str, generator: torch.Generator
+) -> torch.Tensor:
     width = 2 * sizes["d_in"] if arch == "gradient_topk" else sizes["d_in"]
     return torch.randn(sizes["n"], width, generator=generator).to(device)
 
@@ -266,9 +271,12 @@ def check_steps(
 ) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     rows = []
-    settings = [(autocast, compiled) for compiled in (False, True) for autocast in (False, True)]
+    autocasts = (False, True) if args.autocast else (False,)
+    settings = [(autocast, compiled) for compiled in (False, True) for autocast in autocasts]
+    eager: dict[tuple[str, bool], float] = {}
     for autocast, compiled in settings:
-        labels = [label for label, _, _ in STEP_ROWS if not compiled or label in COMPILED_ROWS]
+        compiled_rows = args.compiled.split(",")
+        labels = [label for label, _, _ in STEP_ROWS if not compiled or label in compiled_rows]
         setting = {"autocast": autocast, "compile": compiled}
         if time.perf_counter() > deadline:
             rows.extend({**setting, "architecture": label, "skipped": "time budget"} for label in labels)
@@ -291,9 +299,12 @@ def check_steps(
         medians = _interleaved_medians(fns, device, sizes["repeats"], warmup=2 if compiled else 1)
         base = medians.get("topk")
         for label in labels:
+            if not compiled:
+                eager[label, autocast] = medians[label]
             rows.append({
                 **setting, "architecture": label, "median_ms": 1000 * medians[label],
                 "ratio_to_topk": medians[label] / base if base else None,
+                "ratio_to_eager": medians[label] / eager[label, autocast] if compiled else None,
             })
         del trainers, batches, fns
         if device.type == "cuda":
@@ -304,17 +315,18 @@ def check_steps(
 # --- 3. host syncs ------------------------------------------------------------------------------
 
 
-def structural_syncs(arch: str, extra: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
+def structural_syncs(
+    arch: str, extra: dict[str, Any], sizes: dict[str, Any], device: str = "meta"
+) -> list[str]:
     """Host synchronisations of one training step (the second; the first may initialise state),
-    counted on fake `meta` tensors: no device, no data, every size-from-data op raises."""
-    with FakeTensorMode():
-        counter = HostSyncCounter()
-        with counter:
-            trainer = build_trainer(arch, extra, "meta", sizes, autocast=False)
-            generator = torch.Generator().manual_seed(0)
-            _step(trainer, _step_input(arch, sizes, "meta", generator))
-            counter.events.clear()
-            _step(trainer, _step_input(arch, sizes, "meta", generator))
+    counted on fake device tensors: no data, every size-from-data op raises. `meta` by default:
+    on a CPU-only torch build fake `cuda` tensors cannot go through autograd."""
+    with FakeTensorMode(allow_non_fake_inputs=True), HostSyncCounter() as counter:
+        trainer = build_trainer(arch, extra, device, sizes, autocast=False)
+        generator = torch.Generator().manual_seed(0)
+        _step(trainer, _step_input(arch, sizes, device, generator))
+        counter.events.clear()
+        _step(trainer, _step_input(arch, sizes, device, generator))
     return counter.events
 
 
@@ -450,7 +462,8 @@ def markdown(report: dict[str, Any]) -> str:
     if "steps" in sections:
         lines += ["## Training step (median ms; ratio to topk in the same setting)", ""]
         lines += _table(sections["steps"], [
-            "architecture", "autocast", "compile", "median_ms", "ratio_to_topk", "skipped"]) + [""]
+            "architecture", "autocast", "compile", "median_ms", "ratio_to_topk",
+            "ratio_to_eager", "skipped"]) + [""]
     if "syncs" in sections:
         lines += ["## Host synchronisations per training step", ""]
         lines += _table(sections["syncs"], [
@@ -479,13 +492,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="reduced sizes (CPU, tests)")
+    parser.add_argument("--sizes", choices=("full", "moderate", "small"), default=None,
+                        help="size preset (default full; --small means small)")
+    parser.add_argument("--no-autocast", dest="autocast", action="store_false",
+                        help="time the steps in fp32 only")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--compile-backend", default="inductor", help="what compile_sae uses")
+    parser.add_argument("--compiled", default=",".join(COMPILED_ROWS),
+                        help="step rows also timed under torch.compile (comma-separated)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip the steps still to run past this many seconds")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    sizes = SMALL if args.small else FULL
+    args.small = args.small or args.sizes == "small"
+    sizes = {"full": FULL, "moderate": MODERATE, "small": SMALL}[
+        args.sizes or ("small" if args.small else "full")
+    ]
     device = torch.device(args.device)
     start = time.perf_counter()
     deadline = start + args.budget_s

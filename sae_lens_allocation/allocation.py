@@ -509,7 +509,8 @@ def _mutual_choice_static(
     (the r-th largest of s sampled entries). Capacity C = T (r + c sqrt(r) + c^2) / s, c =
     _MC_MARGIN: the count of entries >= b exceeds it only if Binomial(s, C/T) < r, a tail of about
     Phi(-c). The result is exact when the count is <= C and either >= m or b <= 0 (then every
-    positive entry is a candidate); otherwise `_mutual_choice_dense` runs."""
+    positive entry is a candidate); otherwise `_mutual_choice_dense` runs. C is at least
+    T / _MAX_BLOCK_DIVISOR, the CPU path's limit, so ties at the bound rarely overflow it."""
     numel = z.numel()
     if m == 0:
         return None, torch.zeros(numel, dtype=torch.bool, device=z.device), z.new_tensor(float("inf"))
@@ -520,7 +521,10 @@ def _mutual_choice_static(
         return _mutual_choice_dense(z, m)
     capacity = min(
         numel,
-        math.ceil(numel * (rank + _MC_MARGIN * math.sqrt(rank) + _MC_MARGIN**2) / _MC_SAMPLE),
+        max(
+            math.ceil(numel * (rank + _MC_MARGIN * math.sqrt(rank) + _MC_MARGIN**2) / _MC_SAMPLE),
+            numel // _MAX_BLOCK_DIVISOR,  # room for ties at the bound, as on the CPU path
+        ),
     )
     generator = torch.Generator()
     generator.manual_seed(_SEED)
