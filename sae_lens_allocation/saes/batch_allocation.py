@@ -198,8 +198,8 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         self.threshold.add_(delta)
         self.threshold_updates.add_(1)
 
-    # Eager under torch.compile: a Python position counter would be guarded on and recompile
-    # the graph at every step.
+    # Eager under torch.compile: dynamo would guard on the Python position counter and the
+    # growing buffer's shape (recompiling until it marks them dynamic); eager, no graph sees them.
     @torch.compiler.disable
     @torch.no_grad()
     def _remember_rows(self, sae_in: torch.Tensor) -> None:
