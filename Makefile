@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 D3_JS := sae_lens_allocation/analysis/dashboard_assets/d3.v6.min.js
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: test demo env bench clean
+.PHONY: test demo env bench gpu-check clean
 
 env: $(STAMP)
 
@@ -40,6 +40,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python benchmarks/allocation.py --quick
+
+# One GPU, no model hub, under 8 minutes: kernels, training steps, host syncs, gradient store,
+# embedded training (docs/performance.md). Needs a CUDA build of torch in the venv.
+gpu-check: $(STAMP)
+	$(OFFLINE) $(BIN)/python benchmarks/gpu_check.py --device cuda --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) out

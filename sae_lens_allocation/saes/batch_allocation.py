@@ -136,7 +136,7 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         relu(z) * [z > theta], which depends on no other token."""
         hidden_pre = self.hidden_pre(x)
         if self.training:
-            allocation = self.allocate(hidden_pre)
+            allocation = _allocate_eagerly(self, hidden_pre)
             self._last_allocation = allocation
             feature_acts = allocation.codes
         else:
@@ -198,6 +198,9 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         self.threshold.add_(delta)
         self.threshold_updates.add_(1)
 
+    # Eager under torch.compile: dynamo would guard on the Python position counter and the
+    # growing buffer's shape (recompiling until it marks them dynamic); eager, no graph sees them.
+    @torch.compiler.disable
     @torch.no_grad()
     def _remember_rows(self, sae_in: torch.Tensor) -> None:
         """Ring buffer of the last `calibration_tokens` training rows."""
@@ -298,6 +301,14 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         if self.calibration_rows is not None:
             self.calibration_rows /= scaling_factor
         self.calibrated.fill_(False)
+
+
+@torch.compiler.disable
+def _allocate_eagerly(sae: BatchAllocationTrainingSAE, hidden_pre: torch.Tensor) -> Allocation:
+    """`sae.allocate`, run eagerly under `compile_sae: true`: the allocation reads data-dependent
+    sizes and host values (capacities, candidate counts) that would break or specialise the
+    graph; the encoder, decoder and losses around it are still compiled."""
+    return sae.allocate(hidden_pre)
 
 
 def calibrate(

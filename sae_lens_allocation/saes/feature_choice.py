@@ -100,8 +100,8 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         # parallel: exact over the global batch (global_allocation.py).
         n_tokens = self.batch_group.total_rows(hidden_pre.shape[:-1].numel(), hidden_pre.device)
         self.capacity_tokens.fill_(n_tokens)
-        caps = self.capacities(n_tokens).to(hidden_pre.device)
-        return self.batch_group.feature_choice(hidden_pre, caps)
+        # Host capacities: on a GPU the kernel sizes its buffers from them without a sync.
+        return self.batch_group.feature_choice(hidden_pre, self.capacities(n_tokens))
 
     @override
     def update_running_threshold(self, allocation: Allocation) -> None:
