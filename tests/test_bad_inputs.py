@@ -133,8 +133,8 @@ CASES = [
     ("topk-aux-k-string", [TOPK, "--set", "sae.k=abc"], "k='abc'"),
     ("topk-aux-k-over-d-sae", [TOPK, "--set", "sae.k=5000"], "k=5000"),
     ("gradient-topk-beta", [TOPK, "--set", "sae.architecture=gradient_topk", "--set", "sae.beta=-1"], "beta=-1"),
-    ("gradient-topk-cached", [TOPK, "--set", "sae.architecture=gradient_topk",
-                              "--set", "use_cached_activations=true"], "use_cached_activations"),
+    ("gradient-topk-cache-missing", [TOPK, "--set", "sae.architecture=gradient_topk",
+                                     "--set", "use_cached_activations=true"], "Cache directory"),
     # -- hooks and models (pre-flight)
     ("hook-missing", [TRAIN, "--set", "hook_name=blocks.9.hook_resid_pre"], "blocks.9.hook_resid_pre"),
     ("mc-d-in-mismatch", [TRAIN, "--set", "sae.d_in=64"], "which is 128"),
