@@ -55,7 +55,7 @@ from sae_lens_allocation.allocation import (  # noqa: E402
 PLUGIN_ARCHITECTURES = ["mutual_choice", "feature_choice", "gradient_topk", "topk_aux"]
 # Host reads per training step (docs/performance.md): the allocation's completeness flag, the aux
 # loss's candidate count (SAELens' aux-k has the same one), the finite-loss guard.
-HOST_READS_PER_STEP = {"topk": 1, "topk_aux": 1, "gradient_topk": 2, "mutual_choice": 3,
+HOST_READS_PER_STEP = {"topk": 1, "topk_aux": 2, "gradient_topk": 2, "mutual_choice": 3,
                        "feature_choice": 3}
 # Fake `cuda` needs a CUDA build (see the module docstring); `meta` mix-checks the same way.
 FAKE_DEVICE = "cuda" if torch.cuda._is_compiled() else "meta"

@@ -355,7 +355,13 @@ def _run(
             trainer.load_trainer_state(cfg.resume_from_checkpoint)
             runner.sae.load_weights_from_checkpoint(cfg.resume_from_checkpoint)
             runner.activations_store.load_from_checkpoint(cfg.resume_from_checkpoint)
-        sae = trainer.fit()
+        if group.rank != 0:
+            # Only rank 0 writes checkpoints; the others must not manage (and clean up) its
+            # area for incomplete checkpoints (resume.py).
+            trainer.cfg.checkpoint_path = None
+        # The runner's step (resume.py): resume state, clean stops, checkpoints renamed into
+        # place when complete.
+        sae = runner.run_trainer_with_interruption_handling(trainer)
         if hasattr(sae, "set_calibration_source"):
             share_calibration_rows(sae, group)
         if group.rank == 0 and cfg.output_path is not None:

@@ -60,7 +60,16 @@ def runner_model(cfg: Any, override_model: Any = None) -> Any:
     return load_lm(cfg.model_name, device=cfg.llm_device or cfg.device,
                    model_class_name=cfg.model_class_name,
                    model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
-                   hook_names=[cfg.hook_name])
+                   hook_names=config_hook_names(cfg))
+
+
+def config_hook_names(cfg: Any) -> list[str]:
+    """The hooks a runner config reads: `hook_name` (single runner) or every SAE's hook
+    (`hook_names`, a name or a mapping, in SAELens' multi-SAE runner config)."""
+    if hasattr(cfg, "hook_name"):
+        return [cfg.hook_name]
+    names = cfg.hook_names
+    return [names] if isinstance(names, str) else list(dict.fromkeys(names.values()))
 
 
 def runner_dataset(cfg: Any, model: Any, override_dataset: Any = None) -> Any:
