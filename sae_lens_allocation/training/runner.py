@@ -19,9 +19,8 @@ import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
-from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_allocation.training.gradients import GradientActivationsStore
+from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule
 from sae_lens_allocation.training.sources import runner_sources
 
 
