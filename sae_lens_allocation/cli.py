@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sae_lens_allocation.validation import UsageError, one_line
 
@@ -106,7 +106,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sae_lens_allocation.demo import run_demo
 
-    run_demo(args.out, args.set)
+    run_demo(args.out, args.set, fetch_d3=True)
     return 0
 
 
@@ -114,6 +114,68 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     from sae_lens_allocation.analysis.dashboard import run_dashboard_command
 
     return run_dashboard_command(args)
+
+
+# ---- init and fetch-assets: what a pip install needs beside the package code ----------------
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in `sae_lens_allocation/configs/` (file names without .yaml)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    names = packaged_configs()
+    if args.name is None:
+        print("\n".join(names))
+        return 0
+    if args.name not in names:
+        raise UsageError(f"no packaged config {args.name!r}; choose one of: {', '.join(names)}")
+    target = Path(args.dir) / f"{args.name}.yaml"
+    if target.exists() and not args.force:
+        raise UsageError(f"{target} exists; pass --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text((CONFIGS_DIR / f"{args.name}.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+def _cmd_fetch_assets(args: argparse.Namespace) -> int:  # noqa: ARG001
+    from sae_lens_allocation.analysis.dashboard import D3_TARBALL_URL, fetch_d3
+
+    try:
+        path = fetch_d3()
+    except OSError as err:
+        print(f"{PROG}: error: could not fetch d3 from {D3_TARBALL_URL}: {err}", file=sys.stderr)
+        return 1
+    print(f"d3 (checksum verified): {path}")
+    return 0
+
+
+def _add_init_and_fetch_assets(sub: Any) -> None:
+    init = sub.add_parser(
+        "init",
+        help="write a packaged config into the current folder (no name: list them)",
+        description="Copy one of the configs shipped with the package (e.g. "
+        "gpt2-small-mutual-choice, embedded-mutual-choice, compare-embedded) to NAME.yaml.",
+    )
+    init.add_argument("name", nargs="?", help="config name; omit to list the names")
+    init.add_argument("--dir", default=".", help="folder to write into (default: the current folder)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=_cmd_init)
+    fetch = sub.add_parser(
+        "fetch-assets",
+        help="fetch d3 once from the npm registry into the user cache, so dashboards work offline",
+        description="Downloads d3 6.7.0 from the npm registry, verifies its checksums and keeps "
+        "dist/d3.min.js in $SAE_LENS_ALLOCATION_CACHE (default ~/.cache/sae-lens-allocation). "
+        "Dashboards inline it; without it they link d3's CDN.",
+    )
+    fetch.set_defaults(func=_cmd_fetch_assets)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_compare_arguments(cmp)
     cmp.set_defaults(func=run_compare_command)
+    _add_init_and_fetch_assets(sub)
     return parser
 
 

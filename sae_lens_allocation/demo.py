@@ -12,8 +12,11 @@ from typing import Any
 DEMO_CONFIG = Path(__file__).parent / "demo-mutual-choice.yaml"
 
 
-def run_demo(out: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train, evaluate and (with the dashboard extra) visualise; returns the paths and figures."""
+def run_demo(out: str | Path, overrides: list[str] | None = None, fetch_d3: bool = False) -> dict[str, Any]:
+    """Train, evaluate and (with the dashboard extra) visualise; returns the paths and figures.
+
+    fetch_d3: fetch d3 into the user cache first when it is not there (the `demo` command does),
+        so the dashboard page works offline; without it the page links d3's CDN."""
     from sae_lens_allocation.analysis.evaluation import evaluate_sae, format_table
     from sae_lens_allocation.training.runner import train
     from sae_lens_allocation.yaml_config import load_runner_config
@@ -41,17 +44,24 @@ def run_demo(out: str | Path, overrides: list[str] | None = None) -> dict[str, A
     print(format_table(result), flush=True)
 
     if find_spec("sae_dashboard") is not None:
-        from sae_lens_allocation.analysis.dashboard import make_dashboard
+        from sae_lens_allocation.analysis import dashboard
 
+        if fetch_d3 and dashboard.cached_d3() is None:
+            try:
+                path = dashboard.fetch_d3()
+                print(f"[demo] fetched d3 {dashboard.D3_VERSION} from the npm registry (once) into {path}", flush=True)
+            except OSError as err:  # urllib's errors (no network, HTTP) and a checksum mismatch
+                print(f"[demo] could not fetch d3 ({err})", flush=True)
         print("[demo] writing the feature dashboard", flush=True)
         start = time.perf_counter()
-        dash = make_dashboard(sae_dir, out=out / "dashboard")
+        dash = dashboard.make_dashboard(sae_dir, out=out / "dashboard")
         report["dashboard"] = {"html": str(dash.html), "neuronpedia": str(dash.neuronpedia)}
+        report["dashboard_d3_inlined"] = dash.d3_inlined
         report["dashboard_seconds"] = time.perf_counter() - start
     else:
         report["dashboard"] = None
-        print("[demo] sae-dashboard is not installed (pip install 'sae-lens-allocation[dashboard]'): "
-              "no dashboard written", flush=True)
+        print("[demo] no dashboard: sae-dashboard is not installed "
+              "(pip install 'sae-lens-allocation[dashboard]')", flush=True)
     (out / "demo.json").write_text(json.dumps(report, indent=2))
     print(f"[demo] exported SAE (loads with plain SAELens): {sae_dir}")
     print(f"[demo] evaluation: {eval_path}")

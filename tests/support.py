@@ -63,7 +63,9 @@ def tiny_tokenizer() -> Any:
 
 def tiny_model(seed: int = 0, n_layers: int = 2) -> Any:
     """A random-weight 2-layer HookedTransformer (d_model 32) built from a config."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
+
+    from sae_lens_allocation.embedded.model import new_hooked_transformer
 
     tok = tiny_tokenizer()
     cfg = HookedTransformerConfig(
@@ -79,14 +81,16 @@ def tiny_model(seed: int = 0, n_layers: int = 2) -> Any:
         seed=seed,
         device="cpu",
     )
-    model = HookedTransformer(cfg, tokenizer=tok)
+    model = new_hooked_transformer(cfg, tok)
     model.eval()
     return model
 
 
 def tiny_dataset(n_rows: int = 256, context_size: int = CONTEXT_SIZE, seed: int = 0) -> Dataset:
-    """Pretokenized rows (`tokens` column) cut from the local corpus, shuffled with `seed`."""
-    ids = tiny_tokenizer()(_corpus_text())["input_ids"]
+    """Pretokenized rows (`tokens` column) cut from the local corpus, shuffled with `seed`. No
+    special tokens: transformers 5 honours `add_bos_token` here and 4.x does not, and the rows must
+    not depend on the transformers version."""
+    ids = tiny_tokenizer()(_corpus_text(), add_special_tokens=False)["input_ids"]
     n_chunks = len(ids) // context_size
     chunks = [ids[i * context_size : (i + 1) * context_size] for i in range(n_chunks)]
     g = torch.Generator().manual_seed(seed)

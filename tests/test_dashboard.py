@@ -17,6 +17,13 @@ from typing import Any
 
 import pytest
 import torch
+
+pytest.importorskip(
+    "sae_dashboard",
+    reason="sae-dashboard is not installed: dashboards need the `dashboard` extra "
+    "(pip install 'sae-lens-allocation[dashboard]')",
+)
+
 from sae_dashboard.data_writing_fns import save_feature_centric_vis
 from sae_dashboard.utils_fns import get_decode_html_safe_fn
 from sae_lens import SAE, TrainingSAE
@@ -166,10 +173,10 @@ def test_tokens_from_text_and_from_pretokenized_rows_of_other_lengths():
 
 def test_offline_html_inlines_d3_and_plotly_and_refuses_unknown_remote_scripts():
     page = f"<div>x</div>\n{dashboard.D3_CDN_TAG}\n{dashboard.PLOTLY_CDN_TAG}\n<script>go()</script>"
-    out = make_offline_html(page, title="t <1>")
+    out = make_offline_html(page, title="t <1>", d3_js="// https://d3js.org v6.7.0 </script>")
     assert "https://" not in out.split("<body>")[1].split("<script>")[0]
     assert dashboard.D3_CDN_TAG not in out and dashboard.PLOTLY_CDN_TAG not in out
-    assert "d3js.org v6." in out and "plotly.js v" in out
+    assert "d3js.org v6.7.0 <\\/script>" in out and "plotly.js v" in out
     assert out.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in out
     assert "<title>t &lt;1&gt;</title>" in out
     with pytest.raises(RuntimeError, match="no longer contains"):
@@ -178,10 +185,25 @@ def test_offline_html_inlines_d3_and_plotly_and_refuses_unknown_remote_scripts()
         make_offline_html(page + '<script src="https://example.com/x.js"></script>', title="t")
 
 
-def test_missing_d3_asset_names_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setattr(dashboard, "D3_JS", tmp_path / "d3.v6.min.js")
-    with pytest.raises(FileNotFoundError, match="npm pack d3@6"):
-        dashboard.d3_source()
+def test_without_d3_the_page_keeps_only_the_d3_cdn_link():
+    page = f"<div>x</div>\n{dashboard.D3_CDN_TAG}\n{dashboard.PLOTLY_CDN_TAG}\n<script>go()</script>"
+    out = make_offline_html(page, title="t", d3_js=None)
+    assert dashboard.D3_CDN_TAG in out and dashboard.PLOTLY_CDN_TAG not in out and "plotly.js v" in out
+    with pytest.raises(RuntimeError, match="another remote resource"):
+        make_offline_html(page + '<link href="//example.com/x.css">', title="t", d3_js=None)
+
+
+def test_without_cached_d3_the_dashboard_links_the_cdn_and_says_so(monkeypatch, tmp_path, sae_dirs, capsys):
+    monkeypatch.setenv(dashboard.CACHE_ENV, str(tmp_path / "empty-cache"))
+    result = make_dashboard(
+        sae_dirs["jumprelu"], model=support.tiny_model(), dataset=support.tiny_dataset(n_rows=16, seed=1),
+        n_tokens=16 * support.CONTEXT_SIZE, features=[0, 1, 2, 3], out=tmp_path / "dash",
+        neuronpedia=False, progress=False,
+    )
+    page = result.html.read_text(encoding="utf-8")
+    assert not result.d3_inlined and dashboard.D3_CDN_TAG in page and "plotly.js v" in page
+    notes = [line for line in capsys.readouterr().err.splitlines() if "d3" in line]
+    assert len(notes) == 1 and "fetch-assets" in notes[0], notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +214,12 @@ def test_missing_d3_asset_names_the_fix(monkeypatch, tmp_path):
 def test_dashboard_is_self_contained_and_neuronpedia_json_records_the_architecture(kind, dashboards):
     result = dashboards[kind]
     page = result.html.read_text(encoding="utf-8")
-    assert not re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=", page), "page loads an external resource"
-    assert "d3js.org v6." in page and "plotly.js v" in page
+    assert "plotly.js v" in page
+    if result.d3_inlined:
+        assert not re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=", page), "page loads an external resource"
+        assert "d3js.org v6.7.0" in page
+    else:  # no cached d3: the d3 CDN link is the page's only remote resource
+        assert re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=[^>]*>", page) == [dashboard.D3_CDN_TAG[:-9]]
     assert len(result.features) == 8 + 8 + 4  # the default selection, not range(d_sae)
     batch = json.loads(result.neuronpedia.read_text())
     assert [f["feature_index"] for f in batch["features"]] == result.features
@@ -473,6 +499,11 @@ def browser(tmp_path):
         pytest.skip(
             f"headless Chromium not found at {CHROMIUM}: `make env` installs Debian's chromium package "
             "when it runs as root; it could not be installed here"
+        )
+    if dashboard.cached_d3() is None:
+        pytest.skip(
+            f"d3 is not in the cache ({dashboard.d3_cache_path()}): `sae-lens-allocation fetch-assets` "
+            "fetches it once (`make env` does)"
         )
     chromium = Chromium(tmp_path)
     yield chromium

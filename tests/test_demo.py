@@ -1,13 +1,17 @@
-"""The main job end to end on a reduced token budget: export, evaluation JSON, dashboard."""
+"""The main job end to end on a reduced token budget: export, evaluation JSON, and a dashboard
+with the `dashboard` extra (without it, one line saying why there is none)."""
 
 import json
 import subprocess
 import sys
+from importlib.util import find_spec
 
 from sae_lens_allocation.demo import run_demo
 
+HAS_DASHBOARD = find_spec("sae_dashboard") is not None
 
-def test_demo_writes_a_plain_saelens_export_an_eval_and_a_dashboard(tmp_path):
+
+def test_demo_writes_a_plain_saelens_export_an_eval_and_a_dashboard(tmp_path, capsys):
     report = run_demo(tmp_path, ["training_tokens=8192", "sae.calibration_tokens=2048"])
     code = (
         "import sys; from sae_lens import SAE; "
@@ -19,5 +23,13 @@ def test_demo_writes_a_plain_saelens_export_an_eval_and_a_dashboard(tmp_path):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert 0.0 < result["summary"]["ce_loss_recovered"] <= 1.0
     assert result["l0_per_token"]["tokens"] > 0
-    assert report["dashboard"] is not None
-    assert "<script>" in open(report["dashboard"]["html"]).read()
+    printed = capsys.readouterr().out
+    if HAS_DASHBOARD:
+        assert report["dashboard"] is not None
+        assert "<script>" in open(report["dashboard"]["html"]).read()
+    else:
+        assert report["dashboard"] is None
+        assert [line for line in printed.splitlines() if "dashboard" in line] == [
+            "[demo] no dashboard: sae-dashboard is not installed "
+            "(pip install 'sae-lens-allocation[dashboard]')"
+        ]

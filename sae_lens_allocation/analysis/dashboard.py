@@ -5,8 +5,10 @@ sae-dashboard's `SaeVisRunner`, and writes
 
 - `feature_dashboard.html`: sae-dashboard's feature-centric view, made self-contained: the d3 v6
   and plotly `<script src=...>` tags that point at web CDNs are replaced by inline copies (plotly
-  from the plotly Python package, d3 v6 from the npm registry, fetched at set-up into
-  `dashboard_assets/`), so the page renders with no network;
+  from the plotly Python package; d3 v6.7.0 from the npm registry, fetched once into the user
+  cache by `sae-lens-allocation fetch-assets` or the first `demo`, checksum-verified), so the page
+  renders with no network. Without a cached d3 the page keeps sae-dashboard's d3 CDN link (it then
+  needs the network to display) and one line on stderr says so;
 - `neuronpedia/batch-0.json`: sae-dashboard's `NeuronpediaConverter` output, plus a `metadata`
   object recording the SAE's inference and training architecture (e.g. `jumprelu` trained as
   `mutual_choice`).
@@ -28,8 +30,12 @@ How the sae-dashboard 0.8.0 limitations are handled (without patching it):
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import html
+import io
 import json
+import os
 import re
 import sys
 import tempfile
@@ -46,14 +52,16 @@ from sae_lens.saes.topk_sae import TopK, TopKSAE
 from sae_lens_allocation.training.sources import special_token_ids
 from sae_lens_allocation.validation import UsageError
 
-ASSETS_DIR = Path(__file__).parent / "dashboard_assets"
-D3_JS = ASSETS_DIR / "d3.v6.min.js"
 D3_CDN_TAG = '<script src="https://d3js.org/d3.v6.min.js"></script>'
 PLOTLY_CDN_TAG = '<script src="https://cdn.plot.ly/plotly-latest.min.js"></script>'
-D3_INSTALL_HINT = (
-    "run `make env` (it fetches d3 with npm), or: npm pack d3@6 && tar -xzf d3-6.*.tgz "
-    f"package/dist/d3.min.js && mkdir -p {ASSETS_DIR} && cp package/dist/d3.min.js {D3_JS}"
-)
+# d3 as sae-dashboard's page expects it (v6), from the npm registry: the tarball npm itself would
+# install, checked against npm's published `dist.integrity`, and the SHA-256 of its dist/d3.min.js.
+D3_VERSION = "6.7.0"
+D3_TARBALL_URL = f"https://registry.npmjs.org/d3/-/d3-{D3_VERSION}.tgz"
+D3_TARBALL_SHA512 = "hNHRhe+yCDLUG6Q2LwvR/WdNFPOJQ5VWqsJcwIYVeI401+d2/rrCjxSXkiAdIlpx7/73eApFB4Olsmh3YN7a6g=="
+D3_JS_MEMBER = "package/dist/d3.min.js"
+D3_JS_SHA256 = "fbb8da602a76f4ed49bac3561da62d8149fa121b8fd15685bacc21355d3a3322"
+CACHE_ENV = "SAE_LENS_ALLOCATION_CACHE"
 
 HTML_NAME = "feature_dashboard.html"
 NEURONPEDIA_NAME = "neuronpedia/batch-0.json"
@@ -97,6 +105,7 @@ class DashboardResult:
     skipped: requested features with no example to show (they never fire on the tokens at a
         position sae-dashboard can centre an example on).
     n_prompts, context_size: the token rows the dashboard was computed on.
+    d3_inlined: whether d3 is inline (else the page links sae-dashboard's d3 CDN).
     """
 
     html: Path
@@ -105,6 +114,7 @@ class DashboardResult:
     skipped: list[int]
     n_prompts: int
     context_size: int
+    d3_inlined: bool
 
 
 class _Progress:
@@ -494,27 +504,81 @@ def _inline_script(js: str) -> str:
     return "<script>\n" + re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE) + "\n</script>"
 
 
-def d3_source() -> str:
-    """d3 v6 as fetched from the npm registry at set-up (`dashboard_assets/d3.v6.min.js`)."""
-    if not D3_JS.is_file():
-        raise FileNotFoundError(f"d3 v6 is missing ({D3_JS}), so dashboards cannot work offline: {D3_INSTALL_HINT}")
-    js = D3_JS.read_text(encoding="utf-8")
-    if "d3js.org v6." not in js[:200]:
-        raise FileNotFoundError(f"{D3_JS} is not d3 v6 (its header is {js[:60]!r}): {D3_INSTALL_HINT}")
-    return js
+def asset_cache_dir() -> Path:
+    """Where fetched assets live: `$SAE_LENS_ALLOCATION_CACHE`, else
+    `$XDG_CACHE_HOME/sae-lens-allocation`, else `~/.cache/sae-lens-allocation`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sae-lens-allocation"
 
 
-def make_offline_html(page: str, title: str, header_html: str = "") -> str:
-    """sae-dashboard's page made self-contained: its d3 v6 and plotly CDN `<script src>` tags are
-    replaced by inline copies of the same libraries, and it is wrapped in a full HTML document
-    with a UTF-8 charset (the tokens shown are not ASCII) and `header_html` above the panels."""
+def d3_cache_path() -> Path:
+    return asset_cache_dir() / f"d3-{D3_VERSION}.min.js"
+
+
+def cached_d3() -> str | None:
+    """The cached d3 v6 source when its SHA-256 is the pinned one, else None (absent or altered)."""
+    path = d3_cache_path()
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != D3_JS_SHA256:
+        return None
+    return data.decode("utf-8")
+
+
+def fetch_d3(timeout: float = 30.0) -> Path:
+    """Download d3 from the npm registry once into the cache and return its path.
+
+    The tarball must match npm's SHA-512 integrity and its `dist/d3.min.js` the pinned SHA-256;
+    anything else raises `OSError` and leaves the cache as it was. A valid cached copy is kept."""
+    import tarfile
+    import urllib.request
+
+    path = d3_cache_path()
+    if cached_d3() is not None:
+        return path
+    with urllib.request.urlopen(D3_TARBALL_URL, timeout=timeout) as response:
+        tarball = response.read()
+    digest = base64.b64encode(hashlib.sha512(tarball).digest()).decode()
+    if digest != D3_TARBALL_SHA512:
+        raise OSError(f"{D3_TARBALL_URL} does not match npm's integrity sha512-{D3_TARBALL_SHA512}")
+    with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
+        member = archive.extractfile(D3_JS_MEMBER)
+        if member is None:
+            raise OSError(f"{D3_TARBALL_URL} has no regular file {D3_JS_MEMBER}")
+        js = member.read()
+    if hashlib.sha256(js).hexdigest() != D3_JS_SHA256:
+        raise OSError(f"{D3_JS_MEMBER} in {D3_TARBALL_URL} does not have SHA-256 {D3_JS_SHA256}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(js)
+    partial.replace(path)
+    return path
+
+
+D3_CDN_NOTE = (
+    "d3 is not in the cache ({path}), so the page loads d3 from its CDN and needs the network to "
+    "display; `sae-lens-allocation fetch-assets` fetches it once for offline pages"
+)
+
+
+def make_offline_html(page: str, title: str, header_html: str = "", d3_js: str | None = None) -> str:
+    """sae-dashboard's page made self-contained: its plotly CDN `<script src>` tag is replaced by
+    an inline copy from the plotly package, and its d3 v6 tag by `d3_js` (kept as the CDN link
+    when None); it is wrapped in a full HTML document with a UTF-8 charset (the tokens shown are
+    not ASCII) and `header_html` above the panels. Any other remote resource is refused."""
     from plotly.offline import get_plotlyjs
 
-    for tag, source in ((D3_CDN_TAG, d3_source), (PLOTLY_CDN_TAG, get_plotlyjs)):
+    for tag in (D3_CDN_TAG, PLOTLY_CDN_TAG):
         if tag not in page:
             raise RuntimeError(f"sae-dashboard's HTML no longer contains {tag}; cannot make it offline")
-        page = page.replace(tag, _inline_script(source()), 1)
-    remote = re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=\s*[\"']?(https?:)?//", page, flags=re.IGNORECASE)
+    page = page.replace(PLOTLY_CDN_TAG, _inline_script(get_plotlyjs()), 1)
+    if d3_js is not None:
+        page = page.replace(D3_CDN_TAG, _inline_script(d3_js), 1)
+    others = page.replace(D3_CDN_TAG, "")
+    remote = re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=\s*[\"']?(https?:)?//", others, flags=re.IGNORECASE)
     if remote:
         raise RuntimeError(f"sae-dashboard's HTML loads another remote resource: {remote.group(0)!r}")
     return (
@@ -698,7 +762,11 @@ def make_dashboard(
     save_feature_centric_vis(vis_data, html_path)
     title = f"Feature dashboard: {sae_name} ({training_architecture(sae)})"
     header = _header_html(sae, sae_name, tokens.shape[0], ctx, source)
-    html_path.write_text(make_offline_html(html_path.read_text(encoding="utf-8"), title, header), encoding="utf-8")
+    d3_js = cached_d3()
+    if d3_js is None:
+        print(f"[dashboard] {D3_CDN_NOTE.format(path=d3_cache_path())}", file=sys.stderr, flush=True)
+    page = make_offline_html(html_path.read_text(encoding="utf-8"), title, header, d3_js=d3_js)
+    html_path.write_text(page, encoding="utf-8")
 
     np_path = None
     if neuronpedia:
@@ -716,7 +784,7 @@ def make_dashboard(
         )
         np_path.parent.mkdir(parents=True, exist_ok=True)
         np_path.write_text(json.dumps(batch), encoding="utf-8")
-    return DashboardResult(html_path, np_path, chosen, skipped, tokens.shape[0], ctx)
+    return DashboardResult(html_path, np_path, chosen, skipped, tokens.shape[0], ctx, d3_js is not None)
 
 
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

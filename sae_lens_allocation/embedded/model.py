@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,25 @@ def embedded_model_record() -> dict[str, Any]:
     return json.loads((ASSETS_DIR / MODEL_RECORD_FILE).read_text())
 
 
+def new_hooked_transformer(cfg: Any, tokenizer: Any) -> Any:
+    """`HookedTransformer(cfg, tokenizer=tokenizer)`. TransformerLens 3 deprecates the class in
+    favour of TransformerBridge, but SAELens' runner and evals and sae-dashboard take a
+    HookedTransformer (TransformerLens 2 has no bridge), so it stays one: this warning alone is
+    silenced."""
+    from transformer_lens import HookedTransformer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+        return HookedTransformer(cfg, tokenizer=tokenizer)
+
+
 def load_embedded_model(device: str = "cpu") -> Any:
     """The embedded HookedTransformer in eval mode, with its tokenizer, on `device`."""
     from safetensors.torch import load_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     cfg = HookedTransformerConfig(**embedded_model_record()["config"], device=device, init_weights=False)
-    model = HookedTransformer(cfg, tokenizer=load_embedded_tokenizer())
+    model = new_hooked_transformer(cfg, load_embedded_tokenizer())
     weights = {k: v.float() for k, v in load_file(str(ASSETS_DIR / MODEL_WEIGHTS_FILE)).items()}
     result = model.load_state_dict(weights, strict=False)
     parameters = {name for name, _ in model.named_parameters()}

@@ -36,6 +36,7 @@ from sae_lens_allocation.embedded.model import (
     WEIGHTS_DTYPE,
     load_tokenizer_from,
     mean_token_loss,
+    new_hooked_transformer,
     tokens_sha256,
 )
 
@@ -112,7 +113,7 @@ def sample_rows(stream: torch.Tensor, batch: int, n_ctx: int, bos: int, gen: tor
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -126,7 +127,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     print(f"tokenizer: {len(tokenizer)} tokens; train stream {len(stream)} tokens "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    model = HookedTransformer(HookedTransformerConfig(**cfg_fields, device="cpu"), tokenizer=tokenizer)
+    model = new_hooked_transformer(HookedTransformerConfig(**cfg_fields, device="cpu"), tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
     recent: list[float] = []

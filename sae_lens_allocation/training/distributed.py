@@ -35,10 +35,10 @@ from sae_lens.config import HfDataset, SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointFn
 from sae_lens.training.types import DataProvider
-from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_allocation.global_allocation import BatchGroup, DataParallelError
 from sae_lens_allocation.training.calibration import iter_rows
+from sae_lens_allocation.training.gradients import HookedRootModule
 from sae_lens_allocation.training.runner import build_runner
 from sae_lens_allocation.training.sources import runner_sources
 from sae_lens_allocation.validation import field_error

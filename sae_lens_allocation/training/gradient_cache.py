@@ -30,9 +30,8 @@ from datasets import Array2D, Dataset, Features, Sequence, Value
 from sae_lens.config import CacheActivationsRunnerConfig, HfDataset
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.cache_activations_runner import CacheActivationsRunner
-from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_allocation.training.gradients import GradientActivationsStore, gradient_column
+from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule, gradient_column
 from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, load_lm
 from sae_lens_allocation.validation import field_error
 

@@ -27,7 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens.hook_points import HookPoint
+
+try:  # TransformerLens 3 moved it; importing it from hook_points is deprecated there.
+    from transformer_lens import HookedRootModule
+except ImportError:  # TransformerLens 2
+    from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_allocation.training.resume import ResumableActivationsStore
 from sae_lens_allocation.validation import field_error

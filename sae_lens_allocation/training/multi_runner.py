@@ -44,9 +44,8 @@ from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.mixing_buffer import multi_hook_concat_split_iter
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
-from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_allocation.training.gradients import multi_hook_activation_gradients
+from sae_lens_allocation.training.gradients import HookedRootModule, multi_hook_activation_gradients
 from sae_lens_allocation.training.sources import runner_sources
 
 # Fields of MultiSAETrainingRunnerConfig that are derived or not serialisable, never given.

@@ -22,12 +22,11 @@ import torch
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
-from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_allocation.training.gradients import GradientActivationsStore
+from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule
 from sae_lens_allocation.training.resume import ResumableActivationsStore, ResumableTrainingRunner
 from sae_lens_allocation.training.sources import check_embedded_sources, runner_dataset, runner_model
-from sae_lens_allocation.validation import UsageError, check_runner_fields, field_error
+from sae_lens_allocation.validation import check_runner_fields, field_error
 
 
 def needs_activation_gradients(cfg: LanguageModelSAERunnerConfig[Any]) -> bool:
@@ -38,7 +37,7 @@ def build_runner(
     cfg: LanguageModelSAERunnerConfig[Any] | Mapping[str, Any],
     override_model: HookedRootModule | None = None,
     override_dataset: HfDataset | None = None,
-) -> LanguageModelSAETrainingRunner:
+) -> ResumableTrainingRunner:
     """The runner for `cfg` (a runner config, or a dict for
     `LanguageModelSAERunnerConfig.from_dict`), with the gradient store where needed. Every check
     that can fail on the user's input runs before the runner is built (`UsageError`)."""
