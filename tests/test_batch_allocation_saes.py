@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sae_lens import LanguageModelSAETrainingRunner, SAE, TrainingSAE
-from sae_lens.training.activations_store import ActivationsStore
 
 import sae_lens_allocation
 from sae_lens_allocation import FeatureChoiceTrainingSAEConfig, MutualChoiceTrainingSAEConfig

@@ -192,3 +192,14 @@ def test_collect_rows_documents_follow_the_source_shape():
     assert rows.documents.tolist() == [0] * 10 + [1] * 10 + [2] * 5
     assert rows.info["fold_unit"] == "sequence"
     assert collect_rows(torch.randn(7, 3), 100).documents.tolist() == list(range(7))
+
+
+def test_a_single_document_gets_the_plain_quantile_and_no_out_of_fold_figure():
+    z = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    folds = torch.zeros(300, dtype=torch.long)
+    q = torch.full((4,), 0.1, dtype=torch.float64)
+    theta, stats = feature_choice_thresholds(_zb(z), q, folds, budget=10**6)
+    assert stats["quantile_level"] == 1.0 and stats["out_of_fold_l0"] is None
+    assert (z > theta).sum(0).tolist() == [30] * 4
+    _, mc = mutual_choice_threshold(_zb(z), 4, folds, 0.5, budget=10**6)
+    assert mc["out_of_fold_l0"] is None and mc["folds"] == 1

@@ -310,7 +310,11 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         else:
             rows = collect_rows(source, n_tokens or self.cfg.calibration_tokens, documents)
             rows.info = {"source": "user", "overlaps_training": None, **rows.info, **(info or {})}
-        folds = document_folds(rows.documents, self.cfg.calibration_folds, self.cfg.calibration_seed)
+        # Fewer documents than folds (a short or single-document source): as many folds as
+        # documents; with one, no cross-fit (recorded as folds 1).
+        n_docs = int(torch.unique(rows.documents).numel())
+        folds = document_folds(rows.documents, min(self.cfg.calibration_folds, n_docs),
+                               self.cfg.calibration_seed)
         order = torch.argsort(folds, stable=True)  # each fold a contiguous run of rows
         acts = rows.acts[order.to(rows.acts.device)]
         theta, stats = self.calibrated_thresholds(self._z_block(acts), folds[order])

@@ -215,7 +215,7 @@ def mutual_choice_threshold(
     theta = theta_over(kept, n)
     oof_theta = [
         theta_over(kept[:i] + kept[i + 1:], n - (b - a)) for i, (a, b) in enumerate(bounds)
-    ]
+    ] if len(bounds) > 1 else []
     fired_oof, fired_in = 0, 0
     for latents in blocks:
         z = z_block(latents)
@@ -225,7 +225,7 @@ def mutual_choice_threshold(
     return theta, {
         "target_l0": float(k),
         "in_sample_l0": fired_in / n,
-        "out_of_fold_l0": fired_oof / n,
+        "out_of_fold_l0": fired_oof / n if oof_theta else None,
         "folds": len(bounds),
     }
 
@@ -295,7 +295,8 @@ def feature_choice_thresholds(
     """Cross-fitted per-latent thresholds (module docstring): theta_j(a) on all rows, with the
     level a from LEVELS (1/4 .. 2, 1.1% apart) whose exact out-of-fold mean L0 is closest to
     sum_j q_j. `fractions` are q_j in [0, 1]; `folds` [N] the fold of each row. If no level in
-    range reaches the target (e.g. too few positive z), the nearest end is used and reported.
+    range reaches the target (e.g. too few positive z), the nearest end is used and reported;
+    with a single fold there is no cross-fit and the level is 1.
 
     Latents are processed in blocks of similar q_j; only the largest z of each latent that the
     levels can reach are sorted (all of them for the most frequent latents)."""
@@ -320,7 +321,8 @@ def feature_choice_thresholds(
         fired += result[0]
         theta_all[latents] = result[1].to(dtype).cpu()
     l0 = fired / n
-    best = int((l0 - target).abs().argmin())
+    # One fold has nothing out of it: the plain quantile (level 1, exactly on the grid).
+    best = int((l0 - target).abs().argmin()) if n_folds > 1 else int((levels - 1).abs().argmin())
     theta = theta_all[:, best]
     in_sample = 0
     for latents in _latent_blocks(torch.arange(q.numel()), n, budget):
@@ -329,7 +331,7 @@ def feature_choice_thresholds(
     return theta, {
         "target_l0": target,
         "in_sample_l0": in_sample / n,
-        "out_of_fold_l0": float(l0[best]),
+        "out_of_fold_l0": float(l0[best]) if n_folds > 1 else None,
         "quantile_level": float(levels[best]),
         "folds": n_folds,
     }

@@ -11,9 +11,10 @@ from sae_lens.load_model import load_model
 
 EMBEDDED = "embedded"
 
-# The calibration pool holds this many times the calibration tokens (its rows are then sampled),
-# so the rows come from several times more documents than a consecutive run would.
+# The calibration pool holds at least this many times the calibration tokens and this many files
+# (its rows are then sampled), so the rows come from many more documents than a consecutive run.
 CALIBRATION_POOL_FACTOR = 8
+CALIBRATION_POOL_FILES = 32
 
 
 def load_lm(
@@ -91,9 +92,10 @@ def embedded_calibration_tokens(
 
     The training rows are the first rows of the split's stream with files in the order shuffled
     by `seed`; the BOS separators inside them count the files they finished, so every later file
-    (the partly read one skipped) is unseen. Those files form a pool of about
-    CALIBRATION_POOL_FACTOR x n_tokens tokens cut into rows as the corpus cuts them ([BOS] +
-    context_size - 1 stream tokens); rows are drawn from it in a random order (seeded) until
+    (the partly read one skipped) is unseen. Those files form a pool of
+    CALIBRATION_POOL_FACTOR x n_tokens tokens and at least CALIBRATION_POOL_FILES files, cut into
+    rows as the corpus cuts them ([BOS] + context_size - 1 stream tokens); rows are drawn from it
+    in a random order (seeded) that takes one row of every document before a second one, until
     `n_tokens` positions are kept (special tokens not counted unless `keep_special`).
     Returns (tokens [R, context_size], documents [R, context_size], info); documents index files."""
     import torch
@@ -103,7 +105,7 @@ def embedded_calibration_tokens(
     tokenizer = model.tokenizer
     bos = tokenizer.bos_token_id
     special = torch.tensor(special_token_ids(model))
-    body = torch.tensor(training_rows["tokens"])[:, 1:]
+    body = torch.as_tensor(training_rows["tokens"])[:, 1:]
     finished = int((body == bos).sum())
     partial = int(body.reshape(-1)[-1]) != bos
     files = corpus_files("train")
@@ -113,7 +115,7 @@ def embedded_calibration_tokens(
     docs: list[int] = []
     used_files = 0
     for index, path in enumerate(unseen):
-        if len(stream) >= CALIBRATION_POOL_FACTOR * n_tokens:
+        if len(stream) >= CALIBRATION_POOL_FACTOR * n_tokens and used_files >= CALIBRATION_POOL_FILES:
             break
         ids = _file_tokens(tokenizer, path)
         stream += [*ids, bos]
@@ -129,7 +131,15 @@ def embedded_calibration_tokens(
     row_docs = torch.cat([row_docs[:, :1], row_docs], dim=1)
     kept = rows.shape[1] - torch.isin(rows, special).sum(1) if not keep_special else torch.full(
         (n_rows,), rows.shape[1])
+    # A random order that visits documents round-robin: every document's first drawn row, then
+    # every document's second, ... (a row belongs to the file of its first token).
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+    rank = torch.zeros(n_rows, dtype=torch.long)
+    drawn: dict[int, int] = {}
+    for i, d in enumerate(row_docs[order, 1].tolist()):
+        rank[i] = drawn.get(d, 0)
+        drawn[d] = int(rank[i]) + 1
+    order = order[torch.sort(rank, stable=True).indices]
     take = int(torch.searchsorted(torch.cumsum(kept[order], 0), n_tokens)) + 1
     chosen = order[:take].sort().values
     info = {
