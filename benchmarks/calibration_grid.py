@@ -125,6 +125,7 @@ def main() -> None:
     results, start = [], time.perf_counter()
     for hook in args.hooks:
         x = lm_activations(model, heldout, hook, len(heldout), 8)
+        x = x.reshape(x.shape[0], -1)  # attn.hook_z: heads concatenated, as the store gives them
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(args.seed))]
         for arch in args.archs:
             for k in args.ks:
