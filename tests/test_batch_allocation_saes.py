@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sae_lens import LanguageModelSAETrainingRunner, SAE, TrainingSAE
-from sae_lens.training.activations_store import ActivationsStore
 
 import sae_lens_allocation
 from sae_lens_allocation import FeatureChoiceTrainingSAEConfig, MutualChoiceTrainingSAEConfig
@@ -121,27 +120,52 @@ def _heldout_acts(n_rows=96, seed=123):
     return cache[support.HOOK_NAME].reshape(-1, support.D_MODEL)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_runner_trains_and_export_reproduces_training_allocation(arch, tmp_path):
+GRID = [("mutual_choice", {}), ("feature_choice", {"sae_capacity": "uniform"}),
+        ("feature_choice", {"sae_capacity": "zipf"})]
+
+
+@pytest.mark.parametrize("arch,extra", GRID, ids=["mc", "fc-uniform", "fc-zipf"])
+def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra, tmp_path):
+    """The acceptance bounds (algorithms.md) on a reduced grid: train() with calibration rows
+    reserved before training; on held-out rows the export's mean L0 is within 5% of k and its EV
+    within 0.01 of the training-mode SAE (batch rule at the training batch size, same rows).
+    The full grid on the embedded model is benchmarks/calibration_grid.py."""
     k = 8
-    _, sae = _train(arch, tmp_path, training_tokens=60 * 256, sae_k=k, sae_calibration_tokens=4096)
+    cfg = support.runner_cfg(arch, tmp_path, training_tokens=60 * 256, sae_k=k,
+                             sae_calibration_tokens=4096, **extra)
+    sae = sae_lens_allocation.train(cfg, override_model=support.tiny_model(),
+                                    override_dataset=support.tiny_dataset(1024))
     out = Path(tmp_path / "output")
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu"
     assert cfg["metadata"]["training_architecture"] == arch
     assert cfg["metadata"]["calibration"]["tokens"] == 4096
+    assert cfg["metadata"]["calibration"]["overlaps_training"] is False
 
     exported = SAE.load_from_disk(out)
-    x = _heldout_acts()
+    x = _heldout_acts()[:2816]  # whole training batches of 256
     with torch.no_grad():
         codes = exported.encode(x)
         ev_export = _explained_variance(x, exported.decode(codes))
         sae.train()
-        ev_train = _explained_variance(x, sae(x))
+        ev_train = _explained_variance(
+            x, torch.cat([sae(batch) for batch in x.split(256)])
+        )
     l0 = float((codes != 0).sum(-1).float().mean())
     print(f"{arch}: export L0 {l0:.3f} (k={k}), EV export {ev_export:.4f} vs training {ev_train:.4f}")
     assert abs(l0 - k) <= 0.05 * k
     assert abs(ev_export - ev_train) <= 0.01
+
+
+def test_stock_runner_export_reproduces_training_allocation(tmp_path):
+    k = 8
+    _, sae = _train("feature_choice", tmp_path, training_tokens=60 * 256, sae_k=k,
+                    sae_calibration_tokens=4096)
+    meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]["calibration"]
+    assert meta["overlaps_training"] is True  # stock runner: the training-row reservoir
+    x = _heldout_acts()
+    l0 = float((SAE.load_from_disk(tmp_path / "output").encode(x) != 0).sum(-1).float().mean())
+    assert abs(l0 - k) <= 0.05 * k
 
 
 def test_feature_choice_has_no_dead_latents_and_mc_l0_varies(tmp_path):
@@ -192,13 +216,113 @@ def test_resume_from_checkpoint_continues_training(tmp_path):
     assert (tmp_path / "b" / "output" / "cfg.json").exists()
 
 
+def _unique_rows_dataset(n_rows: int):
+    """Pretokenized rows that are all different, so row identity is content identity."""
+    from datasets import Dataset
+
+    ids = support.tiny_tokenizer()(support._corpus_text())["input_ids"]
+    ctx = support.CONTEXT_SIZE
+    rows = [ids[i * (ctx - 1):(i + 1) * (ctx - 1)] for i in range(n_rows)]
+    bos = support.tiny_tokenizer().bos_token_id
+    return Dataset.from_dict({"tokens": [[bos, *r] for r in rows]})
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_plugin_train_calibrates_on_held_out_batches(arch, tmp_path):
+def test_plugin_train_calibrates_on_rows_training_never_reads(arch, tmp_path):
+    dataset = _unique_rows_dataset(400)
     cfg = support.runner_cfg(arch, tmp_path, training_tokens=4 * 256, sae_calibration_tokens=1024)
-    sae_lens_allocation.train(cfg, override_model=support.tiny_model(),
-                              override_dataset=support.tiny_dataset(512))
-    meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]
-    assert meta["calibration"] == {"source": "held-out", "tokens": 1024}
+    runner = sae_lens_allocation.build_runner(cfg, override_model=support.tiny_model(),
+                                              override_dataset=dataset)
+    store = runner.activations_store
+    reserved_end = store.n_dataset_processed
+    runner.run()
+    meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]["calibration"]
+    assert meta["source"] == "dataset rows reserved before training"
+    assert meta["dataset_samples_read_before_training"] == reserved_end
+    # 1024 non-BOS tokens of 31 per row: 34 rows, taken in store batches of 8 prompts.
+    assert meta["sequences"] == 40
+    assert meta["tokens"] == 1024 and meta["special_tokens_excluded"] is True
+    # The trainer read rows [reserved_end, n_dataset_processed) and never wrapped onto them.
+    assert reserved_end < store.n_dataset_processed <= len(dataset)
+    assert meta["overlaps_training"] is False
+    assert meta["folds"] == 5 and meta["documents"] == 34
+    assert "out_of_fold_l0" in meta and meta["target_l0"] == pytest.approx(32.0)
+
+
+def test_plugin_train_records_overlap_when_the_store_wraps(tmp_path):
+    dataset = _unique_rows_dataset(60)
+    cfg = support.runner_cfg("mutual_choice", tmp_path, training_tokens=8 * 256,
+                             sae_calibration_tokens=512, n_batches_in_buffer=8)
+    sae_lens_allocation.train(cfg, override_model=support.tiny_model(), override_dataset=dataset)
+    meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]["calibration"]
+    assert meta["source"] == "dataset rows reserved before training"
+    assert meta["overlaps_training"] is True
+
+
+def test_stock_runner_calibrates_on_a_reservoir_across_training_and_says_so(tmp_path):
+    runner, sae = _train("feature_choice", tmp_path, training_tokens=12 * 256, sae_calibration_tokens=1024)
+    meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]["calibration"]
+    assert meta["source"] == "training-reservoir"
+    assert meta["overlaps_training"] is True and meta["special_tokens_excluded"] is None
+    assert meta["training_rows_seen"] == 12 * 256 and meta["tokens"] == 1024
+
+
+def test_embedded_calibration_rows_come_from_files_training_never_read():
+    from sae_lens_allocation.embedded import corpus_dataset, load_embedded_model
+    from sae_lens_allocation.training.sources import embedded_calibration_tokens
+
+    model = load_embedded_model()
+    bos = model.tokenizer.bos_token_id
+    train = corpus_dataset(model, "train", context_size=64, n_rows=40, seed=3)
+    found = embedded_calibration_tokens(model, train, 64, 1500, seed=3, keep_special=False)
+    assert found is not None
+    tokens, documents, info = found
+    assert info["overlaps_training"] is False
+    assert int((tokens != bos).sum()) >= 1500 > int((tokens[:-1] != bos).sum())
+    assert documents.unique().numel() > 3  # several documents, not one run of rows
+    # No 24-token window of a calibration row occurs anywhere in the training stream.
+    stream = torch.tensor(train["tokens"])[:, 1:].reshape(-1).tolist()
+    seen = {tuple(stream[i:i + 24]) for i in range(len(stream) - 23)}
+    for row in tokens[:, 1:].tolist():
+        assert not any(tuple(row[i:i + 24]) in seen for i in range(len(row) - 23))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_keeps_the_exports_thresholds(arch, tmp_path):
+    runner, sae = _train(arch, tmp_path, training_tokens=8 * 256, sae_calibration_tokens=1024)
+    exported = SAE.load_from_disk(tmp_path / "output")
+    stored = sae.threshold.clone()
+    sae.train()
+    sae.eval()
+    assert torch.equal(sae.threshold, stored)
+    torch.testing.assert_close(exported.threshold, stored)
+    # Recalibrating is explicit and says what it used.
+    sae.calibrate_thresholds(_heldout_acts(40), documents=None)
+    assert sae.cfg.metadata.calibration["source"] == "user"
+    assert not torch.equal(sae.threshold, stored)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_before_calibration_warns_and_uses_the_running_estimate(arch):
+    sae = _sae(arch)
+    with torch.no_grad():
+        sae.threshold.fill_(0.25)
+    with pytest.warns(UserWarning, match="running estimate"):
+        sae.eval()
+    x = torch.randn(16, D_IN)
+    z = sae.hidden_pre(x)
+    torch.testing.assert_close(sae.encode(x), z.relu() * (z > 0.25))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nan_calibration_data_is_refused(arch):
+    sae = _sae(arch)
+    before = sae.threshold.clone()
+    x = torch.randn(1000, D_IN)
+    x[::100] = float("nan")  # 1% of the rows
+    with pytest.raises(ValueError, match="10 of 1000 rows with NaN or Inf"):
+        calibrate(sae, x)
+    assert torch.equal(sae.threshold, before) and not bool(sae.calibrated)
 
 
 def test_train_refuses_a_batch_too_small_for_feature_choice(tmp_path):

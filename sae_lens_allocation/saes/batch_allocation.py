@@ -3,17 +3,20 @@
 Training: pre-activations as SAELens TopK computes them, z = ((x - b_dec) W_enc + b_enc) * ||W_dec_i||
 when `rescale_acts_by_decoder_norm`; codes f = relu(z) * S with S chosen by the architecture's
 allocation rule over the whole batch (`allocate`). Inference: SAELens `jumprelu`,
-f = relu(z) * [z > theta], with theta calibrated after training (calibration.py). In `eval()` mode
-the training SAE already encodes with those thresholds, so in-training evals measure the export.
+f = relu(z) * [z > theta], with theta calibrated after training (calibration.py gives the rules).
+
+`threshold` holds the running estimate of the training cut-off until `calibrate_thresholds` sets
+it; `eval()` mode encodes with whatever it holds and never recalibrates (a stored calibration is
+only replaced by an explicit `calibrate_thresholds` call, or by further training steps).
 
 Calibration data, in order of preference: a source set with `set_calibration_source` (the plugin's
-`train()` attaches the runner's activation store, so the final save calibrates on fresh batches
-the SAE never trained on), else the last `calibration_tokens` training rows (each seen once, in
-the final steps), else the running estimate of the training cut-off.
+`train()` attaches rows training never reads: runner.py), else a uniform random reservoir of
+`calibration_tokens` training rows (overlaps training, recorded so), else the running estimate.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from abc import abstractmethod
@@ -30,9 +33,18 @@ from typing_extensions import override
 
 from sae_lens_allocation.allocation import Allocation
 from sae_lens_allocation.loading import load_sae
-from sae_lens_allocation.training.calibration import iter_rows
+from sae_lens_allocation.training.calibration import (
+    CalibrationRows,
+    RowReservoir,
+    ZBlock,
+    collect_rows,
+    document_folds,
+)
 from sae_lens_allocation.training.losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.validation import field_error, is_finite_number
+
+RowSource = torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor]
+CalibrationSource = CalibrationRows | Callable[[], CalibrationRows]
 
 _SUPPORTED_NORMALIZATION = ("none", "expected_average_only_in")
 
@@ -43,8 +55,13 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     """Fields shared by Mutual Choice and Feature Choice.
 
     k: mean L0 per token, the budget M = floor(k * N) per batch of N tokens (float, 0 < k < d_sae).
-    calibration_tokens: activation rows used to calibrate the export thresholds.
-    calibration_chunk_tokens: rows encoded at once while calibrating (bounds memory).
+    calibration_tokens: activation rows used to calibrate the export thresholds (and the size of
+        the training-row reservoir used when no held-out source is attached).
+    calibration_chunk_tokens: bounds calibration memory to about this many rows x d_sae entries.
+    calibration_folds: document folds of the cross-fit (calibration.py), >= 2.
+    calibration_include_special_tokens: keep BOS/EOS/PAD positions in the calibration rows
+        (default False: excluded, as `eval` and `compare` count L0 without them).
+    calibration_seed: seed of the calibration row sampling, the folds and the reservoir.
     threshold_ema_rate: rate of the running cut-off estimate (the fallback threshold).
     Inherited from SAELens TopK: rescale_acts_by_decoder_norm (default True), decoder_init_norm.
     """
@@ -52,6 +69,9 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     k: float = 32.0  # type: ignore[assignment]
     calibration_tokens: int = 32768
     calibration_chunk_tokens: int = 4096
+    calibration_folds: int = 5
+    calibration_include_special_tokens: bool = False
+    calibration_seed: int = 0
     threshold_ema_rate: float = 0.01
 
     @override
@@ -75,10 +95,16 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
                 self.normalize_activations,
                 f"one of {_SUPPORTED_NORMALIZATION} (thresholds are calibrated in input units)",
             )
-        for name in ("calibration_tokens", "calibration_chunk_tokens"):
+        for name, low in (("calibration_tokens", 1), ("calibration_chunk_tokens", 1),
+                          ("calibration_folds", 2), ("calibration_seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise field_error(name, value, "an integer >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise field_error(name, value, f"an integer >= {low}")
+        if not isinstance(self.calibration_include_special_tokens, bool):
+            raise field_error(
+                "calibration_include_special_tokens", self.calibration_include_special_tokens,
+                "true or false",
+            )
         if not (is_finite_number(self.threshold_ema_rate) and 0 < self.threshold_ema_rate <= 1):
             raise field_error("threshold_ema_rate", self.threshold_ema_rate, "0 < rate <= 1")
 
@@ -86,8 +112,8 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
 class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     """Training SAE whose codes come from a batch allocation rule and whose export is `jumprelu`.
 
-    Subclasses implement `allocate(hidden_pre)` and `update_running_threshold(allocation)`, and
-    `calibrated_thresholds(chunks, n_tokens)`.
+    Subclasses implement `allocate(hidden_pre)`, `update_running_threshold(allocation)` and
+    `calibrated_thresholds(z_block, folds)`.
     """
 
     cfg: BatchAllocationTrainingSAEConfig  # type: ignore[assignment]
@@ -100,11 +126,13 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, device=device))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
-        # Recent training rows for calibration. A plain attribute, not a buffer: it is not saved
-        # (refilled after a resume) and must not exist on the meta device SAELens loads onto.
-        self.calibration_rows: torch.Tensor | None = None
-        self._calibration_pos = 0
-        self._calibration_source: Callable[[], torch.Tensor] | Iterable[torch.Tensor] | None = None
+        # A uniform sample of training rows, the last-resort calibration data. A plain attribute,
+        # not a buffer: it is not saved (refilled after a resume) and must not exist on the meta
+        # device SAELens loads onto.
+        self.training_reservoir = RowReservoir(cfg.calibration_tokens, cfg.calibration_seed)
+        self._calibration_source: CalibrationSource | RowSource | None = None
+        self._calibration_info: dict[str, Any] = {}
+        self._warned_uncalibrated = False
         self.init_aux_loss_state()
 
     # -- encoding -------------------------------------------------------------------------
@@ -118,9 +146,10 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
 
     @abstractmethod
     def calibrated_thresholds(
-        self, chunks: Iterable[torch.Tensor], max_tokens: int
-    ) -> tuple[torch.Tensor, int]:
-        """Export thresholds from chunks of z (calibration.py); returns (theta, N_cal)."""
+        self, z_block: ZBlock, folds: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Export thresholds [F] from z of the calibration rows (`z_block(latents)` gives those
+        latents' z for all rows, ordered by fold) and the rows' folds; returns (theta, statistics)."""
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """z as SAELens TopK computes it (decoder-norm rescaled when configured)."""
@@ -146,16 +175,22 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
 
     @override
     def train(self, mode: bool = True) -> BatchAllocationTrainingSAE:
-        # Entering eval mode mid-training: recalibrate on the recent rows so evals measure what
-        # an export of the current weights would do.
-        if not mode and self.training and self.calibration_rows is not None:
-            self.calibrate_thresholds(self.calibration_rows, source_name="training-tail")
+        """Eval mode encodes with the stored `threshold` and never recalibrates. Before any
+        calibration that is the running estimate of the training cut-off (what SAELens'
+        in-training evals then measure); a one-time warning says so outside those evals."""
+        if not mode and not bool(self.calibrated) and not self._warned_uncalibrated:
+            self._warned_uncalibrated = True
+            warnings.warn(
+                f"{self.cfg.architecture()}: eval mode before calibration encodes with the running "
+                "estimate of the training cut-off; call sae.calibrate_thresholds(...) (or "
+                "sae_lens_allocation.calibrate) to encode as the export will",
+                stacklevel=2,
+            )
         return super().train(mode)  # type: ignore[return-value]
 
     # -- training step ----------------------------------------------------------------------
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        self._remember_rows(step_input.sae_in)
         output = super().training_forward_pass(step_input)
         if not torch.isfinite(output.loss):
             raise FloatingPointError(
@@ -164,6 +199,8 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
                 "a broken checkpoint is written. Lower lr, check the activations for NaN/Inf, or "
                 "use normalize_activations='expected_average_only_in'."
             )
+        # Only rows of a finite step reach the reservoir.
+        self.training_reservoir.add(step_input.sae_in)
         allocation = self._last_allocation
         self.update_running_threshold(allocation)
         self.calibrated.fill_(False)
@@ -198,79 +235,126 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         self.threshold.add_(delta)
         self.threshold_updates.add_(1)
 
-    # Eager under torch.compile: dynamo would guard on the Python position counter and the
-    # growing buffer's shape (recompiling until it marks them dynamic); eager, no graph sees them.
-    @torch.compiler.disable
-    @torch.no_grad()
-    def _remember_rows(self, sae_in: torch.Tensor) -> None:
-        """Ring buffer of the last `calibration_tokens` training rows."""
-        rows = sae_in.detach().reshape(-1, self.cfg.d_in)
-        cap = self.cfg.calibration_tokens
-        if self.calibration_rows is None or self.calibration_rows.device != rows.device:
-            self.calibration_rows = rows.new_empty(0, self.cfg.d_in, dtype=torch.float32)
-            self._calibration_pos = 0
-        if self.calibration_rows.shape[0] < cap:
-            take = rows[: cap - self.calibration_rows.shape[0]].to(self.calibration_rows.dtype)
-            self.calibration_rows = torch.cat([self.calibration_rows, take])
-            rows = rows[take.shape[0] :]
-            self._calibration_pos = self.calibration_rows.shape[0] % cap
-        rows = rows[-cap:]
-        n = rows.shape[0]
-        if n == 0:
-            return
-        idx = (torch.arange(n, device=rows.device) + self._calibration_pos) % cap
-        self.calibration_rows[idx] = rows.to(self.calibration_rows.dtype)
-        self._calibration_pos = (self._calibration_pos + n) % cap
-
     # -- calibration --------------------------------------------------------------------------
     def set_calibration_source(
-        self, source: Callable[[], torch.Tensor] | Iterable[torch.Tensor] | None
+        self, source: CalibrationSource | RowSource | None, info: dict[str, Any] | None = None
     ) -> None:
-        """Where the final save draws held-out activations from: a callable returning a batch of
-        raw activation rows (e.g. `ActivationsStore.next_batch`) or an iterable of batches."""
+        """Where `calibrate_thresholds()` (and so the final save) takes its rows from.
+
+        `source`: CalibrationRows; a zero-argument callable returning CalibrationRows (evaluated
+        when calibrating; runner.py attaches rows training never reads) or returning the next
+        batch of activations (e.g. `ActivationsStore.next_batch`); or an iterable of batches.
+        Plain activations are described by `info` (e.g. {"source": "...", "overlaps_training":
+        False}), else recorded as an attached source of unknown overlap. None detaches."""
         self._calibration_source = source
+        self._calibration_info = info or {}
+
+    def _default_calibration_rows(self) -> CalibrationRows | None:
+        src = self._calibration_source
+        if src is not None:
+            if isinstance(src, CalibrationRows):
+                return src
+            first = src() if callable(src) else None
+            if isinstance(first, CalibrationRows):
+                return first
+            if first is not None:
+                batches: Any = itertools.chain([first], iter(src, None))  # type: ignore[arg-type]
+            else:
+                batches = src
+            rows = collect_rows(batches, self.cfg.calibration_tokens)
+            rows.info = {"source": "attached activations", "overlaps_training": None,
+                         **rows.info, **self._calibration_info}
+            return rows
+        reservoir = self.training_reservoir
+        if reservoir.rows is None or reservoir.rows.shape[0] == 0:
+            return None
+        return CalibrationRows(
+            reservoir.rows,
+            torch.arange(reservoir.rows.shape[0]),
+            {
+                "source": "training-reservoir",
+                "overlaps_training": True,
+                "fold_unit": "row",
+                "training_rows_seen": reservoir.seen,
+                # The stock runner's stream decides (runner config `exclude_special_tokens`).
+                "special_tokens_excluded": None,
+            },
+        )
 
     @torch.no_grad()
     def calibrate_thresholds(
         self,
-        source: torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor],
+        source: CalibrationRows | RowSource | None = None,
         n_tokens: int | None = None,
-        source_name: str = "held-out",
+        documents: torch.Tensor | None = None,
+        info: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """Set `threshold` so the JumpReLU encoding reproduces the training allocation on
-        `n_tokens` rows of `source` (calibration.py gives the rule). Returns the thresholds."""
-        n_tokens = n_tokens or self.cfg.calibration_tokens
-        chunk = self.cfg.calibration_chunk_tokens
-        was_training = self.training
-        # Plain nn.Module.train: our override would recalibrate recursively.
-        torch.nn.Module.train(self, True)
-        try:
-            chunks = (
-                self.hidden_pre(rows.to(self.W_enc.device))
-                for rows in iter_rows(source, n_tokens, chunk)
-            )
-            theta, seen = self.calibrated_thresholds(chunks, n_tokens)
-        finally:
-            torch.nn.Module.train(self, was_training)
+        """Set `threshold` by the calibration rule (calibration.py) and record what was used in
+        `cfg.metadata.calibration`; returns the thresholds. This is the only way a calibration
+        is replaced.
+
+        `source`: CalibrationRows; or activations at the SAE's hook (a tensor [N, d] or
+        [B, S, d], an iterable of batches, a callable returning the next batch) of which the first
+        `n_tokens` (default `calibration_tokens`) rows are used, with `documents` (ids per row of
+        a tensor) and `info` (merged into the metadata, e.g. {"overlaps_training": False});
+        or None: the attached source, else the training-row reservoir."""
+        if source is None:
+            rows = self._default_calibration_rows()
+            if rows is None:
+                raise ValueError(
+                    f"{self.cfg.architecture()}: no calibration data: pass activations, attach a "
+                    "source with set_calibration_source, or train first (training rows are sampled)"
+                )
+        elif isinstance(source, CalibrationRows):
+            rows = source
+        else:
+            rows = collect_rows(source, n_tokens or self.cfg.calibration_tokens, documents)
+            rows.info = {"source": "user", "overlaps_training": None, **rows.info, **(info or {})}
+        # Fewer documents than folds (a short or single-document source): as many folds as
+        # documents; with one, no cross-fit (recorded as folds 1).
+        n_docs = int(torch.unique(rows.documents).numel())
+        folds = document_folds(rows.documents, min(self.cfg.calibration_folds, n_docs),
+                               self.cfg.calibration_seed)
+        order = torch.argsort(folds, stable=True)  # each fold a contiguous run of rows
+        acts = rows.acts[order.to(rows.acts.device)]
+        theta, stats = self.calibrated_thresholds(self._z_block(acts), folds[order])
         self.threshold.copy_(theta.to(self.threshold.dtype))
         self.calibrated.fill_(True)
-        self.cfg.metadata.calibration = {"source": source_name, "tokens": seen}
+        self.cfg.metadata.calibration = {
+            **rows.info,
+            "tokens": int(rows.acts.shape[0]),
+            "documents": int(torch.unique(rows.documents).numel()),
+            **stats,
+        }
         return self.threshold
+
+    def _z_block(self, acts: torch.Tensor) -> ZBlock:
+        """z of all calibration rows for a block of latents, exactly as `hidden_pre` computes it."""
+        sae_in = torch.cat(
+            [self.process_sae_in(c.to(self.W_enc.device)) for c in acts.split(self.cfg.calibration_chunk_tokens)]
+        )
+        norms = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+
+        def z_block(latents: torch.Tensor) -> torch.Tensor:
+            idx = latents.to(self.W_enc.device)
+            z = sae_in @ self.W_enc[:, idx] + self.b_enc[idx]
+            return z * norms[idx] if norms is not None else z
+
+        return z_block
 
     def _calibrate_for_export(self) -> None:
         if bool(self.calibrated):
             return
-        if self._calibration_source is not None:
-            self.calibrate_thresholds(self._calibration_source, source_name="held-out")
-        elif self.calibration_rows is not None:
-            self.calibrate_thresholds(self.calibration_rows, source_name="training-tail")
-        else:
-            warnings.warn(
-                f"{self.cfg.architecture()}: no calibration data (set_calibration_source or "
-                "sae_lens_allocation.calibrate); exporting the running threshold estimate",
-                stacklevel=3,
-            )
-            self.cfg.metadata.calibration = {"source": "running-estimate", "tokens": 0}
+        rows = self._default_calibration_rows()
+        if rows is not None:
+            self.calibrate_thresholds(rows)
+            return
+        warnings.warn(
+            f"{self.cfg.architecture()}: no calibration data (set_calibration_source or "
+            "sae_lens_allocation.calibrate); exporting the running threshold estimate",
+            stacklevel=3,
+        )
+        self.cfg.metadata.calibration = {"source": "running-estimate", "tokens": 0}
 
     # -- export -------------------------------------------------------------------------------
     @override
@@ -298,8 +382,7 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         super().fold_activation_norm_scaling_factor(scaling_factor)
         if self.cfg.rescale_acts_by_decoder_norm:
             self.threshold /= scaling_factor
-        if self.calibration_rows is not None:
-            self.calibration_rows /= scaling_factor
+        self.training_reservoir.scale_(1.0 / scaling_factor)
         self.calibrated.fill_(False)
 
 
@@ -313,17 +396,22 @@ def _allocate_eagerly(sae: BatchAllocationTrainingSAE, hidden_pre: torch.Tensor)
 
 def calibrate(
     sae: BatchAllocationTrainingSAE | str | Path,
-    source: torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor],
+    source: CalibrationRows | RowSource,
     n_tokens: int | None = None,
     device: str | None = None,
+    documents: torch.Tensor | None = None,
+    overlaps_training: bool | None = None,
 ) -> BatchAllocationTrainingSAE:
-    """Calibrate the export thresholds of a Mutual/Feature Choice training SAE on held-out
-    activations, in place, and return the SAE.
+    """Calibrate the export thresholds of a Mutual/Feature Choice training SAE, in place, and
+    return the SAE (`sae.calibrate_thresholds`; calibration.py gives the rule).
 
     `sae` is a training SAE or the path of a training checkpoint (loaded with
-    `sae_lens_allocation.load_sae`). `source` gives raw activations at the SAE's hook: a tensor,
-    an iterable of batches, or a callable such as `ActivationsStore.next_batch`. `n_tokens`
-    defaults to the config's `calibration_tokens`. Save the export afterwards with
+    `sae_lens_allocation.load_sae`). `source` gives raw activations at the SAE's hook, special
+    tokens already removed: CalibrationRows, a tensor ([N, d], or [B, S, d] whose sequences become
+    the fold units), an iterable of batches, or a callable such as `ActivationsStore.next_batch`.
+    `n_tokens` defaults to the config's `calibration_tokens`; `documents` gives the document id of
+    each row of a tensor (folds never split a document); `overlaps_training` is recorded in the
+    metadata as given (None: unknown). Save the export afterwards with
     `sae.save_inference_model(path)` (which does not recalibrate once calibrated).
     """
     if not isinstance(sae, torch.nn.Module):
@@ -333,5 +421,6 @@ def calibrate(
             f"calibrate() needs a mutual_choice or feature_choice training SAE, got "
             f"{type(sae).__name__}; exported jumprelu SAEs are already calibrated"
         )
-    sae.calibrate_thresholds(source, n_tokens=n_tokens, source_name="held-out")
+    sae.calibrate_thresholds(source, n_tokens=n_tokens, documents=documents,
+                             info={"overlaps_training": overlaps_training})
     return sae

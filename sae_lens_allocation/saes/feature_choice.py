@@ -6,16 +6,16 @@ algorithms.md): `capacity="uniform"` gives m_j = M/F with randomised rounding, s
 floor(k * N); `capacity="zipf"` gives m_j proportional to rank_j^(-s), rank by the running firing
 frequency, s = `zipf_exponent`, floored at 1, capped at N, renormalised to sum M. Every latent gets
 m_j >= 1 tokens per batch, so none is dead by construction.
-Export: SAELens `jumprelu` with per-latent thresholds theta_j calibrated so latent j fires on a
-fraction q_j = m_j / N of calibration tokens (the (1 - q_j) quantile of z_j; calibration.py).
+Export: SAELens `jumprelu` with per-latent thresholds theta_j, the (1 - a q_j) quantile of z_j on
+calibration tokens, q_j = E[m_j] / N the training firing fraction and the level a cross-fitted over
+document folds so the out-of-fold mean L0 is sum_j q_j = k (calibration.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from typing_extensions import override
@@ -32,7 +32,7 @@ from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
 )
-from sae_lens_allocation.training.calibration import per_latent_thresholds
+from sae_lens_allocation.training.calibration import ZBlock, feature_choice_thresholds
 from sae_lens_allocation.validation import UsageError, field_error
 
 CAPACITIES = ("uniform", "zipf")
@@ -118,6 +118,7 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
 
     @override
     def calibrated_thresholds(
-        self, chunks: Iterable[torch.Tensor], max_tokens: int
-    ) -> tuple[torch.Tensor, int]:
-        return per_latent_thresholds(chunks, self.firing_fractions(), max_tokens=max_tokens)
+        self, z_block: ZBlock, folds: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        budget = self.cfg.calibration_chunk_tokens * self.cfg.d_sae
+        return feature_choice_thresholds(z_block, self.firing_fractions(), folds, budget)

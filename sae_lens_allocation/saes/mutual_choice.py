@@ -3,14 +3,14 @@
 Training: S = the M = floor(k * N) largest entries of relu(z) over the whole N x F batch matrix,
 so tokens receive a variable number of latents (mean k). Same operator as SAELens `batchtopk`.
 Export: SAELens `jumprelu` with one global threshold theta calibrated so that mean L0 = k on
-calibration activations (project definition, calibration.py).
+calibration activations, its out-of-fold mean L0 recorded (project definition, calibration.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from typing_extensions import override
@@ -20,7 +20,7 @@ from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
 )
-from sae_lens_allocation.training.calibration import global_threshold
+from sae_lens_allocation.training.calibration import ZBlock, mutual_choice_threshold
 from sae_lens_allocation.validation import field_error
 
 
@@ -63,7 +63,8 @@ class MutualChoiceTrainingSAE(BatchAllocationTrainingSAE):
 
     @override
     def calibrated_thresholds(
-        self, chunks: Iterable[torch.Tensor], max_tokens: int
-    ) -> tuple[torch.Tensor, int]:
-        theta, n_tokens = global_threshold(chunks, self.cfg.k, max_tokens=max_tokens)
-        return theta.expand(self.cfg.d_sae), n_tokens
+        self, z_block: ZBlock, folds: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        budget = self.cfg.calibration_chunk_tokens * self.cfg.d_sae
+        theta, stats = mutual_choice_threshold(z_block, self.cfg.d_sae, folds, self.cfg.k, budget)
+        return theta.expand(self.cfg.d_sae), stats

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 from sae_lens.load_model import load_model
@@ -11,6 +12,11 @@ from sae_lens.load_model import load_model
 from sae_lens_allocation.validation import UsageError
 
 EMBEDDED = "embedded"
+
+# The calibration pool holds at least this many times the calibration tokens and this many files
+# (its rows are then sampled), so the rows come from many more documents than a consecutive run.
+CALIBRATION_POOL_FACTOR = 8
+CALIBRATION_POOL_FILES = 32
 
 
 def load_lm(
@@ -105,3 +111,86 @@ def special_token_ids(model: Any) -> list[int]:
     tok = model.tokenizer
     ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     return sorted(int(i) for i in ids if i is not None)
+
+
+_FILE_TOKENS: dict[tuple[str, str], list[int]] = {}
+
+
+def _file_tokens(tokenizer: Any, path: Any) -> list[int]:
+    """Token ids of one corpus file, as the corpus stream encodes it (cached per process)."""
+    from sae_lens_allocation.embedded.corpus import read_source
+
+    key = (str(tokenizer.name_or_path), str(path))
+    if key not in _FILE_TOKENS:
+        _FILE_TOKENS[key] = tokenizer([read_source(path)], add_special_tokens=False)["input_ids"][0]
+    return _FILE_TOKENS[key]
+
+
+def embedded_calibration_tokens(
+    model: Any, training_rows: Any, context_size: int, n_tokens: int, seed: int, keep_special: bool
+) -> tuple[Any, Any, dict[str, Any]] | None:
+    """Token rows of the corpus' train split that a run trained on `training_rows` (the dataset
+    `runner_sources` built with this `seed` and `context_size`) never reads, sampled at random
+    across documents; None when the split has no such rows.
+
+    The training rows are the first rows of the split's stream with files in the order shuffled
+    by `seed`; the BOS separators inside them count the files they finished, so every later file
+    (the partly read one skipped) is unseen. Those files form a pool of
+    CALIBRATION_POOL_FACTOR x n_tokens tokens and at least CALIBRATION_POOL_FILES files, cut into
+    rows as the corpus cuts them ([BOS] + context_size - 1 stream tokens); rows are drawn from it
+    in a random order (seeded) that takes one row of every document before a second one, until
+    `n_tokens` positions are kept (special tokens not counted unless `keep_special`).
+    Returns (tokens [R, context_size], documents [R, context_size], info); documents index files."""
+    import torch
+
+    from sae_lens_allocation.embedded import corpus_files
+
+    tokenizer = model.tokenizer
+    bos = tokenizer.bos_token_id
+    special = torch.tensor(special_token_ids(model))
+    body = torch.as_tensor(training_rows["tokens"])[:, 1:]
+    finished = int((body == bos).sum())
+    partial = int(body.reshape(-1)[-1]) != bos
+    files = corpus_files("train")
+    random.Random(seed).shuffle(files)
+    unseen = files[finished + int(partial):]
+    stream: list[int] = []
+    docs: list[int] = []
+    used_files = 0
+    for index, path in enumerate(unseen):
+        if len(stream) >= CALIBRATION_POOL_FACTOR * n_tokens and used_files >= CALIBRATION_POOL_FILES:
+            break
+        ids = _file_tokens(tokenizer, path)
+        stream += [*ids, bos]
+        docs += [index] * (len(ids) + 1)
+        used_files += 1
+    n_rows = len(stream) // (context_size - 1)
+    if n_rows == 0:
+        return None
+    cut = n_rows * (context_size - 1)
+    rows = torch.tensor(stream[:cut]).reshape(n_rows, context_size - 1)
+    row_docs = torch.tensor(docs[:cut]).reshape(n_rows, context_size - 1)
+    rows = torch.cat([torch.full((n_rows, 1), bos), rows], dim=1)
+    row_docs = torch.cat([row_docs[:, :1], row_docs], dim=1)
+    kept = rows.shape[1] - torch.isin(rows, special).sum(1) if not keep_special else torch.full(
+        (n_rows,), rows.shape[1])
+    # A random order that visits documents round-robin: every document's first drawn row, then
+    # every document's second, ... (a row belongs to the file of its first token).
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+    rank = torch.zeros(n_rows, dtype=torch.long)
+    drawn: dict[int, int] = {}
+    for i, d in enumerate(row_docs[order, 1].tolist()):
+        rank[i] = drawn.get(d, 0)
+        drawn[d] = int(rank[i]) + 1
+    order = order[torch.sort(rank, stable=True).indices]
+    take = int(torch.searchsorted(torch.cumsum(kept[order], 0), n_tokens)) + 1
+    chosen = order[:take].sort().values
+    info = {
+        "source": "embedded train split, files training never read",
+        "overlaps_training": False,
+        "fold_unit": "document",
+        "pool_documents": used_files,
+        "unseen_documents": len(unseen),
+        "sequences": int(chosen.numel()),
+    }
+    return rows[chosen], row_docs[chosen], info
