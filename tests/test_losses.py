@@ -225,40 +225,64 @@ def test_aux_zipf_with_tau_differs_from_aux_k_when_underused_latents_get_slots()
     assert not torch.isclose(aux_loss_of(sae, x, dead), saelens_aux_k(sae, x, dead)[0])
 
 
-def reference_aux_activations(z: torch.Tensor, candidates, first, k_aux: int) -> torch.Tensor:
-    """Plain reference: per token, candidates ordered by (in `first` first, larger z first)."""
+def reference_aux_activations(z: torch.Tensor, candidates, slots: int, rectify: bool) -> torch.Tensor:
+    """Plain reference: per token, the `slots` candidates with the largest z keep z (or relu z)."""
     flat = z.reshape(-1, z.shape[-1])
     out = torch.zeros_like(flat)
     chosen = [j for j in range(flat.shape[1]) if candidates[j]]
     for n, row in enumerate(flat.tolist()):
-        order = sorted(chosen, key=lambda j: (not first[j], -row[j]))
-        for j in order[:k_aux]:
-            out[n, j] = row[j]
+        for j in sorted(chosen, key=lambda j: -row[j])[:slots]:
+            out[n, j] = max(row[j], 0.0) if rectify else row[j]
     return out.reshape(z.shape)
 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n_candidates=st.integers(0, 30),
-    n_first=st.integers(0, 30),
-    k_aux=st.integers(1, 12),
+    n_candidates=st.integers(1, 30),
+    slots=st.integers(1, 12),
+    rectify=st.booleans(),
     shape=st.sampled_from([(7,), (3, 5)]),
     seed=st.integers(0, 2**16),
 )
-def test_aux_activations_serve_the_first_set_first(n_candidates, n_first, k_aux, shape, seed):
+def test_aux_activations_keep_the_top_candidates_per_token(n_candidates, slots, rectify, shape, seed):
     g = torch.Generator().manual_seed(seed)
-    f = 30
-    z = torch.randn(*shape, f, generator=g) * 3
-    perm = torch.randperm(f, generator=g)
-    candidates = torch.zeros(f, dtype=torch.bool)
-    candidates[perm[:n_candidates]] = True
-    first = torch.zeros(f, dtype=torch.bool)
-    first[perm[: min(n_first, n_candidates)]] = True
-    got = aux_activations(z, candidates, n_candidates, k_aux, first, int(first.sum()))
-    torch.testing.assert_close(got, reference_aux_activations(z, candidates, first, k_aux))
-    # Without a first set: the plain top-k_aux of the candidates (SAELens' aux-k selection).
-    plain = aux_activations(z, candidates, n_candidates, k_aux)
-    torch.testing.assert_close(plain, reference_aux_activations(z, candidates, candidates, k_aux))
+    z = torch.randn(*shape, 30, generator=g) * 3
+    candidates = torch.zeros(30, dtype=torch.bool)
+    candidates[torch.randperm(30, generator=g)[:n_candidates]] = True
+    slots = min(slots, n_candidates)
+    got = aux_activations(z, candidates, slots, rectify)
+    torch.testing.assert_close(got, reference_aux_activations(z, candidates, slots, rectify))
+
+
+def test_aux_zipf_is_aux_k_plus_the_alive_underused_latents_in_the_free_slots():
+    """Dead latents take the k_aux slots first and their term is aux_k; the alive underused
+    latents reconstruct e on their own with the free slots (relu(z)); checked against a plain
+    computation."""
+    x = torch.randn(32, D_IN)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[-3:] = True  # 3 dead < k_aux = 8: 5 free slots
+    p = zipf_profile()
+    p[20:30] *= 0.01
+    p[dead] = 0.0
+    sae = make_sae(aux_loss="aux_zipf", aux_loss_coefficient=0.7)
+    warm(sae, p)
+    sae.eval()
+    underused = sae.underused_mask(dead)
+    alive = underused & ~dead
+    assert alive[20:30].all() and int(alive.sum()) >= 5
+    out = sae.training_forward_pass(step_input(x, dead))
+    expected_dead, _ = saelens_aux_k(sae, x, dead)
+    with torch.no_grad():
+        _, z = sae.encode_with_hidden_pre(x)
+        residual = x - out.sae_out
+        acts = reference_aux_activations(z, alive, 5, rectify=True)
+        recons = acts @ (sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True))
+        alive_term = 0.7 * (5 / 8) * (recons - residual).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out.losses[AUX_LOSS_KEY], expected_dead + alive_term, rtol=1e-5, atol=1e-6)
+
+    many_dead = torch.zeros(D_SAE, dtype=torch.bool)
+    many_dead[-12:] = True  # at least k_aux dead latents: every slot is a dead latent's
+    torch.testing.assert_close(aux_loss_of(sae, x, many_dead), saelens_aux_k(sae, x, many_dead)[0], rtol=1e-6, atol=1e-7)
 
 
 def aux_context(sae: TopKAuxTrainingSAE, x: torch.Tensor) -> AuxLossContext:
@@ -285,7 +309,7 @@ def test_underuse_weights_scale_each_latents_gradient_not_its_value(rescale):
     params = [sae.W_enc, sae.b_enc, sae.W_dec]
     unit = reconstruct_residual_loss(sae, aux_context(sae, x), candidates, n)
     unit_grads = torch.autograd.grad(unit, params)
-    weighted = reconstruct_residual_loss(sae, aux_context(sae, x), candidates, n, weights)
+    weighted = reconstruct_residual_loss(sae, aux_context(sae, x), candidates, n, weights=weights)
     weighted_grads = torch.autograd.grad(weighted, params)
     torch.testing.assert_close(weighted, unit)  # same reconstruction target and value
     w_enc, b_enc, w_dec = unit_grads

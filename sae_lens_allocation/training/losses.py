@@ -9,9 +9,9 @@ its auxiliary loss by name (`aux_loss` config field) from `AUX_LOSSES`:
   residual e = x - x_hat.
 - `aux_zipf` (Ayonrinde 2024 names it and says it generalises aux-k to dead *and underused*
   latents; the formula is not public, the one here is this project's definition, see
-  docs/losses.md): the same reconstruction with the top-k_aux latents of the underused set U,
-  dead latents served first, each latent's gradient weighted by how far below its
-  Zipf-expected firing frequency it is. Both share one normalisation (`aux_loss_normalization`,
+  docs/losses.md): aux_k on the dead latents, which take the k_aux slots first, plus the alive
+  underused latents (below tau times their Zipf-expected firing frequency) reconstructing the
+  residual with the slots left free, each latent's gradient weighted by how far below it is. Both share one normalisation (`aux_loss_normalization`,
   default SAELens' "none"), so aux_zipf with U = dead and unit weights is aux_k exactly.
 
 A new loss is a function `fn(sae, ctx: AuxLossContext) -> (loss, metrics)` decorated with
@@ -197,29 +197,16 @@ def scale_gradient(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def aux_activations(
-    hidden_pre: torch.Tensor,
-    candidates: torch.Tensor,
-    n_candidates: int,
-    k_aux: int,
-    first: torch.Tensor | None = None,
-    n_first: int = 0,
+    hidden_pre: torch.Tensor, candidates: torch.Tensor, slots: int, rectify: bool = False
 ) -> torch.Tensor:
-    """Codes of the auxiliary reconstruction: for each token, min(k_aux, |C|) latents of the
-    candidate set C keep their raw pre-activation z (no ReLU), every other entry is 0.
+    """Codes of an auxiliary reconstruction: for each token the top-`slots` latents of the
+    candidate set C by z keep z (relu(z) with `rectify`), every other entry is 0.
 
-    Without `first` the slots go to the top-min(k_aux, |C|) of C by z: SAELens'
-    `calculate_topk_aux_acts`, line by line. With `first` (a subset F of C, |F| = n_first) F is
-    served first: the top-min(k_aux, |F|) of F by z, then the remaining slots to the top of C \ F.
+    Without `rectify` this is SAELens' `calculate_topk_aux_acts`, line by line (raw z, no ReLU).
     """
-    k = min(k_aux, n_candidates)
-    if first is None:
-        first, n_first = candidates, n_candidates
-    k_first = min(k, n_first)
+    top = torch.where(candidates, hidden_pre, -torch.inf).topk(slots, sorted=False)
     aux_acts = torch.zeros_like(hidden_pre)
-    for mask, slots in ((first, k_first), (candidates & ~first, k - k_first)):
-        if slots:
-            top = torch.where(mask, hidden_pre, -torch.inf).topk(slots, sorted=False)
-            aux_acts.scatter_(-1, top.indices, top.values)
+    aux_acts.scatter_(-1, top.indices, top.values.relu() if rectify else top.values)
     return aux_acts
 
 
@@ -228,27 +215,28 @@ def reconstruct_residual_loss(
     ctx: AuxLossContext,
     candidates: torch.Tensor,
     n_candidates: int,
+    slots: int | None = None,
     weights: torch.Tensor | None = None,
-    first: torch.Tensor | None = None,
-    n_first: int = 0,
+    rectify: bool = False,
 ) -> torch.Tensor:
-    """coefficient * min(|C| / k_aux, 1) * R(e, e_hat) for a candidate set C (bool [d_sae]).
+    """coefficient * (s / k_aux) * R(e, e_hat) for a candidate set C (bool [d_sae]) given
+    `slots` slots per token (default k_aux), s = min(slots, |C|).
 
     e = (x - x_hat).detach(); e_hat = sum_j a_j d_j, no b_dec, with a = `aux_activations` (the
-    top-k_aux candidates of each token by raw z, the set `first` served first) and d_j the decoder
-    row, divided by its norm when `rescale_acts_by_decoder_norm` (SAELens' `act_times_W_dec`).
-    R = mean_n ||e_n - e_hat_n||^2 for normalisation "none" (SAELens' code), that divided by
-    mean_n ||e_n - mean_n(e)||^2 for "residual_variance"; `cfg.aux_loss_normalization` picks it,
-    one setting for every loss. Weights w [d_sae] scale latent j's share of the gradient (of a_j
-    and of d_j) by w_j and leave the value unchanged: w_j weighs how much the loss trains latent
-    j, not the reconstruction target.
+    top-s of C by z per token) and d_j the decoder row, divided by its norm when
+    `rescale_acts_by_decoder_norm` (SAELens' `act_times_W_dec`). With slots = k_aux the factor
+    s / k_aux is SAELens' min(|C| / k_aux, 1). R = mean_n ||e_n - e_hat_n||^2 for normalisation
+    "none" (SAELens' code), that divided by mean_n ||e_n - mean_n(e)||^2 for "residual_variance";
+    `cfg.aux_loss_normalization` picks it, one setting for every loss. Weights w [d_sae] scale
+    latent j's share of the gradient (of a_j and of d_j) by w_j and leave the value unchanged:
+    w_j weighs how much the loss trains latent j, not the reconstruction target.
     """
-    if n_candidates == 0:
+    s = min(ctx.k_aux if slots is None else slots, n_candidates)
+    if s <= 0:
         return ctx.sae_out.new_zeros(())
     cfg = sae.cfg
     residual = (ctx.step_input.sae_in - ctx.sae_out).detach()
-    scale = min(n_candidates / ctx.k_aux, 1.0)
-    aux_acts = aux_activations(ctx.hidden_pre, candidates, n_candidates, ctx.k_aux, first, n_first)
+    aux_acts = aux_activations(ctx.hidden_pre, candidates, s, rectify)
     w_dec = sae.W_dec
     if weights is not None:
         aux_acts = scale_gradient(aux_acts, weights.to(aux_acts.dtype))
@@ -261,7 +249,7 @@ def reconstruct_residual_loss(
         variance = (flat - flat.mean(dim=0)).pow(2).sum(dim=-1).mean()
         # Guards a residual with zero variance (e.g. a perfect reconstruction).
         error = error / variance.clamp_min(torch.finfo(variance.dtype).eps)
-    return cfg.aux_loss_coefficient * scale * error
+    return cfg.aux_loss_coefficient * (s / ctx.k_aux) * error
 
 
 @register_aux_loss("none")
@@ -283,15 +271,20 @@ def aux_k_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetr
 @register_aux_loss("aux_zipf")
 def aux_zipf_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:
     """Aux-zipf (named by Ayonrinde 2024; formula: project definition, algorithms.md):
-    C = U (underused, dead included) with the dead latents served first in the k_aux slots,
-    latent j's gradient weighted by w_j, scale min(|U| / k_aux, 1), the normalisation aux_k uses.
-    With U = dead and w = 1 (tau = 0, or during the EMA warm-up) it is aux_k exactly."""
-    # Two host syncs (|U| and the dead count) for the slot sizes.
-    n_underused = int(ctx.underused.sum())
+    aux_k on the dead latents D, plus the alive underused latents A = U minus D reconstructing e
+    on their own with the slots D leaves free, s_A = min(k_aux, |U|) - min(k_aux, |D|), values
+    relu(z), latent j's gradient weighted by w_j; the normalisation aux_k uses. With U = dead
+    and w = 1 (tau = 0, or during the EMA warm-up) the second term is 0: aux_k exactly."""
+    # Host syncs for the slot sizes (aux_k has the dead count too).
     n_dead = int(ctx.dead_mask.sum())
-    loss = reconstruct_residual_loss(
-        sae, ctx, ctx.underused, n_underused, ctx.underuse_weights, ctx.dead_mask, n_dead
-    )
+    n_underused = int(ctx.underused.sum())
+    loss = reconstruct_residual_loss(sae, ctx, ctx.dead_mask, n_dead)
+    free = min(ctx.k_aux, n_underused) - min(ctx.k_aux, n_dead)
+    if free > 0:
+        alive = ctx.underused & ~ctx.dead_mask
+        loss = loss + reconstruct_residual_loss(
+            sae, ctx, alive, n_underused - n_dead, free, ctx.underuse_weights, rectify=True
+        )
     return loss, {}
 
 
@@ -319,7 +312,7 @@ class AuxLossConfig:
     aux_loss_coefficient: float = 1.0
     aux_k: int | None = None
     aux_loss_normalization: str = "none"
-    aux_zipf_tau: float = 0.5
+    aux_zipf_tau: float = 0.1
     aux_zipf_exponent: float | None = None
     aux_zipf_fit_fraction: float = 0.5
     firing_ema_decay: float = 0.99
