@@ -154,3 +154,17 @@ def test_rank_buffers_round_trip_through_a_checkpoint_and_never_reach_the_export
     exported = load_file(tmp_path / "export" / "sae_weights.safetensors")
     assert not set(RANK_BUFFERS) & set(exported)
     SAE.load_from_disk(tmp_path / "export")
+
+
+def test_a_checkpoint_without_rank_buffers_keeps_the_ranking_it_trained_with():
+    """Checkpoints from before the rank buffers ranked by the firing EMA; they load with that
+    ranking, so their export calibrates to the capacities they trained with."""
+    sae = make_sae()
+    for x in zipfian_batches(3):
+        step(sae, x)
+    legacy = {name: t for name, t in sae.state_dict().items() if name not in RANK_BUFFERS}
+    loaded = make_sae(seed=1)
+    loaded.load_state_dict(legacy)
+    assert torch.equal(loaded.capacity_ranks, ranks_from_frequency(sae.firing_ema))
+    assert loaded.rank_updates.item() == sae.firing_ema_steps.item() == 3
+    assert loaded.zipf_ranked()

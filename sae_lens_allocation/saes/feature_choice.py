@@ -63,7 +63,7 @@ class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
     capacity: Literal["uniform", "zipf"] = "uniform"
     zipf_exponent: float = 1.0
     capacity_seed: int = 0
-    capacity_warmup_steps: int = 100
+    capacity_warmup_steps: int = 1
     capacity_rerank_steps: int = 1
 
     @override
@@ -113,6 +113,20 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         self.register_buffer(
             "capacity_ranks", torch.arange(1, d_sae + 1, dtype=torch.long, device=device)
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Checkpoints written before the rank buffers existed ranked by the firing EMA: keep that
+        # ranking and the step count, so their export calibrates to the capacities they trained
+        # with; a resumed run then re-ranks from a rank statistic that starts at zero.
+        if prefix + "capacity_ranks" not in state_dict and prefix + "firing_ema" in state_dict:
+            firing = state_dict[prefix + "firing_ema"]
+            state_dict[prefix + "capacity_ranks"] = ranks_from_frequency(firing)
+            state_dict[prefix + "rank_updates"] = state_dict.get(
+                prefix + "firing_ema_steps", torch.zeros((), dtype=torch.long)
+            )
+            state_dict[prefix + "rank_selection_ema"] = torch.zeros_like(firing)
+            state_dict[prefix + "rank_mass_ema"] = torch.zeros_like(firing)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def zipf_ranked(self) -> bool:
         """True once Zipf capacities are in use: capacity="zipf" and the warm-up is over."""

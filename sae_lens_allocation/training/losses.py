@@ -302,6 +302,7 @@ class AuxLossConfig:
     aux_k: latents per token in the aux reconstruction; None = d_in // 2 (SAELens' heuristic).
     aux_loss_normalization: "none" (SAELens' mean squared error, the default) or
         "residual_variance" (divide by the residual's variance); one setting for every loss.
+        None, which configs written by earlier versions hold, means "none".
     aux_zipf_tau: latent j is underused if p_j < tau * p_hat_j; in [0, 1] (0: only dead).
     aux_zipf_exponent: None fits s every step; a positive float fixes s (then only C is fitted).
     aux_zipf_fit_fraction: fit over the most frequent ceil(fraction * #firing) latents; (0, 1].
@@ -311,7 +312,7 @@ class AuxLossConfig:
     aux_loss: str = "aux_k"
     aux_loss_coefficient: float = 1.0
     aux_k: int | None = None
-    aux_loss_normalization: str = "none"
+    aux_loss_normalization: str | None = "none"
     aux_zipf_tau: float = 0.1
     aux_zipf_exponent: float | None = None
     aux_zipf_fit_fraction: float = 0.5
@@ -332,11 +333,14 @@ class AuxLossConfig:
             isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 1
         ):
             raise field_error("aux_k", self.aux_k, "None (= d_in // 2) or an integer >= 1")
-        if self.aux_loss_normalization not in AUX_LOSS_NORMALIZATIONS:
+        # None: what configs written by earlier versions hold; it now means the shared default.
+        if self.aux_loss_normalization is not None and (
+            self.aux_loss_normalization not in AUX_LOSS_NORMALIZATIONS
+        ):
             raise field_error(
                 "aux_loss_normalization",
                 self.aux_loss_normalization,
-                f"one of {', '.join(AUX_LOSS_NORMALIZATIONS)}",
+                f"one of {', '.join(AUX_LOSS_NORMALIZATIONS)} (None, from older configs: none)",
             )
         if not (is_finite_number(self.aux_zipf_tau) and 0.0 <= self.aux_zipf_tau <= 1.0):
             raise field_error("aux_zipf_tau", self.aux_zipf_tau, "a number in [0, 1]")
