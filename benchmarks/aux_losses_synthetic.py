@@ -8,10 +8,12 @@ reports, on fresh samples encoded as in training:
   EV               explained variance 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2;
   EV export, MCC   from sae_lens.synthetic.eval_sae_on_synthetic_data in eval mode (for
                    mutual_choice that is the exported JumpReLU encoding);
-and the differences to aux_loss = none of the same architecture.
+and, per architecture, the paired per-seed difference of each loss to aux_k (mean +- sd and a
+95% t-interval over the seeds). Every run uses the same `aux_loss_normalization` (default "none",
+SAELens' and now both losses' default).
 
     python benchmarks/aux_losses_synthetic.py                 # mutual_choice (+ topk_aux)
-    python benchmarks/aux_losses_synthetic.py --arch topk_aux
+    python benchmarks/aux_losses_synthetic.py --arch mutual_choice --losses aux_k aux_zipf --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def sae_config(arch: str, args: argparse.Namespace, aux_loss: str) -> Any:
         aux_loss_coefficient=args.aux_coefficient,
         aux_loss_normalization=args.aux_normalization,
     )
+    if args.tau is not None:
+        common["aux_zipf_tau"] = args.tau
     if arch == "topk_aux":
         return TopKAuxTrainingSAEConfig(k=int(args.k), **common)
     if arch == "mutual_choice":
@@ -105,8 +109,8 @@ def training_mode_stats(
     }
 
 
-def run_one(arch: str, aux_loss: str, model: SyntheticModel, args: argparse.Namespace) -> dict:
-    torch.manual_seed(args.seed)
+def run_one(arch: str, aux_loss: str, model: SyntheticModel, args: argparse.Namespace, seed: int) -> dict:
+    torch.manual_seed(seed)
     cfg = SyntheticSAERunnerConfig(
         synthetic_model=model.cfg,
         sae=sae_config(arch, args, aux_loss),
@@ -125,12 +129,11 @@ def run_one(arch: str, aux_loss: str, model: SyntheticModel, args: argparse.Name
     start = time.perf_counter()
     result = SyntheticSAERunner(cfg, override_synthetic_model=model, override_sae=sae).run()
     seconds = time.perf_counter() - start
-    torch.manual_seed(args.seed + 1)
+    torch.manual_seed(seed + 1)
     stats = training_mode_stats(
-        result.sae, model, args.eval_samples, args.batch_size, sae.cfg.aux_zipf_tau,
-        sae.cfg.aux_zipf_fit_fraction,
+        result.sae, model, args.eval_samples, args.batch_size, args.eval_tau, args.eval_fit_fraction,
     )
-    torch.manual_seed(args.seed + 1)
+    torch.manual_seed(seed + 1)
     export = eval_sae_on_synthetic_data(
         result.sae, model.feature_dict, model.activation_generator,
         num_samples=args.eval_samples, batch_size=args.batch_size,
@@ -155,52 +158,77 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--aux-coefficient", type=float, default=1.0)
     parser.add_argument(
-        "--aux-normalization", default=None, choices=["none", "residual_variance"],
-        help="aux_loss_normalization for every run (default: each loss's own)",
+        "--aux-normalization", default="none", choices=["none", "residual_variance"],
+        help="aux_loss_normalization for every run (one setting shared by the losses)",
     )
+    parser.add_argument("--tau", type=float, default=None, help="aux_zipf_tau (default: the config's)")
+    parser.add_argument("--eval-tau", type=float, default=0.5, help="tau of the underused share")
+    parser.add_argument("--eval-fit-fraction", type=float, default=0.5)
     parser.add_argument("--dead-window", type=int, default=200)
     parser.add_argument("--eval-samples", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = SyntheticModel(
-        SyntheticModelConfig(
-            num_features=args.features,
-            hidden_dim=args.hidden_dim,
-            firing_probability=ZipfianFiringProbabilityConfig(
-                exponent=args.zipf_exponent, max_prob=args.max_prob, min_prob=args.min_prob
-            ),
-            seed=args.seed,
-        )
-    )
-    true_l0 = model.activation_generator.firing_probabilities.sum().item()
-    print(
-        f"synthetic: {args.features} features (Zipf exponent {args.zipf_exponent}, p in "
-        f"[{args.min_prob}, {args.max_prob}], true L0 {true_l0:.2f}), hidden_dim {args.hidden_dim}; "
-        f"SAE d_sae {args.d_sae}, k {args.k}; {args.samples:,} samples, batch {args.batch_size}, "
-        f"lr {args.lr}, dead window {args.dead_window} steps; eval {args.eval_samples:,} samples"
-    )
-    header = f"{'arch':14} {'aux_loss':9} {'dead':>6} {'underused':>9} {'EV':>7} {'EV exp':>7} {'MCC':>6} {'L0':>6} {'s':>5} {'sec':>5}"
-    for arch in args.arch:
-        rows = {loss: run_one(arch, loss, model, args) for loss in args.losses}
-        print(header)
-        for loss, r in rows.items():
-            print(
-                f"{arch:14} {loss:9} {r['dead']:6.3f} {r['underused']:9.3f} {r['ev']:7.4f} "
-                f"{r['ev_export']:7.4f} {r['mcc']:6.3f} {r['l0']:6.2f} {r['zipf_s']:5.2f} {r['seconds']:5.0f}"
+    header = (f"{'arch':14} {'aux_loss':9} {'seed':>4} {'dead':>6} {'underused':>9} {'EV':>7} "
+              f"{'EV exp':>7} {'MCC':>6} {'L0':>6} {'s':>5} {'sec':>5}")
+    wall = time.perf_counter()
+    print(f"load average at start {' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for seed in args.seeds:
+        model = SyntheticModel(
+            SyntheticModelConfig(
+                num_features=args.features,
+                hidden_dim=args.hidden_dim,
+                firing_probability=ZipfianFiringProbabilityConfig(
+                    exponent=args.zipf_exponent, max_prob=args.max_prob, min_prob=args.min_prob
+                ),
+                seed=seed,
             )
-        if "none" in rows:
-            base = rows["none"]
-            for loss, r in rows.items():
-                if loss == "none":
-                    continue
+        )
+        true_l0 = model.activation_generator.firing_probabilities.sum().item()
+        print(
+            f"seed {seed}: synthetic {args.features} features (Zipf exponent {args.zipf_exponent}, p in "
+            f"[{args.min_prob}, {args.max_prob}], true L0 {true_l0:.2f}), hidden_dim {args.hidden_dim}; "
+            f"SAE d_sae {args.d_sae}, k {args.k}; {args.samples:,} samples, batch {args.batch_size}, "
+            f"lr {args.lr}, dead window {args.dead_window} steps; eval {args.eval_samples:,} samples; "
+            f"aux_loss_normalization {args.aux_normalization}",
+            flush=True,
+        )
+        print(header, flush=True)
+        for arch in args.arch:
+            for loss in args.losses:
+                r = run_one(arch, loss, model, args, seed)
+                rows.setdefault((arch, loss), []).append(r)
                 print(
-                    f"  {arch} {loss} vs none: dead {r['dead'] - base['dead']:+.3f}, underused "
-                    f"{r['underused'] - base['underused']:+.3f}, EV {r['ev'] - base['ev']:+.4f}, "
-                    f"EV export {r['ev_export'] - base['ev_export']:+.4f}"
+                    f"{arch:14} {loss:9} {seed:4d} {r['dead']:6.3f} {r['underused']:9.3f} {r['ev']:7.4f} "
+                    f"{r['ev_export']:7.4f} {r['mcc']:6.3f} {r['l0']:6.2f} {r['zipf_s']:5.2f} {r['seconds']:5.0f}",
+                    flush=True,
                 )
+    for arch in args.arch:
+        for loss in args.losses:
+            if loss == "aux_k" or (arch, "aux_k") not in rows:
+                continue
+            base, other = rows[(arch, "aux_k")], rows[(arch, loss)]
+            print(f"{arch} {loss} - aux_k over seeds {args.seeds}: " + "; ".join(
+                f"{key} {summary([o[key] - b[key] for o, b in zip(other, base)])}"
+                for key in ("dead", "underused", "ev", "ev_export")
+            ), flush=True)
+    print(f"wall time {time.perf_counter() - wall:.0f} s; load average at end "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
+
+
+def summary(values: list[float]) -> str:
+    """mean +- sd and a 95% t-interval (t quantiles for up to 5 seeds)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return f"{mean:+.4f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(n, 2.571)
+    half = t * sd / n**0.5
+    return f"{mean:+.4f} +- {sd:.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
 
 
 if __name__ == "__main__":

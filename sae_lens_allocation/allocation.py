@@ -725,9 +725,14 @@ def zipf_capacities(
     return caps
 
 
-def ranks_from_frequency(freq: torch.Tensor) -> torch.Tensor:
-    """1-based ranks by descending frequency (ties by index), for `zipf_capacities`."""
-    order = torch.argsort(freq.float(), descending=True, stable=True)
+def ranks_from_frequency(freq: torch.Tensor, tie_break: torch.Tensor | None = None) -> torch.Tensor:
+    """1-based ranks by descending frequency, for `zipf_capacities`: rank 1 = largest `freq`;
+    equal `freq` ordered by descending `tie_break` (when given), then by index."""
+    order = torch.arange(freq.numel(), device=freq.device)
+    if tie_break is not None:
+        order = torch.argsort(tie_break.float(), descending=True, stable=True)
+    # Stable sorts: the last key sorted is the primary one, earlier orders break its ties.
+    order = order[torch.argsort(freq.float()[order], descending=True, stable=True)]
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(1, freq.numel() + 1, device=freq.device)
     return ranks

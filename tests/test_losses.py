@@ -1,5 +1,5 @@
 """Auxiliary losses (losses.py): registry, validation, aux_k = SAELens aux-k, aux_zipf's
-reduction to aux_k, the Zipf fit and underused set, the firing EMA, and the buffers."""
+reduction to aux_k, dead latents first, weights on gradients, the Zipf fit and underused set, the firing EMA, and the buffers."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from sae_lens_allocation.training.losses import (
     AUX_LOSS_KEY,
     AUX_LOSSES,
     AuxLossContext,
+    aux_activations,
     ema_warmup_steps,
     expected_frequency,
     fit_zipf,
     frequency_ranks,
+    reconstruct_residual_loss,
     register_aux_loss,
     update_firing_ema,
     zipf_underuse,
@@ -165,33 +167,163 @@ def test_aux_k_equals_saelens_topk_aux_loss(n_dead, rescale, shape):
         assert got > 0
 
 
-def test_aux_zipf_with_dead_set_and_unit_weights_equals_aux_k():
-    """tau = 0 makes U = dead (w = 1 on dead): aux_zipf with SAELens' reduction is aux_k."""
+def saelens_aux_k(
+    sae: TopKAuxTrainingSAE, x: torch.Tensor, dead: torch.Tensor
+) -> tuple[torch.Tensor, TopKTrainingSAE]:
+    """SAELens' own TopKTrainingSAE.calculate_topk_aux_loss on a copy of the weights (and the
+    copy, for its gradients)."""
+    cfg = sae.cfg
+    ref = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=cfg.rescale_acts_by_decoder_norm,
+            aux_loss_coefficient=cfg.aux_loss_coefficient,
+        )
+    )
+    ref.load_state_dict({n: t for n, t in sae.state_dict().items() if n not in sae.AUX_STATE_BUFFERS})
+    _, hidden_pre = ref.encode_with_hidden_pre(x)
+    loss = ref.calculate_topk_aux_loss(sae_in=x, sae_out=ref(x), hidden_pre=hidden_pre, dead_neuron_mask=dead)
+    return loss, ref
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 40])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("shape", [(64,), (8, 8)])
+def test_aux_zipf_with_tau_0_and_default_normalisation_equals_saelens_aux_k(n_dead, rescale, shape):
+    """Default normalisation, tau = 0 (U = dead, w = 1 on U), past the warm-up: aux_zipf is
+    SAELens' aux-k loss, value and gradients."""
+    x = torch.randn(*shape, D_IN)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE)[:n_dead]] = True
+    p = zipf_profile()
+    p[20:30] *= 0.01  # alive but underused: tau = 0.5 would add them to U
+    p[dead] = 0.0
+    sae = make_sae(aux_loss="aux_zipf", aux_zipf_tau=0.0, rescale_acts_by_decoder_norm=rescale)
+    warm(sae, p)
+    sae.eval()  # keep the warmed state fixed
+    assert bool(sae.zipf_ready())
+    got = aux_loss_of(sae, x, dead)
+    expected, ref = saelens_aux_k(sae, x, dead)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    if n_dead:
+        names = ["W_enc", "W_dec", "b_enc", "b_dec"]
+        got_grads = torch.autograd.grad(got, [getattr(sae, n) for n in names])
+        expected_grads = torch.autograd.grad(expected, [getattr(ref, n) for n in names])
+        for grad, want in zip(got_grads, expected_grads):
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_aux_zipf_with_tau_differs_from_aux_k_when_underused_latents_get_slots():
     x = torch.randn(64, D_IN)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
-    dead[-12:] = True
+    dead[-3:] = True  # fewer dead latents than k_aux = 8: the free slots go to U \ dead
     p = zipf_profile()
-    p[20:30] *= 0.01  # underused, so tau = 0.5 would differ
+    p[20:30] *= 0.01
     p[dead] = 0.0
-    losses = {}
-    for name, fields in {
-        "aux_k": dict(aux_loss="aux_k"),
-        "zipf_tau0": dict(aux_loss="aux_zipf", aux_zipf_tau=0.0, aux_loss_normalization="none"),
-        "zipf_tau05": dict(aux_loss="aux_zipf", aux_loss_normalization="none"),
-    }.items():
-        sae = make_sae(**fields)
-        warm(sae, p)
-        sae.eval()  # keep the warmed state fixed
-        losses[name] = aux_loss_of(sae, x, dead)
-    torch.testing.assert_close(losses["zipf_tau0"], losses["aux_k"], rtol=1e-6, atol=0)
-    assert not torch.isclose(losses["zipf_tau05"], losses["aux_k"])
+    sae = make_sae(aux_loss="aux_zipf")
+    warm(sae, p)
+    sae.eval()
+    assert not torch.isclose(aux_loss_of(sae, x, dead), saelens_aux_k(sae, x, dead)[0])
+
+
+def reference_aux_activations(z: torch.Tensor, candidates, slots: int, rectify: bool) -> torch.Tensor:
+    """Plain reference: per token, the `slots` candidates with the largest z keep z (or relu z)."""
+    flat = z.reshape(-1, z.shape[-1])
+    out = torch.zeros_like(flat)
+    chosen = [j for j in range(flat.shape[1]) if candidates[j]]
+    for n, row in enumerate(flat.tolist()):
+        for j in sorted(chosen, key=lambda j: -row[j])[:slots]:
+            out[n, j] = max(row[j], 0.0) if rectify else row[j]
+    return out.reshape(z.shape)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_candidates=st.integers(1, 30),
+    slots=st.integers(1, 12),
+    rectify=st.booleans(),
+    shape=st.sampled_from([(7,), (3, 5)]),
+    seed=st.integers(0, 2**16),
+)
+def test_aux_activations_keep_the_top_candidates_per_token(n_candidates, slots, rectify, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, 30, generator=g) * 3
+    candidates = torch.zeros(30, dtype=torch.bool)
+    candidates[torch.randperm(30, generator=g)[:n_candidates]] = True
+    slots = min(slots, n_candidates)
+    got = aux_activations(z, candidates, slots, rectify)
+    torch.testing.assert_close(got, reference_aux_activations(z, candidates, slots, rectify))
+
+
+def test_aux_zipf_is_aux_k_plus_the_alive_underused_latents_in_the_free_slots():
+    """Dead latents take the k_aux slots first and their term is aux_k; the alive underused
+    latents reconstruct e on their own with the free slots (relu(z)); checked against a plain
+    computation."""
+    x = torch.randn(32, D_IN)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[-3:] = True  # 3 dead < k_aux = 8: 5 free slots
+    p = zipf_profile()
+    p[20:30] *= 0.01
+    p[dead] = 0.0
+    sae = make_sae(aux_loss="aux_zipf", aux_loss_coefficient=0.7)
+    warm(sae, p)
+    sae.eval()
+    underused = sae.underused_mask(dead)
+    alive = underused & ~dead
+    assert alive[20:30].all() and int(alive.sum()) >= 5
+    out = sae.training_forward_pass(step_input(x, dead))
+    expected_dead, _ = saelens_aux_k(sae, x, dead)
+    with torch.no_grad():
+        _, z = sae.encode_with_hidden_pre(x)
+        residual = x - out.sae_out
+        acts = reference_aux_activations(z, alive, 5, rectify=True)
+        recons = acts @ (sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True))
+        alive_term = 0.7 * (5 / 8) * (recons - residual).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out.losses[AUX_LOSS_KEY], expected_dead + alive_term, rtol=1e-5, atol=1e-6)
+
+    many_dead = torch.zeros(D_SAE, dtype=torch.bool)
+    many_dead[-12:] = True  # at least k_aux dead latents: every slot is a dead latent's
+    torch.testing.assert_close(aux_loss_of(sae, x, many_dead), saelens_aux_k(sae, x, many_dead)[0], rtol=1e-6, atol=1e-7)
+
+
+def aux_context(sae: TopKAuxTrainingSAE, x: torch.Tensor) -> AuxLossContext:
+    feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+    sae_out = sae.decode(feature_acts)
+    none = torch.zeros(D_SAE, dtype=torch.bool)
+    zero = torch.zeros(D_SAE)
+    return AuxLossContext(
+        step_input=step_input(x, none), feature_acts=feature_acts, hidden_pre=hidden_pre,
+        sae_out=sae_out, dead_mask=none, firing_ema=zero, ranks=zero, expected_frequency=zero,
+        zipf_exponent=torch.tensor(1.0), zipf_ready=torch.tensor(True), underused=none,
+        underuse_weights=zero, k_aux=sae.k_aux(),
+    )
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_underuse_weights_scale_each_latents_gradient_not_its_value(rescale):
+    sae = make_sae(rescale_acts_by_decoder_norm=rescale)
+    x = torch.randn(32, D_IN)
+    candidates = torch.zeros(D_SAE, dtype=torch.bool)
+    candidates[::3] = True
+    n = int(candidates.sum())
+    weights = torch.rand(D_SAE)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec]
+    unit = reconstruct_residual_loss(sae, aux_context(sae, x), candidates, n)
+    unit_grads = torch.autograd.grad(unit, params)
+    weighted = reconstruct_residual_loss(sae, aux_context(sae, x), candidates, n, weights=weights)
+    weighted_grads = torch.autograd.grad(weighted, params)
+    torch.testing.assert_close(weighted, unit)  # same reconstruction target and value
+    w_enc, b_enc, w_dec = unit_grads
+    torch.testing.assert_close(weighted_grads[0], w_enc * weights)
+    torch.testing.assert_close(weighted_grads[1], b_enc * weights)
+    torch.testing.assert_close(weighted_grads[2], w_dec * weights[:, None])
+    assert w_dec[candidates].abs().sum() > 0 and w_dec[~candidates].abs().sum() == 0
 
 
 def test_aux_zipf_during_ema_warmup_equals_aux_k():
     x = torch.randn(64, D_IN)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[:5] = True
-    zipf = make_sae(aux_loss="aux_zipf", aux_loss_normalization="none", firing_ema_decay=0.9)
+    zipf = make_sae(aux_loss="aux_zipf", firing_ema_decay=0.9)
     auxk = make_sae(aux_loss="aux_k", firing_ema_decay=0.9)
     for _ in range(ema_warmup_steps(0.9) - 1):
         torch.testing.assert_close(aux_loss_of(zipf, x, dead), aux_loss_of(auxk, x, dead))
@@ -200,12 +332,14 @@ def test_aux_zipf_during_ema_warmup_equals_aux_k():
     assert bool(zipf.zipf_ready())
 
 
-def test_aux_zipf_default_normalization_divides_by_residual_variance():
+@pytest.mark.parametrize("loss", ["aux_k", "aux_zipf"])
+def test_residual_variance_normalisation_divides_either_loss_by_the_residual_variance(loss):
     x = torch.randn(64, D_IN)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[:10] = True
-    plain = make_sae(aux_loss="aux_zipf", aux_loss_normalization="none")
-    normalised = make_sae(aux_loss="aux_zipf")
+    plain = make_sae(aux_loss=loss)
+    normalised = make_sae(aux_loss=loss, aux_loss_normalization="residual_variance")
+    assert plain.cfg.aux_loss_normalization == "none"
     plain.eval()
     normalised.eval()
     out = normalised.training_forward_pass(step_input(x, dead))

@@ -3,9 +3,15 @@
 Training: each latent j keeps the m_j tokens of the batch with the largest z_j, then relu
 ("each feature matches with at most m tokens"; paper). Capacities (project definition,
 algorithms.md): `capacity="uniform"` gives m_j = M/F with randomised rounding, sum_j m_j = M =
-floor(k * N); `capacity="zipf"` gives m_j proportional to rank_j^(-s), rank by the running firing
-frequency, s = `zipf_exponent`, floored at 1, capped at N, renormalised to sum M. Every latent gets
-m_j >= 1 tokens per batch, so none is dead by construction.
+floor(k * N); `capacity="zipf"` gives m_j proportional to rank_j^(-s), s = `zipf_exponent`,
+floored at 1, capped at N, renormalised to sum M. Every latent gets m_j >= 1 tokens per batch, so
+none is dead by construction.
+Zipf ranking (project definition, docs/architectures.md): not by the latent's own firing rate,
+which under Feature Choice is mostly its capacity (ranking by it froze the initial order, the
+latent index), but by how often z_j would be selected by Mutual Choice on the same batch:
+u_j = EMA over steps of the fraction of tokens n with z_nj among the floor(k*N) largest entries of
+relu(z) (ties by the positive mass EMA of relu(z_j)). Uniform capacities for the first
+`capacity_warmup_steps` steps, then the ranks are recomputed every `capacity_rerank_steps` steps.
 Export: SAELens `jumprelu` with per-latent thresholds theta_j, the (1 - a q_j) quantile of z_j on
 calibration tokens, q_j = E[m_j] / N the training firing fraction and the level a cross-fitted over
 document folds so the out-of-fold mean L0 is sum_j q_j = k (calibration.py).
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from typing_extensions import override
 
 from sae_lens_allocation.allocation import (
@@ -33,6 +40,7 @@ from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAEConfig,
 )
 from sae_lens_allocation.training.calibration import ZBlock, feature_choice_thresholds
+from sae_lens_allocation.training.losses import update_firing_ema
 from sae_lens_allocation.validation import UsageError, field_error
 
 CAPACITIES = ("uniform", "zipf")
@@ -45,11 +53,16 @@ class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
     capacity: "uniform" | "zipf", how the budget M = floor(k * N) is split over latents.
     zipf_exponent: s in m_j ~ rank_j^(-s) (capacity="zipf" only), > 0.
     capacity_seed: seed of the randomised rounding of uniform capacities.
+    capacity_warmup_steps: capacity="zipf": training steps with uniform capacities while the rank
+        statistic accumulates; the first Zipf ranking is taken after this many steps; >= 1.
+    capacity_rerank_steps: capacity="zipf": steps between re-rankings after the warm-up; >= 1.
     """
 
     capacity: Literal["uniform", "zipf"] = "uniform"
     zipf_exponent: float = 1.0
     capacity_seed: int = 0
+    capacity_warmup_steps: int = 1
+    capacity_rerank_steps: int = 1
 
     @override
     @classmethod
@@ -62,6 +75,10 @@ class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
             raise field_error("capacity", self.capacity, f"one of {CAPACITIES}")
         if not (isinstance(self.zipf_exponent, (int, float)) and 0 < self.zipf_exponent < math.inf):
             raise field_error("zipf_exponent", self.zipf_exponent, "a finite number > 0")
+        for name in ("capacity_warmup_steps", "capacity_rerank_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise field_error(name, value, "an integer >= 1")
 
     def check_batch_tokens(self, n_tokens: int) -> None:
         """Every latent needs m_j >= 1, so the budget must cover the latents: floor(k*N) >= d_sae."""
@@ -82,17 +99,78 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         super().__init__(cfg, use_error_term)
         self._generator = torch.Generator().manual_seed(cfg.capacity_seed)
         # Tokens per training batch, so the export can reproduce the firing fractions m_j / N.
+        device = self.W_dec.device
+        self.register_buffer("capacity_tokens", torch.zeros((), dtype=torch.long, device=device))
+        # Zipf ranking state (training checkpoints keep it; the export drops every buffer but the
+        # threshold): EMAs of the Mutual Choice selection rate u_j and of the positive mass
+        # E[relu(z_j)], their update count, and the ranks the capacities use.
+        d_sae = cfg.d_sae
+        self.register_buffer("rank_selection_ema", torch.zeros(d_sae, device=device))
+        self.register_buffer("rank_mass_ema", torch.zeros(d_sae, device=device))
+        self.register_buffer("rank_updates", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer(
-            "capacity_tokens", torch.zeros((), dtype=torch.long, device=self.W_dec.device)
+            "capacity_ranks", torch.arange(1, d_sae + 1, dtype=torch.long, device=device)
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Checkpoints written before the rank buffers existed ranked by the firing EMA: keep that
+        # ranking and the step count, so their export calibrates to the capacities they trained
+        # with; a resumed run then re-ranks from a rank statistic that starts at zero.
+        if prefix + "capacity_ranks" not in state_dict and prefix + "firing_ema" in state_dict:
+            firing = state_dict[prefix + "firing_ema"]
+            state_dict[prefix + "capacity_ranks"] = ranks_from_frequency(firing)
+            state_dict[prefix + "rank_updates"] = state_dict.get(
+                prefix + "firing_ema_steps", torch.zeros((), dtype=torch.long)
+            )
+            state_dict[prefix + "rank_selection_ema"] = torch.zeros_like(firing)
+            state_dict[prefix + "rank_mass_ema"] = torch.zeros_like(firing)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def zipf_ranked(self) -> bool:
+        """True once Zipf capacities are in use: capacity="zipf" and the warm-up is over."""
+        return self.cfg.capacity == "zipf" and int(self.rank_updates) >= self.cfg.capacity_warmup_steps
+
     def capacities(self, n_tokens: int) -> torch.Tensor:
-        """m_j for a batch of n_tokens tokens ([F], long, sums to floor(k * N))."""
+        """m_j for a batch of n_tokens tokens ([F], long, sums to floor(k * N)): uniform, or Zipf
+        by `capacity_ranks` once the warm-up is over."""
         self.cfg.check_batch_tokens(n_tokens)
-        if self.cfg.capacity == "uniform":
+        if not self.zipf_ranked():
             return uniform_capacities(n_tokens, self.cfg.d_sae, self.cfg.k, self._generator)
-        ranks = ranks_from_frequency(self.firing_ema.detach().cpu())
+        ranks = self.capacity_ranks.cpu()
         return zipf_capacities(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent, self._generator)
+
+    @torch.no_grad()
+    def update_rank_statistic(self, hidden_pre: torch.Tensor) -> None:
+        """One update of the Zipf rank statistic from a training batch's z (all leading dims).
+
+        u_j <- EMA of (1/N) sum_n [entry (n, j) in the Mutual Choice selection of the batch, the
+        floor(k*N) largest relu(z)]; mass_j <- EMA of (1/N) sum_n relu(z_nj); both with the
+        firing EMA's rule (`losses.update_firing_ema`, decay `firing_ema_decay`). After
+        `capacity_warmup_steps` updates and every `capacity_rerank_steps` after that,
+        capacity_ranks <- ranks by descending u, ties by descending mass, then index.
+        """
+        z = hidden_pre.detach().reshape(-1, hidden_pre.shape[-1])
+        # Over the global batch under data parallel (global_allocation.py), as the capacities.
+        group = self.batch_group
+        n_tokens = group.total_rows(z.shape[0], z.device)
+        selected = group.sum((group.mutual_choice(z, self.cfg.k).codes != 0).float().sum(0)) / n_tokens
+        mass = group.sum(z.relu().float().sum(0)) / n_tokens
+        self.rank_updates += 1
+        decay = self.cfg.firing_ema_decay
+        self.rank_selection_ema.copy_(
+            update_firing_ema(self.rank_selection_ema, selected, self.rank_updates, decay)
+        )
+        self.rank_mass_ema.copy_(update_firing_ema(self.rank_mass_ema, mass, self.rank_updates, decay))
+        since_warmup = int(self.rank_updates) - self.cfg.capacity_warmup_steps
+        if since_warmup >= 0 and since_warmup % self.cfg.capacity_rerank_steps == 0:
+            self.capacity_ranks.copy_(ranks_from_frequency(self.rank_selection_ema, self.rank_mass_ema))
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        if self.training and self.cfg.capacity == "zipf":
+            self.update_rank_statistic(output.hidden_pre)
+        return output
 
     @override
     def allocate(self, hidden_pre: torch.Tensor) -> Allocation:
@@ -108,12 +186,12 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         self._ema_threshold(allocation.cutoff.nan_to_num(posinf=0.0), torch.isfinite(allocation.cutoff))
 
     def firing_fractions(self) -> torch.Tensor:
-        """q_j = E[m_j] / N at the training batch size: k / F for uniform capacities, the expected
-        Zipf capacity over N otherwise."""
-        if self.cfg.capacity == "uniform":
+        """q_j = E[m_j] / N at the training batch size: k / F for uniform capacities (and during
+        the Zipf warm-up), the expected Zipf capacity by `capacity_ranks` over N otherwise."""
+        if not self.zipf_ranked():
             return torch.full((self.cfg.d_sae,), self.cfg.k / self.cfg.d_sae, dtype=torch.float64)
         n_tokens = int(self.capacity_tokens) or self.cfg.calibration_tokens
-        ranks = ranks_from_frequency(self.firing_ema.detach().cpu())
+        ranks = self.capacity_ranks.cpu()
         return zipf_targets(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent).double() / n_tokens
 
     @override

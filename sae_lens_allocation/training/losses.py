@@ -9,8 +9,10 @@ its auxiliary loss by name (`aux_loss` config field) from `AUX_LOSSES`:
   residual e = x - x_hat.
 - `aux_zipf` (Ayonrinde 2024 names it and says it generalises aux-k to dead *and underused*
   latents; the formula is not public, the one here is this project's definition, see
-  docs/losses.md): the same reconstruction with the top-k_aux latents of the underused set U,
-  each scaled by how far below its Zipf-expected firing frequency it is.
+  docs/losses.md): aux_k on the dead latents, which take the k_aux slots first, plus the alive
+  underused latents (below tau times their Zipf-expected firing frequency) reconstructing the
+  residual with the slots left free, each latent's gradient weighted by how far below it is. Both share one normalisation (`aux_loss_normalization`,
+  default SAELens' "none"), so aux_zipf with U = dead and unit weights is aux_k exactly.
 
 A new loss is a function `fn(sae, ctx: AuxLossContext) -> (loss, metrics)` decorated with
 `@register_aux_loss("name")`; it becomes a valid `aux_loss` value at once.
@@ -189,38 +191,61 @@ class AuxLossContext:
     k_aux: int
 
 
+def scale_gradient(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Value t exactly, gradient w * dL/dt: sg(t) + w (t - sg(t)), sg = stop-gradient."""
+    detached = t.detach()
+    return detached + w * (t - detached)
+
+
+def aux_activations(
+    hidden_pre: torch.Tensor, candidates: torch.Tensor, slots: int, rectify: bool = False
+) -> torch.Tensor:
+    """Codes of an auxiliary reconstruction: for each token the top-`slots` latents of the
+    candidate set C by z keep z (relu(z) with `rectify`), every other entry is 0.
+
+    Without `rectify` this is SAELens' `calculate_topk_aux_acts`, line by line (raw z, no ReLU).
+    """
+    top = torch.where(candidates, hidden_pre, -torch.inf).topk(slots, sorted=False)
+    aux_acts = torch.zeros_like(hidden_pre)
+    aux_acts.scatter_(-1, top.indices, top.values.relu() if rectify else top.values)
+    return aux_acts
+
+
 def reconstruct_residual_loss(
     sae: Any,
     ctx: AuxLossContext,
     candidates: torch.Tensor,
     n_candidates: int,
-    weights: torch.Tensor | None,
-    default_normalization: str,
+    slots: int | None = None,
+    weights: torch.Tensor | None = None,
+    rectify: bool = False,
 ) -> torch.Tensor:
-    """coefficient * min(n/k_aux, 1) * R(e, e_hat), n = |candidates|.
+    """coefficient * (s / k_aux) * R(e, e_hat) for a candidate set C (bool [d_sae]) given
+    `slots` slots per token (default k_aux), s = min(slots, |C|).
 
-    e = (x - x_hat).detach(); e_hat decodes, without b_dec, the top-min(k_aux, n) candidate latents
-    of each token by pre-activation (no ReLU), each times w_j, as SAELens' aux-k does
-    (`act_times_W_dec`). R is mean_n ||e_n - e_hat_n||^2 for normalization "none" (SAELens'
-    code) or that divided by mean_n ||e_n - mean(e)||^2 for "residual_variance" (algorithms.md).
-    `cfg.aux_loss_normalization = None` means `default_normalization`.
+    e = (x - x_hat).detach(); e_hat = sum_j a_j d_j, no b_dec, with a = `aux_activations` (the
+    top-s of C by z per token) and d_j the decoder row, divided by its norm when
+    `rescale_acts_by_decoder_norm` (SAELens' `act_times_W_dec`). With slots = k_aux the factor
+    s / k_aux is SAELens' min(|C| / k_aux, 1). R = mean_n ||e_n - e_hat_n||^2 for normalisation
+    "none" (SAELens' code), that divided by mean_n ||e_n - mean_n(e)||^2 for "residual_variance";
+    `cfg.aux_loss_normalization` picks it, one setting for every loss. Weights w [d_sae] scale
+    latent j's share of the gradient (of a_j and of d_j) by w_j and leave the value unchanged:
+    w_j weighs how much the loss trains latent j, not the reconstruction target.
     """
-    if n_candidates == 0:
+    s = min(ctx.k_aux if slots is None else slots, n_candidates)
+    if s <= 0:
         return ctx.sae_out.new_zeros(())
     cfg = sae.cfg
     residual = (ctx.step_input.sae_in - ctx.sae_out).detach()
-    k = min(ctx.k_aux, n_candidates)
-    scale = min(n_candidates / ctx.k_aux, 1.0)
-    masked = torch.where(candidates, ctx.hidden_pre, -torch.inf)
-    top = masked.topk(k, sorted=False)
-    values = top.values if weights is None else top.values * weights[top.indices]
-    aux_acts = torch.zeros_like(ctx.hidden_pre)
-    aux_acts.scatter_(-1, top.indices, values)
-    recons = act_times_W_dec(aux_acts, sae.W_dec, cfg.rescale_acts_by_decoder_norm)
+    aux_acts = aux_activations(ctx.hidden_pre, candidates, s, rectify)
+    w_dec = sae.W_dec
+    if weights is not None:
+        aux_acts = scale_gradient(aux_acts, weights.to(aux_acts.dtype))
+        w_dec = scale_gradient(w_dec, weights.to(w_dec.dtype)[:, None])
+    recons = act_times_W_dec(aux_acts, w_dec, cfg.rescale_acts_by_decoder_norm)
     recons = sae.reshape_fn_out(recons, sae.d_head)
     error = (recons - residual).pow(2).sum(dim=-1).mean()
-    normalization = cfg.aux_loss_normalization or default_normalization
-    if normalization == "residual_variance":
+    if cfg.aux_loss_normalization == "residual_variance":
         # Over the global batch when it is split across processes (sae.batch_group).
         group: BatchGroup = sae.batch_group
         flat = residual.reshape(-1, residual.shape[-1])
@@ -229,7 +254,7 @@ def reconstruct_residual_loss(
         variance = group.sum((flat - mean).pow(2).sum()) / rows
         # Guards a residual with zero variance (e.g. a perfect reconstruction).
         error = error / variance.clamp_min(torch.finfo(variance.dtype).eps)
-    return cfg.aux_loss_coefficient * scale * error
+    return cfg.aux_loss_coefficient * (s / ctx.k_aux) * error
 
 
 @register_aux_loss("none")
@@ -240,32 +265,37 @@ def no_aux_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMet
 
 @register_aux_loss("aux_k")
 def aux_k_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:
-    """Aux-k (Gao et al. 2024) exactly as SAELens codes it: candidates = dead latents, w = 1,
-    scale min(n_dead / k_aux, 1), normalization "none" by default (the paper divides by the
-    variance: `aux_loss_normalization="residual_variance"`)."""
+    """Aux-k (Gao et al. 2024) exactly as SAELens codes it: C = dead latents, w = 1,
+    scale min(n_dead / k_aux, 1), normalisation `aux_loss_normalization` (default "none", SAELens';
+    the paper divides by the residual's variance: "residual_variance")."""
     # One host sync for the dead count, as SAELens' aux-k has.
     n_dead = int(ctx.dead_mask.sum())
-    return reconstruct_residual_loss(sae, ctx, ctx.dead_mask, n_dead, None, "none"), {}
+    return reconstruct_residual_loss(sae, ctx, ctx.dead_mask, n_dead), {}
 
 
 @register_aux_loss("aux_zipf")
 def aux_zipf_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:
     """Aux-zipf (named by Ayonrinde 2024; formula: project definition, algorithms.md):
-    candidates = U, activations scaled by w_j, scale min(|U| / k_aux, 1), normalization
-    "residual_variance" by default. With U = dead and w = 1 (tau = 0, or during the EMA warm-up)
-    and normalization "none" it is aux_k."""
+    aux_k on the dead latents D, plus the alive underused latents A = U minus D reconstructing e
+    on their own with the slots D leaves free, s_A = min(k_aux, |U|) - min(k_aux, |D|), values
+    relu(z), latent j's gradient weighted by w_j; the normalisation aux_k uses. With U = dead
+    and w = 1 (tau = 0, or during the EMA warm-up) the second term is 0: aux_k exactly."""
+    # Host syncs for the slot sizes (aux_k has the dead count too).
+    n_dead = int(ctx.dead_mask.sum())
     n_underused = int(ctx.underused.sum())
-    loss = reconstruct_residual_loss(
-        sae, ctx, ctx.underused, n_underused, ctx.underuse_weights, "residual_variance"
-    )
+    loss = reconstruct_residual_loss(sae, ctx, ctx.dead_mask, n_dead)
+    free = min(ctx.k_aux, n_underused) - min(ctx.k_aux, n_dead)
+    if free > 0:
+        alive = ctx.underused & ~ctx.dead_mask
+        loss = loss + reconstruct_residual_loss(
+            sae, ctx, alive, n_underused - n_dead, free, ctx.underuse_weights, rectify=True
+        )
     return loss, {}
 
 
 # ---------------------------------------------------------------------------------------------
 # Config fields and the training-SAE mixin
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 @dataclass(kw_only=True)
@@ -275,9 +305,9 @@ class AuxLossConfig:
     aux_loss: name in `AUX_LOSSES` ("none", "aux_k", "aux_zipf", or a registered one).
     aux_loss_coefficient: multiplies the loss (same name and meaning as SAELens TopK's field).
     aux_k: latents per token in the aux reconstruction; None = d_in // 2 (SAELens' heuristic).
-    aux_loss_normalization: "none" (SAELens' mean squared error) or "residual_variance"
-        (divide by the residual's variance); None = the loss's own default (aux_k: "none",
-        aux_zipf: "residual_variance").
+    aux_loss_normalization: "none" (SAELens' mean squared error, the default) or
+        "residual_variance" (divide by the residual's variance); one setting for every loss.
+        None, which configs written by earlier versions hold, means "none".
     aux_zipf_tau: latent j is underused if p_j < tau * p_hat_j; in [0, 1] (0: only dead).
     aux_zipf_exponent: None fits s every step; a positive float fixes s (then only C is fitted).
     aux_zipf_fit_fraction: fit over the most frequent ceil(fraction * #firing) latents; (0, 1].
@@ -287,8 +317,8 @@ class AuxLossConfig:
     aux_loss: str = "aux_k"
     aux_loss_coefficient: float = 1.0
     aux_k: int | None = None
-    aux_loss_normalization: str | None = None
-    aux_zipf_tau: float = 0.5
+    aux_loss_normalization: str | None = "none"
+    aux_zipf_tau: float = 0.1
     aux_zipf_exponent: float | None = None
     aux_zipf_fit_fraction: float = 0.5
     firing_ema_decay: float = 0.99
@@ -308,14 +338,14 @@ class AuxLossConfig:
             isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 1
         ):
             raise field_error("aux_k", self.aux_k, "None (= d_in // 2) or an integer >= 1")
-        if (
-            self.aux_loss_normalization is not None
-            and self.aux_loss_normalization not in AUX_LOSS_NORMALIZATIONS
+        # None: what configs written by earlier versions hold; it now means the shared default.
+        if self.aux_loss_normalization is not None and (
+            self.aux_loss_normalization not in AUX_LOSS_NORMALIZATIONS
         ):
             raise field_error(
                 "aux_loss_normalization",
                 self.aux_loss_normalization,
-                f"None (the loss's default) or one of {', '.join(AUX_LOSS_NORMALIZATIONS)}",
+                f"one of {', '.join(AUX_LOSS_NORMALIZATIONS)} (None, from older configs: none)",
             )
         if not (is_finite_number(self.aux_zipf_tau) and 0.0 <= self.aux_zipf_tau <= 1.0):
             raise field_error("aux_zipf_tau", self.aux_zipf_tau, "a number in [0, 1]")
