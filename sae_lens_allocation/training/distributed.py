@@ -37,7 +37,7 @@ from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointF
 from sae_lens.training.types import DataProvider
 
 from sae_lens_allocation.global_allocation import BatchGroup, DataParallelError
-from sae_lens_allocation.training.calibration import iter_rows
+from sae_lens_allocation.training.calibration import CalibrationRows
 from sae_lens_allocation.training.gradients import HookedRootModule
 from sae_lens_allocation.training.runner import build_runner
 from sae_lens_allocation.training.sources import runner_sources
@@ -250,27 +250,39 @@ class DataParallelSAETrainer(SAETrainer[Any, Any]):
 @torch.no_grad()
 def share_calibration_rows(sae: Any, group: BatchGroup) -> None:
     """Give every rank the calibration rows of all ranks, in rank order: ceil(
-    calibration_tokens / W) rows each from its held-out source (its own shard of the stream),
-    or from its training tail when it has no source, as a single-process run of the same size
-    would use. The export's metadata keeps saying which of the two it was."""
+    calibration_tokens / W) rows each from what it would calibrate on alone (its held-out rows,
+    else its training-row reservoir), as a single-process run of the same size would use. Each
+    rank's document ids are renumbered after the previous ranks', so document folds never mix
+    ranks' documents; the metadata keeps rank 0's description and adds the number of ranks."""
     want = math.ceil(sae.cfg.calibration_tokens / group.world_size)
-    held_out = sae._calibration_source is not None
-    source = sae._calibration_source if held_out else sae.calibration_rows
-    if source is None:
-        local = torch.zeros(0, sae.cfg.d_in)
+    device = sae.W_enc.device
+    local = sae._default_calibration_rows()
+    if local is None:
+        acts = torch.zeros(0, sae.cfg.d_in, device=device)
+        documents = torch.zeros(0, dtype=torch.long, device=device)
+        info: dict[str, Any] = {}
     else:
-        local = torch.cat(list(iter_rows(source, want, sae.cfg.calibration_chunk_tokens)))
-    local = local.to(device=sae.W_enc.device, dtype=torch.float32)
-    counts = group.row_counts(local.shape[0], local.device)
-    padded = local.new_zeros(max(counts), sae.cfg.d_in)
-    padded[: local.shape[0]] = local
-    rows = torch.cat([g[:n] for g, n in zip(group.all_gather(padded), counts)])
+        acts = local.acts[:want].to(device=device, dtype=torch.float32)
+        documents = torch.unique(local.documents[:want], return_inverse=True)[1].to(device)
+        info = local.info
+    counts = group.row_counts(acts.shape[0], device)
+    padded_acts = acts.new_zeros(max(counts), sae.cfg.d_in)
+    padded_acts[: acts.shape[0]] = acts
+    padded_docs = documents.new_zeros(max(counts))
+    padded_docs[: documents.shape[0]] = documents
+    all_acts, all_docs, offset = [], [], 0
+    for rank_acts, rank_docs, n in zip(
+        group.all_gather(padded_acts), group.all_gather(padded_docs), counts
+    ):
+        all_acts.append(rank_acts[:n])
+        all_docs.append(rank_docs[:n] + offset)
+        offset += int(rank_docs[:n].max()) + 1 if n else 0
+    rows = torch.cat(all_acts)
     if not rows.shape[0]:
         return
-    if held_out:
-        sae.set_calibration_source(rows)
-    else:
-        sae.calibration_rows = rows
+    sae.set_calibration_source(
+        CalibrationRows(rows, torch.cat(all_docs), {**info, "ranks": group.world_size})
+    )
 
 
 def train_data_parallel(
