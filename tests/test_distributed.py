@@ -305,7 +305,8 @@ def test_torchrun_trains_on_the_embedded_model_and_rank_0_writes(tmp_path):
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.pt").is_file()
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu"
-    assert cfg["metadata"]["calibration"] == {"source": "held-out", "tokens": 1024}
+    calibration = cfg["metadata"]["calibration"]
+    assert calibration["tokens"] == 1024 and calibration["ranks"] == 2
     runner_cfg = json.loads((tmp_path / "sae" / "runner_cfg.json").read_text())
     assert runner_cfg["train_batch_size_tokens"] == 512
     assert load_sae(tmp_path / "sae").cfg.d_sae == 128

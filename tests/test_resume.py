@@ -255,23 +255,21 @@ def test_store_replays_to_the_same_rows_after_a_restart(tmp_path):
 
 
 def test_sigterm_during_the_export_lets_it_finish_then_stops(reference, tmp_path):
-    """Mutual Choice calibrates its export on fresh store batches after the last step: a signal
-    then does not cut the export short; it is complete and equal to the uninterrupted one."""
+    """Mutual Choice calibrates its export after the last step: a signal then does not cut the
+    export short; it is complete and equal to the uninterrupted one."""
     ref_folder, _ = reference("mutual_choice")
     runner = build_runner(_cfg("mutual_choice", tmp_path), override_model=support.tiny_model(),
                           override_dataset=support.tiny_dataset())
-    store = runner.activations_store
-    state = {"trained": False, "sent": False}
+    state = {"sent": False}
+    calibrate = runner.sae.calibrate_thresholds
 
-    class SignalAtExport(type(store)):
-        def __next__(self):
-            state["trained"] |= self.stop_check is not None
-            if state["trained"] and self.stop_check is None and not state["sent"]:
-                state["sent"] = True
-                os.kill(os.getpid(), signal.SIGTERM)
-            return super().__next__()
+    def signal_then_calibrate(*args, **kwargs):
+        if not state["sent"]:
+            state["sent"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return calibrate(*args, **kwargs)
 
-    store.__class__ = SignalAtExport
+    runner.sae.calibrate_thresholds = signal_then_calibrate
     with pytest.raises(TrainingInterrupted, match="after the last step; the export .* is complete") as stop:
         runner.run()
     assert state["sent"] and stop.value.exit_code == 143

@@ -62,9 +62,10 @@ class CalibrationRows:
 def check_finite(acts: torch.Tensor) -> None:
     """Refuse rows holding NaN or Inf: a threshold computed from them is meaningless (NaN sorts
     above every number, so it silently lowers the thresholds)."""
-    bad = ~torch.isfinite(acts).all(dim=-1)
-    n_bad = int(bad.sum())
-    if n_bad:
+    finite = torch.isfinite(acts).all(dim=-1)
+    # One host read of a flag; the count only on the error path.
+    if not bool(finite.all()):
+        n_bad = int((~finite).sum())
         raise ValueError(
             f"calibration data has {n_bad} of {acts.shape[0]} rows with NaN or Inf values; "
             "thresholds are not computed from them. Remove those rows (or find where they come "
