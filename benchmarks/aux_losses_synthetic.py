@@ -7,7 +7,8 @@ reports, on fresh samples encoded as in training:
                    frequencies (the aux_zipf rule of losses.py, tau = 0.5), dead included;
   EV               explained variance 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2;
   EV export, MCC   from sae_lens.synthetic.eval_sae_on_synthetic_data in eval mode (for
-                   mutual_choice that is the exported JumpReLU encoding);
+                   mutual_choice the exported JumpReLU encoding, its thresholds calibrated on
+                   calibration_tokens fresh samples);
 and, per architecture, the paired per-seed difference of each loss to aux_k (mean +- sd and a
 95% t-interval over the seeds). Every run uses the same `aux_loss_normalization` (default "none",
 SAELens' and now both losses' default).
@@ -133,6 +134,12 @@ def run_one(arch: str, aux_loss: str, model: SyntheticModel, args: argparse.Name
     stats = training_mode_stats(
         result.sae, model, args.eval_samples, args.batch_size, args.eval_tau, args.eval_fit_fraction,
     )
+    if hasattr(result.sae, "calibrate_thresholds"):
+        # The export's thresholds, from fresh samples the evaluation does not reuse (each row
+        # its own document), as train() calibrates on rows training never read.
+        torch.manual_seed(seed + 2)
+        rows = model.feature_dict(model.activation_generator(result.sae.cfg.calibration_tokens))
+        result.sae.calibrate_thresholds(rows, info={"overlaps_training": False})
     torch.manual_seed(seed + 1)
     export = eval_sae_on_synthetic_data(
         result.sae, model.feature_dict, model.activation_generator,
@@ -220,13 +227,14 @@ def main() -> None:
 
 
 def summary(values: list[float]) -> str:
-    """mean +- sd and a 95% t-interval (t quantiles for up to 5 seeds)."""
+    """mean +- sd and a 95% t-interval (Student t with n - 1 degrees of freedom; beyond 11
+    seeds the 10-degree quantile, which makes the interval slightly too wide)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
         return f"{mean:+.4f}"
     sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(n, 2.571)
+    t = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)[min(n - 1, 10) - 1]
     half = t * sd / n**0.5
     return f"{mean:+.4f} +- {sd:.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
 
