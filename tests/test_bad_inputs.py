@@ -337,3 +337,17 @@ def test_per_token_l0_on_a_hook_z_sae_without_reshaping():
     _, cache = model.run_with_cache(tokens, names_filter=cfg.metadata.hook_name)
     expected = (sae.encode(cache[cfg.metadata.hook_name].flatten(2)) != 0).sum(-1).flatten()
     assert torch.equal(l0, expected)
+
+
+DASHBOARD_CASES = [c for c in CASES if c[1][:1] == ["dashboard"]]
+
+
+@pytest.mark.parametrize("template,needle", [c[1:] for c in DASHBOARD_CASES], ids=[c[0] for c in DASHBOARD_CASES])
+def test_dashboard_mistake_reads_the_same_without_the_extra(template, needle, files, tmp_path, capsys, monkeypatch):
+    # The user's own mistake is named first; the missing extra only once the command could run.
+    monkeypatch.setitem(sys.modules, "sae_dashboard", None)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(_argv(template, files, out))
+    assert_one_line_error(code, capsys.readouterr().err, needle)
+    assert list(out.iterdir()) == []

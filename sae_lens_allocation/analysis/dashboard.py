@@ -42,6 +42,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -701,6 +702,9 @@ def make_dashboard(
     context_size: tokens per row; default the SAE's recorded context size, else 128, at most the
         model's n_ctx.
     out: output folder: `feature_dashboard.html` and `neuronpedia/batch-0.json`.
+
+    Without sae-dashboard (the `dashboard` extra) this raises `DashboardError` once the arguments
+    and the SAE are checked.
     """
     report = _Progress(progress)
     for name, value in (
@@ -713,6 +717,11 @@ def make_dashboard(
     sae_name = Path(sae_dir).name if isinstance(sae_dir, (str, Path)) else type(sae_dir).__name__
     # Reported once loaded: a folder that cannot be used gives its one error line and nothing else.
     sae = load_dashboard_sae(sae_dir, device=device)
+    # After the user's own inputs, so a mistake in them reads the same with or without the extra.
+    if find_spec("sae_dashboard") is None:
+        raise DashboardError(
+            "sae-dashboard is not installed; install the dashboard extra: pip install 'sae-lens-allocation[dashboard]'"
+        )
     report(
         f"SAE {sae_dir}: {_architecture(sae)} (trained as {training_architecture(sae)}), d_sae {sae.cfg.d_sae}, "
         f"hook {sae.cfg.metadata.hook_name}"
@@ -832,12 +841,6 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
     """Run `make_dashboard` from parsed arguments; print the written paths. A user error (missing
     folder or asset, wrong architecture, model or features, or the `dashboard` extra not
     installed) is one line on stderr, exit code 2."""
-    from importlib.util import find_spec
-
-    if find_spec("sae_dashboard") is None:
-        print("sae-lens-allocation dashboard: error: sae-dashboard is not installed; install the "
-              "dashboard extra: pip install 'sae-lens-allocation[dashboard]'", file=sys.stderr)
-        return 2
     for flag, value in (("--n-tokens", args.n_tokens), ("--minibatch-size-tokens", args.minibatch_size_tokens),
                         ("--minibatch-size-features", args.minibatch_size_features)):
         if value < 1:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset, SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointFn
 from sae_lens.training.types import DataProvider
 
@@ -126,14 +127,37 @@ def broadcast_module(module: torch.nn.Module, group: BatchGroup, src: int = 0) -
         group.broadcast_(tensor.data, src)
 
 
+class GlobalActivationScaler(ActivationScaler):
+    """SAELens' `ActivationScaler` whose norm estimate covers every rank's batches:
+    scaling_factor = sqrt(d_in) / mean ||x|| over `n_batches_for_norm_estimate` batches of each
+    of the W ranks (SAELens' `estimate_scaling_factor` over the global batches)."""
+
+    def __init__(self, group: BatchGroup, device: torch.device | str) -> None:
+        super().__init__()
+        self.group = group
+        self.device = device
+
+    @torch.no_grad()
+    def estimate_scaling_factor(
+        self, d_in: int, data_provider: DataProvider, n_batches_for_norm_estimate: int = int(1e3)
+    ) -> None:
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for _ in range(n_batches_for_norm_estimate):
+            norms = next(data_provider).to(self.device).norm(dim=-1)
+            total[0] += norms.double().sum()
+            total[1] += norms.numel()
+        total = self.group.sum(total)
+        self.scaling_factor = d_in**0.5 / float(total[0] / total[1])
+
+
 class DataParallelSAETrainer(SAETrainer[Any, Any]):
     """SAELens' `SAETrainer`, one rank of W: the data provider gives this rank's N / W rows;
     `cfg` is the global trainer config (train_batch_size_samples = N, total samples global).
 
     `step` counts global samples; `_train_step` is SAELens' step (sae-lens 6.54) with the firing
     counts summed over ranks and the gradients averaged before the grad-norm clip;
-    `save_checkpoint` writes on rank 0 only; `fit` first estimates the activation-norm scaling
-    factor over every rank's batches.
+    `save_checkpoint` writes on rank 0 only; the activation-norm scaling factor is estimated over
+    every rank's batches (`GlobalActivationScaler`, which SAELens' `fit` calls).
     """
 
     def __init__(
@@ -158,30 +182,11 @@ class DataParallelSAETrainer(SAETrainer[Any, Any]):
         sae.batch_group = group  # type: ignore[attr-defined]
         broadcast_module(sae, group)
         super().__init__(cfg, sae, data_provider, evaluator, save_checkpoint_fn)
+        self.activation_scaler = GlobalActivationScaler(group, self.sae.device)
 
     @property
     def rows_per_rank(self) -> int:
         return self.cfg.train_batch_size_samples // self.group.world_size
-
-    def fit(self) -> TrainingSAE[Any]:
-        if (
-            self.sae.cfg.normalize_activations == "expected_average_only_in"
-            and self.activation_scaler.scaling_factor is None
-        ):
-            self.activation_scaler.scaling_factor = self._global_scaling_factor()
-        return super().fit()
-
-    @torch.no_grad()
-    def _global_scaling_factor(self) -> float:
-        """sqrt(d_in) / mean ||x|| over `n_batches_for_norm_estimate` batches of every rank
-        (SAELens' `ActivationScaler.estimate_scaling_factor` over the global batches)."""
-        total = torch.zeros(2, dtype=torch.float64, device=self.sae.device)
-        for _ in range(self.cfg.n_batches_for_norm_estimate):
-            norms = next(self.data_provider).to(self.sae.device).norm(dim=-1)
-            total[0] += norms.double().sum()
-            total[1] += norms.numel()
-        total = self.group.sum(total)
-        return self.sae.cfg.d_in**0.5 / float(total[0] / total[1])
 
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
         batch = batch.to(self.sae.device)

@@ -150,7 +150,9 @@ def embedded_calibration_tokens(
     tokenizer = model.tokenizer
     bos = tokenizer.bos_token_id
     special = torch.tensor(special_token_ids(model))
-    body = torch.as_tensor(training_rows["tokens"])[:, 1:]
+    # A slice, not `training_rows["tokens"]`: datasets >= 4 answers a column name with a lazy
+    # Column (of tensors when the runner set the torch format), which torch cannot convert.
+    body = training_rows.with_format("torch")[:]["tokens"][:, 1:]
     finished = int((body == bos).sum())
     partial = int(body.reshape(-1)[-1]) != bos
     files = corpus_files("train")
