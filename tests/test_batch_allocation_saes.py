@@ -245,7 +245,7 @@ def test_plugin_train_calibrates_on_rows_training_never_reads(arch, tmp_path):
     first = meta["first_dataset_row"]
     assert meta["dataset_rows"] == 400 and first >= 400 - 2 * 40
     assert torch.equal(runner.calibration_tokens.tokens,
-                       torch.tensor(dataset["tokens"][first:first + 40]))
+                       torch.tensor(dataset[first:first + 40]["tokens"]))
     # The trainer read rows [0, n_dataset_processed), never as far as the reserved ones.
     assert 0 < store.n_dataset_processed < first
     assert meta["overlaps_training"] is False
@@ -265,7 +265,7 @@ def test_plugin_train_records_overlap_when_training_reaches_the_reserved_rows(tm
 
 def test_streaming_dataset_reserves_its_first_rows(tmp_path):
     rows = _unique_rows_dataset(400)
-    dataset_rows = rows["tokens"]
+    dataset_rows = rows[:24]["tokens"]
     dataset = rows.to_iterable_dataset()
     cfg = support.runner_cfg("mutual_choice", tmp_path, training_tokens=4 * 256,
                              sae_calibration_tokens=512)
@@ -273,7 +273,7 @@ def test_streaming_dataset_reserves_its_first_rows(tmp_path):
                                               override_dataset=dataset)
     reserved_end = runner.activations_store.n_dataset_processed
     # 512 non-BOS tokens of 31 per row: 17 rows, in batches of 8; the stream starts after them.
-    assert torch.equal(runner.calibration_tokens.tokens, torch.tensor(dataset_rows[:24]))
+    assert torch.equal(runner.calibration_tokens.tokens, torch.tensor(dataset_rows))
     runner.run()
     meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]["calibration"]
     assert meta["source"] == "dataset rows reserved before training" and meta["sequences"] == 24
@@ -316,7 +316,7 @@ def test_train_reserves_embedded_rows_training_never_reads_for_any_seed(seed, tm
     runner = build_runner(cfg)
     reserved = runner.calibration_tokens
     assert reserved.info()["overlaps_training"] is False
-    training = torch.as_tensor(runner.activations_store.dataset["tokens"])[:, 1:].reshape(-1)
+    training = torch.as_tensor(runner.activations_store.dataset[:]["tokens"])[:, 1:].reshape(-1)
     training = training.tolist()
     seen = {tuple(training[i:i + 48]) for i in range(len(training) - 47)}
     rows = reserved.tokens[:, 1:].tolist()
