@@ -14,6 +14,7 @@ from sae_lens import LanguageModelSAETrainingRunner, SAE, TrainingSAE
 import sae_lens_allocation
 from sae_lens_allocation import FeatureChoiceTrainingSAEConfig, MutualChoiceTrainingSAEConfig
 from sae_lens_allocation import calibrate
+from sae_lens_allocation.training.runner import build_runner
 
 import support
 
@@ -127,7 +128,7 @@ GRID = [("mutual_choice", {}), ("feature_choice", {"sae_capacity": "uniform"}),
 @pytest.mark.parametrize("arch,extra", GRID, ids=["mc", "fc-uniform", "fc-zipf"])
 def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra, tmp_path):
     """The acceptance bounds (algorithms.md) on a reduced grid: train() with calibration rows
-    reserved before training; on held-out rows the export's mean L0 is within 5% of k and its EV
+    training never reads; on held-out rows the export's mean L0 is within 5% of k and its EV
     within 0.01 of the training-mode SAE (batch rule at the training batch size, same rows).
     The full grid on the embedded model is benchmarks/calibration_grid.py."""
     k = 8
@@ -234,37 +235,50 @@ def test_plugin_train_calibrates_on_rows_training_never_reads(arch, tmp_path):
     runner = sae_lens_allocation.build_runner(cfg, override_model=support.tiny_model(),
                                               override_dataset=dataset)
     store = runner.activations_store
-    reserved_end = store.n_dataset_processed
+    assert store.n_dataset_processed == 0  # the training stream is untouched
     runner.run()
     meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]["calibration"]
-    assert meta["source"] == "dataset rows reserved before training"
-    assert meta["dataset_samples_read_before_training"] == reserved_end
+    assert meta["source"] == "the dataset's last rows"
     # 1024 non-BOS tokens of 31 per row: 34 rows, taken in store batches of 8 prompts.
     assert meta["sequences"] == 40
     assert meta["tokens"] == 1024 and meta["special_tokens_excluded"] is True
-    # The trainer read rows [reserved_end, n_dataset_processed) and never wrapped onto them.
-    assert reserved_end < store.n_dataset_processed <= len(dataset)
+    first = meta["first_dataset_row"]
+    assert meta["dataset_rows"] == 400 and first >= 400 - 2 * 40
+    assert torch.equal(runner.calibration_tokens.tokens,
+                       torch.tensor(dataset["tokens"][first:first + 40]))
+    # The trainer read rows [0, n_dataset_processed), never as far as the reserved ones.
+    assert 0 < store.n_dataset_processed < first
     assert meta["overlaps_training"] is False
     assert meta["folds"] == 5 and meta["documents"] == 34
     assert "out_of_fold_l0" in meta and meta["target_l0"] == pytest.approx(32.0)
 
 
-def test_plugin_train_records_overlap_when_the_store_wraps(tmp_path):
+def test_plugin_train_records_overlap_when_training_reaches_the_reserved_rows(tmp_path):
     dataset = _unique_rows_dataset(60)
     cfg = support.runner_cfg("mutual_choice", tmp_path, training_tokens=8 * 256,
                              sae_calibration_tokens=512, n_batches_in_buffer=8)
     sae_lens_allocation.train(cfg, override_model=support.tiny_model(), override_dataset=dataset)
     meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]["calibration"]
-    assert meta["source"] == "dataset rows reserved before training"
+    assert meta["source"] == "the dataset's last rows"
     assert meta["overlaps_training"] is True
 
 
-def test_stock_runner_calibrates_on_a_reservoir_across_training_and_says_so(tmp_path):
-    runner, sae = _train("feature_choice", tmp_path, training_tokens=12 * 256, sae_calibration_tokens=1024)
+def test_streaming_dataset_reserves_its_first_rows(tmp_path):
+    rows = _unique_rows_dataset(400)
+    dataset_rows = rows["tokens"]
+    dataset = rows.to_iterable_dataset()
+    cfg = support.runner_cfg("mutual_choice", tmp_path, training_tokens=4 * 256,
+                             sae_calibration_tokens=512)
+    runner = sae_lens_allocation.build_runner(cfg, override_model=support.tiny_model(),
+                                              override_dataset=dataset)
+    reserved_end = runner.activations_store.n_dataset_processed
+    # 512 non-BOS tokens of 31 per row: 17 rows, in batches of 8; the stream starts after them.
+    assert torch.equal(runner.calibration_tokens.tokens, torch.tensor(dataset_rows[:24]))
+    runner.run()
     meta = json.loads((tmp_path / "output" / "cfg.json").read_text())["metadata"]["calibration"]
-    assert meta["source"] == "training-reservoir"
-    assert meta["overlaps_training"] is True and meta["special_tokens_excluded"] is None
-    assert meta["training_rows_seen"] == 12 * 256 and meta["tokens"] == 1024
+    assert meta["source"] == "dataset rows reserved before training" and meta["sequences"] == 24
+    assert meta["dataset_samples_read_before_training"] == reserved_end
+    assert meta["overlaps_training"] is None
 
 
 def test_embedded_calibration_rows_come_from_files_training_never_read():
@@ -274,7 +288,8 @@ def test_embedded_calibration_rows_come_from_files_training_never_read():
     model = load_embedded_model()
     bos = model.tokenizer.bos_token_id
     train = corpus_dataset(model, "train", context_size=64, n_rows=40, seed=3)
-    found = embedded_calibration_tokens(model, train, 64, 1500, seed=3, keep_special=False)
+    found = embedded_calibration_tokens(model, train, 64, 1500, training_seed=3, sample_seed=0,
+                                        keep_special=False)
     assert found is not None
     tokens, documents, info = found
     assert info["overlaps_training"] is False
@@ -285,6 +300,30 @@ def test_embedded_calibration_rows_come_from_files_training_never_read():
     seen = {tuple(stream[i:i + 24]) for i in range(len(stream) - 23)}
     for row in tokens[:, 1:].tolist():
         assert not any(tuple(row[i:i + 24]) in seen for i in range(len(row) - 23))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_train_reserves_embedded_rows_training_never_reads_for_any_seed(seed, tmp_path):
+    """The unseen files follow the run's file order (its `seed`), whatever `calibration_seed`.
+    Training reads half the corpus, so rows from files in another order overlap it: 54 of 96
+    rows shared a 48-token window with the training stream when the file order ignored the run's
+    seed. Distinct files can share a licence text, so one or two rows may still match."""
+    cfg = support.runner_cfg_dict("mutual_choice", tmp_path, model_name="embedded",
+                                  dataset_path="embedded", context_size=64,
+                                  training_tokens=1_200_000, seed=seed, sae_d_in=128,
+                                  sae_calibration_tokens=6000, sae_calibration_seed=0)
+    cfg.pop("is_dataset_tokenized")
+    runner = build_runner(cfg)
+    reserved = runner.calibration_tokens
+    assert reserved.info()["overlaps_training"] is False
+    training = torch.as_tensor(runner.activations_store.dataset["tokens"])[:, 1:].reshape(-1)
+    training = training.tolist()
+    seen = {tuple(training[i:i + 48]) for i in range(len(training) - 47)}
+    rows = reserved.tokens[:, 1:].tolist()
+    assert len(rows) > 90
+    overlapping = sum(any(tuple(row[i:i + 48]) in seen for i in range(len(row) - 47))
+                      for row in rows)
+    assert overlapping <= 2
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -73,13 +73,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression from merging issue 13 into 19: the single runner now reserves its "
-    "calibration rows from the dataset before training (shifting its stream) while the multi "
-    "runner still calibrates on stream batches after training, so the two no longer see the same "
-    "rows; the multi runner must reserve rows the same way",
-)
 def test_one_multi_run_equals_single_runs_at_two_hooks(embedded, tmp_path):
     model, dataset = embedded
     names = {f"{arch}@{i}": (arch, hook) for arch in ARCHITECTURES for i, hook in enumerate((H0, H1))}
@@ -110,8 +103,12 @@ def test_one_multi_run_equals_single_runs_at_two_hooks(embedded, tmp_path):
         assert cfg["metadata"]["hook_name"] == hook
         assert cfg["metadata"]["training_architecture"] == arch
         if arch in ("mutual_choice", "feature_choice"):
-            # Held-out rows from the stream after training, as in the single runner.
-            assert cfg["metadata"]["calibration"] == {"source": "held-out", "tokens": 256}
+            # The dataset's last rows, as the single runner reserves them.
+            single_meta = json.loads((tmp_path / "single" / name / "cfg.json").read_text())
+            calibration = cfg["metadata"]["calibration"]
+            assert calibration == single_meta["metadata"]["calibration"]
+            assert calibration["source"] == "the dataset's last rows"
+            assert calibration["overlaps_training"] is False and calibration["tokens"] == 256
         assert (tmp_path / "multi" / name / "sparsity.safetensors").is_file()
 
     folders = [str(tmp_path / "multi" / name) for name in names]
@@ -121,13 +118,6 @@ def test_one_multi_run_equals_single_runs_at_two_hooks(embedded, tmp_path):
     assert architectures == {f: EXPORT_ARCHITECTURE[names[Path(f).name][0]] for f in folders}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression from merging issue 13 into 19: the single runner now reserves its "
-    "calibration rows from the dataset before training (shifting its stream) while the multi "
-    "runner still calibrates on stream batches after training, so the two no longer see the same "
-    "rows; the multi runner must reserve rows the same way",
-)
 def test_sae_sharing_a_hook_calibrate_on_the_same_held_out_rows(embedded, tmp_path):
     model, dataset = embedded
     multi_cfg = {
@@ -138,7 +128,8 @@ def test_sae_sharing_a_hook_calibrate_on_the_same_held_out_rows(embedded, tmp_pa
     # Same config and seed: same initialisation and training data; a global threshold from
     # other rows would differ.
     torch.testing.assert_close(trained["a"].threshold, trained["b"].threshold, rtol=0, atol=0)
-    assert trained["a"].cfg.metadata.calibration == {"source": "held-out", "tokens": 256}
+    assert trained["a"].cfg.metadata.calibration == trained["b"].cfg.metadata.calibration
+    assert trained["a"].cfg.metadata.calibration["tokens"] == 256
 
 
 @pytest.mark.parametrize("hooks", [
@@ -219,13 +210,6 @@ def test_train_command_runs_the_saes_form(tmp_path, capsys):
     assert runner_cfg["training_tokens"] == 256 and set(runner_cfg["saes"]) == {"mc", "g"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression from merging issue 13 into 19: the single runner now reserves its "
-    "calibration rows from the dataset before training (shifting its stream) while the multi "
-    "runner still calibrates on stream batches after training, so the two no longer see the same "
-    "rows; the multi runner must reserve rows the same way",
-)
 def test_compare_trains_arms_in_lockstep_with_the_same_result_as_one_by_one(tmp_path, tiny_model):
     from sae_lens_allocation.analysis.compare import run_compare
 

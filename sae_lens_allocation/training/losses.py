@@ -318,7 +318,7 @@ class AuxLossConfig:
     aux_loss_coefficient: float = 1.0
     aux_k: int | None = None
     aux_loss_normalization: str | None = "none"
-    aux_zipf_tau: float = 0.1
+    aux_zipf_tau: float = 0.05
     aux_zipf_exponent: float | None = None
     aux_zipf_fit_fraction: float = 0.5
     firing_ema_decay: float = 0.99

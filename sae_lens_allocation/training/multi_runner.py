@@ -11,10 +11,10 @@ point (`runner.build_runner`) adds:
 - every SAE is initialised under `torch.manual_seed(cfg.seed)` (the single runner's rule), and
   the global RNG is reseeded with `cfg.seed` before the stream starts, so SAE i of a multi run
   equals a single run with SAE i's config and the same seed and data (tested);
-- held-out calibration per SAE: each Mutual/Feature Choice SAE gets a calibration source
-  (`set_calibration_source`) reading its hook from the stream after training, rows the SAEs
-  never trained on. The batches are drawn once and shared, so SAEs at one hook calibrate on the
-  same rows, which are the rows a single run would calibrate on;
+- held-out calibration per SAE, as in the single runner (held_out.py): rows reserved once for
+  the run before training, each Mutual/Feature Choice SAE reading them at its own hook, all
+  hooks' activations from one LM forward per batch. SAEs with the same calibration settings
+  calibrate on the same rows as a single run of each would;
 - gradients for `gradient_topk` (any SAE whose config sets `needs_activation_gradients`):
   `MultiHookGradientActivationsStore` runs one forward to the logits and one backward down to
   the lowest requested hook per LM batch (`gradients.multi_hook_activation_gradients`) and
@@ -28,7 +28,7 @@ What SAELens' multi runner does not support stays unsupported (V1: cached activa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ from sae_lens.training.mixing_buffer import multi_hook_concat_split_iter
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
 from sae_lens_allocation.training.gradients import HookedRootModule, multi_hook_activation_gradients
-from sae_lens_allocation.training.sources import runner_sources
+from sae_lens_allocation.training.held_out import attach_calibration
+from sae_lens_allocation.training.sources import EMBEDDED, runner_sources
 
 # Fields of MultiSAETrainingRunnerConfig that are derived or not serialisable, never given.
 INTERNAL_FIELDS = ("_hook_names_per_sae", "_hook_head_indices_per_sae", "evaluator")
@@ -162,33 +163,6 @@ class MultiHookGradientActivationsStore(ActivationsStore):
         )
 
 
-class SharedContinuation:
-    """Batches of a multi-hook stream drawn after training, kept so that every SAE's calibration
-    reads the same rows: `view(key)` is a callable returning the next batch at `key` for one
-    reader. `release()` drops the kept batches (later reads draw new ones)."""
-
-    def __init__(self, source: Iterator[dict[str, torch.Tensor]]) -> None:
-        self.source = source
-        self.batches: list[dict[str, torch.Tensor]] | None = []
-
-    def view(self, key: str) -> Callable[[], torch.Tensor]:
-        position = 0
-
-        def next_batch() -> torch.Tensor:
-            nonlocal position
-            if self.batches is None:
-                return next(self.source)[key]
-            if position == len(self.batches):
-                self.batches.append(next(self.source))
-            position += 1
-            return self.batches[position - 1][key]
-
-        return next_batch
-
-    def release(self) -> None:
-        self.batches = None
-
-
 class PluginMultiSAETrainingRunner(MultiSAETrainingRunner):
     """SAELens' `MultiSAETrainingRunner` with the plugin's sources, seeding, held-out
     calibration and gradient store (module docstring). `run()` is SAELens' own."""
@@ -203,6 +177,7 @@ class PluginMultiSAETrainingRunner(MultiSAETrainingRunner):
         for sae_cfg in cfg.saes.values():
             if hasattr(sae_cfg, "check_batch_tokens"):
                 sae_cfg.check_batch_tokens(cfg.train_batch_size_tokens)
+        override_dataset_given = override_dataset is not None
         override_model, override_dataset = runner_sources(cfg, override_model, override_dataset)
         if override_saes is None:
             override_saes = {}
@@ -221,7 +196,13 @@ class PluginMultiSAETrainingRunner(MultiSAETrainingRunner):
             )
             self.activations_store = store
             self.evaluator.activations_store = store
-        self.calibration: SharedContinuation | None = None
+        hooks = cfg.hook_names_per_sae
+        embedded_rows = not override_dataset_given and cfg.dataset_path == EMBEDDED
+        # name -> the held-out calibration rows that SAE reads (held_out.CalibrationTokens).
+        self.calibration_tokens = attach_calibration(
+            self.saes, hooks, self.model, self.activations_store,
+            self.activations_store.get_multi_hook_activations, cfg.context_size, cfg.seed,
+            override_dataset if embedded_rows else None)
         # The shuffle order depends on the seed only, not on how many numbers the inits drew.
         torch.manual_seed(cfg.seed)
 
@@ -229,21 +210,10 @@ class PluginMultiSAETrainingRunner(MultiSAETrainingRunner):
         self, trainer: MultiSAETrainer
     ) -> dict[str, TrainingSAE[Any]]:
         # The one place SAELens hands over the trainer before `fit`: route the gradient SAEs to
-        # their [acts | grads] rows and attach the calibration sources to the live stream.
+        # their [acts | grads] rows.
         for name in self.gradient_saes:
             trainer.hook_names[name] = gradient_rows_key(self.cfg.hook_names_per_sae[name])
-        self.calibration = SharedContinuation(trainer.data_provider)
-        for name, sae in self.saes.items():
-            if hasattr(sae, "set_calibration_source"):
-                sae.set_calibration_source(self.calibration.view(self.cfg.hook_names_per_sae[name]))
         return super()._run_with_interruption_handling(trainer)
-
-    def _save_final_outputs(
-        self, saes: dict[str, TrainingSAE[Any]], trainer: MultiSAETrainer
-    ) -> None:
-        super()._save_final_outputs(saes, trainer)
-        if self.calibration is not None:
-            self.calibration.release()
 
 
 def multi_runner_config_from_dict(cfg: Mapping[str, Any]) -> MultiSAETrainingRunnerConfig:

@@ -316,6 +316,8 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
         self.evaluator.activations_store = store
         self.stop = StopRequest()
         self._trainer: Any = None
+        # The held-out calibration rows build_runner reserves (held_out.CalibrationTokens).
+        self.calibration_tokens: Any = None
 
     def run(self) -> Any:
         """SAELens' `run()`, with SIGINT/SIGTERM turned into a stop at the next step boundary.

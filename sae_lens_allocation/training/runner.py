@@ -5,7 +5,7 @@ heavy runs (field types and ranges, batch budgets, the resume checkpoint, then t
 exist in the model and its width must equal `sae.d_in`), resolves `model_name: embedded` /
 `dataset_path: embedded` to the shipped model and corpus, builds the runner (SAELens' runner with
 clean stops and exact resume, resume.py), attaches calibration rows that training never reads to
-Mutual/Feature Choice SAEs (`attach_calibration`) and, when the SAE architecture needs activation
+Mutual/Feature Choice SAEs (held_out.py) and, when the SAE architecture needs activation
 gradients (its config class sets `needs_activation_gradients = True`, e.g. `gradient_topk`),
 uses a `GradientActivationsStore` as both the training data and the evaluator's store (reading
 the gradients from a gradient cache when `use_cached_activations`, gradient_cache.py). Several
@@ -14,7 +14,6 @@ SAEs from one LM pass: multi_runner.py.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,16 +23,14 @@ from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
 
-from sae_lens_allocation.training.calibration import CalibrationRows
 from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule
+from sae_lens_allocation.training.held_out import attach_calibration
 from sae_lens_allocation.training.resume import ResumableActivationsStore, ResumableTrainingRunner
 from sae_lens_allocation.training.sources import (
     EMBEDDED,
     check_embedded_sources,
-    embedded_calibration_tokens,
     runner_dataset,
     runner_model,
-    special_token_ids,
 )
 from sae_lens_allocation.validation import check_runner_fields, field_error
 
@@ -71,8 +68,13 @@ def build_runner(
         cfg, override_dataset=override_dataset, override_model=override_model,
         store_class=GradientActivationsStore if gradients else ResumableActivationsStore,
     )
-    if hasattr(runner.sae, "set_calibration_source") and not cfg.use_cached_activations:
-        attach_calibration(runner, override_dataset if embedded_rows else None)
+    if not cfg.use_cached_activations:
+        store = runner.activations_store
+        reserved = attach_calibration(
+            {"sae": runner.sae}, {"sae": cfg.hook_name}, runner.model, store,
+            lambda batch: {cfg.hook_name: store.get_activations(batch)},
+            cfg.context_size, cfg.seed, override_dataset if embedded_rows else None)
+        runner.calibration_tokens = reserved.get("sae")
     # The shuffle order depends on the seed only, not on how many numbers the SAE's init drew:
     # the same seed gives every architecture the same stream, as in the multi runner.
     torch.manual_seed(cfg.seed)
@@ -139,85 +141,6 @@ def check_resume_checkpoint(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
             raise field_error("resume_from_checkpoint", str(path),
                               f"a checkpoint of this SAE; it has {name}={saved.get(name)!r}, the "
                               f"config says {want!r}")
-
-
-@torch.no_grad()
-def _activation_rows(store: Any, tokens: torch.Tensor, documents: torch.Tensor, special: list[int],
-                     keep_special: bool, n_tokens: int, info: dict[str, Any]) -> CalibrationRows:
-    """Activations of token rows at the store's hook (its own `get_activations`, as training
-    computes them), special-token positions dropped unless `keep_special`, first n_tokens kept."""
-    window = slice(*store.seqpos_slice)
-    model_device = next(store.model.parameters()).device
-    acts, docs = [], []
-    for batch, batch_docs in zip(tokens.split(store.store_batch_size_prompts),
-                                 documents.split(store.store_batch_size_prompts)):
-        a = store.get_activations(batch.to(model_device)).to(store.device)
-        t, d = batch[:, window].to(store.device), batch_docs[:, window].to(store.device)
-        keep = torch.ones_like(t, dtype=torch.bool)
-        if not keep_special:
-            keep = ~torch.isin(t, torch.tensor(special, device=t.device))
-        acts.append(a[keep].float())
-        docs.append(d[keep])
-    info = {**info, "special_tokens_excluded": not keep_special}
-    return CalibrationRows(torch.cat(acts)[:n_tokens], torch.cat(docs)[:n_tokens], info)
-
-
-def attach_calibration(runner: ResumableTrainingRunner, embedded_dataset: Any = None) -> None:
-    """Give the runner's Mutual/Feature Choice SAE calibration rows that training never reads
-    (`calibration_tokens` positions, special tokens excluded unless
-    `calibration_include_special_tokens`); their activations are computed when calibrating.
-
-    - `embedded_dataset` (the training rows `runner_sources` built from the embedded corpus):
-      rows of train-split files the run never reads, sampled across documents
-      (`sources.embedded_calibration_tokens`).
-    - otherwise: the dataset's first rows, taken from the runner's store now, before training, so
-      the trainer's stream starts after them; overlaps_training is true if the store later wraps
-      past the end of the dataset back onto them, unknown for a dataset without a length.
-    Where neither gives rows, nothing is attached and the SAE's training-row reservoir is used
-    (recorded as overlapping training)."""
-    sae, store, cfg = runner.sae, runner.activations_store, runner.cfg
-    n_tokens = sae.cfg.calibration_tokens
-    keep = sae.cfg.calibration_include_special_tokens
-    special = special_token_ids(runner.model)
-    if embedded_dataset is not None:
-        found = embedded_calibration_tokens(runner.model, embedded_dataset, cfg.context_size, n_tokens,
-                                            sae.cfg.calibration_seed, keep)
-        if found is None:
-            return
-        tokens, documents, info = found
-        sae.set_calibration_source(
-            lambda: _activation_rows(store, tokens, documents, special, keep, n_tokens, info))
-        return
-    start = store.n_dataset_processed
-    batches, kept = [], 0
-    window = slice(*store.seqpos_slice)
-    while kept < n_tokens:
-        try:
-            batch = store.get_batch_tokens(raise_at_epoch_end=True).cpu()
-        except StopIteration:
-            warnings.warn(
-                f"the dataset holds fewer than calibration_tokens={n_tokens} tokens besides "
-                "training; the export is calibrated on the training-row reservoir instead",
-                stacklevel=2,
-            )
-            return
-        batches.append(batch)
-        w = batch[:, window]
-        kept += w.numel() if keep else int((~torch.isin(w, torch.tensor(special))).sum())
-    tokens = torch.cat(batches)
-    end = store.n_dataset_processed
-    length = len(store.dataset) if hasattr(store.dataset, "__len__") else None
-
-    def rows() -> CalibrationRows:
-        # The trainer reads from `end` on; it reaches the reserved rows again only by wrapping.
-        wrapped = None if length is None else store.n_dataset_processed - length > start
-        info = {"source": "dataset rows reserved before training", "overlaps_training": wrapped,
-                "fold_unit": "sequence", "sequences": tokens.shape[0],
-                "dataset_samples_read_before_training": end}
-        documents = torch.arange(tokens.shape[0])[:, None].expand_as(tokens)
-        return _activation_rows(store, tokens, documents, special, keep, n_tokens, info)
-
-    sae.set_calibration_source(rows)
 
 
 def train(

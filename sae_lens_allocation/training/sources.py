@@ -127,14 +127,16 @@ def _file_tokens(tokenizer: Any, path: Any) -> list[int]:
 
 
 def embedded_calibration_tokens(
-    model: Any, training_rows: Any, context_size: int, n_tokens: int, seed: int, keep_special: bool
+    model: Any, training_rows: Any, context_size: int, n_tokens: int, training_seed: int,
+    sample_seed: int, keep_special: bool,
 ) -> tuple[Any, Any, dict[str, Any]] | None:
     """Token rows of the corpus' train split that a run trained on `training_rows` (the dataset
-    `runner_sources` built with this `seed` and `context_size`) never reads, sampled at random
-    across documents; None when the split has no such rows.
+    `runner_sources` built with `training_seed` and `context_size`) never reads, sampled at
+    random (`sample_seed`) across documents; None when the split has no such rows.
 
     The training rows are the first rows of the split's stream with files in the order shuffled
-    by `seed`; the BOS separators inside them count the files they finished, so every later file
+    by `training_seed`; the BOS separators inside them count the files they finished, so every
+    later file
     (the partly read one skipped) is unseen. Those files form a pool of
     CALIBRATION_POOL_FACTOR x n_tokens tokens and at least CALIBRATION_POOL_FILES files, cut into
     rows as the corpus cuts them ([BOS] + context_size - 1 stream tokens); rows are drawn from it
@@ -154,7 +156,7 @@ def embedded_calibration_tokens(
     finished = int((body == bos).sum())
     partial = int(body.reshape(-1)[-1]) != bos
     files = corpus_files("train")
-    random.Random(seed).shuffle(files)
+    random.Random(training_seed).shuffle(files)
     unseen = files[finished + int(partial):]
     stream: list[int] = []
     docs: list[int] = []
@@ -178,7 +180,7 @@ def embedded_calibration_tokens(
         (n_rows,), rows.shape[1])
     # A random order that visits documents round-robin: every document's first drawn row, then
     # every document's second, ... (a row belongs to the file of its first token).
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(sample_seed))
     rank = torch.zeros(n_rows, dtype=torch.long)
     drawn: dict[int, int] = {}
     for i, d in enumerate(row_docs[order, 1].tolist()):
