@@ -143,23 +143,17 @@ def feature_choice(pre_acts: torch.Tensor, capacities: torch.Tensor) -> Allocati
     flat = pre_acts.reshape(-1)
     with torch.no_grad():
         z = flat.detach().contiguous().view(pre_acts.shape[:-1].numel(), n_latents)
-        if _static_shapes(z.device):
-            # The capacities decide buffer sizes, so they are read on the host: free when they
-            # are there already (as the plugin's SAEs pass them), one copy otherwise.
-            host_caps = capacities.detach().to(device="cpu", dtype=torch.long)
-            if n_latents and bool((host_caps < 0).any()):
-                raise ValueError(
-                    f"feature_choice: capacities must be >= 0, got min {int(host_caps.min())}"
-                )
-            static = _feature_choice_static(z, host_caps.clamp(max=z.shape[0]))
+        static_shapes = _static_shapes(z.device)
+        # With static shapes the capacities decide buffer sizes, so they are read on the host:
+        # free when they are there already (as the plugin's SAEs pass them), one copy otherwise.
+        caps = capacities.detach().to(device="cpu" if static_shapes else z.device, dtype=torch.long)
+        if n_latents and bool((caps < 0).any()):
+            raise ValueError(f"feature_choice: capacities must be >= 0, got min {int(caps.min())}")
+        caps = caps.clamp(max=z.shape[0])
+        if static_shapes:
+            static = _feature_choice_static(z, caps)
         else:
             static = None
-            caps = capacities.to(device=z.device, dtype=torch.long)
-            if n_latents and bool((caps < 0).any()):
-                raise ValueError(
-                    f"feature_choice: capacities must be >= 0, got min {int(caps.min())}"
-                )
-            caps = caps.clamp(max=z.shape[0])
             picked = None
             if z.numel() >= _FAST_MIN_NUMEL:
                 picked = _feature_choice_grouped(z, caps)
