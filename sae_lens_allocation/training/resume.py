@@ -256,7 +256,8 @@ def publish_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _generator_states(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def generator_states(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state of every torch.Generator attribute of `module` and its submodules, by path."""
     return {
         f"{prefix}.{name}" if prefix else name: value.get_state()
         for prefix, sub in module.named_modules()
@@ -265,7 +266,7 @@ def _generator_states(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _set_generator_states(module: torch.nn.Module, states: dict[str, torch.Tensor]) -> None:
+def set_generator_states(module: torch.nn.Module, states: dict[str, torch.Tensor]) -> None:
     for key, state in states.items():
         prefix, _, name = key.rpartition(".")
         getattr(module.get_submodule(prefix), name).set_state(state)
@@ -387,7 +388,7 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
             # SAELens saves n_training_steps before counting the step it checkpoints after.
             "n_training_steps": trainer.n_training_samples // trainer.cfg.train_batch_size_samples,
             "rng": _rng_state(),
-            "sae_generators": _generator_states(trainer.sae),
+            "sae_generators": generator_states(trainer.sae),
         }
         torch.save(state, Path(checkpoint_path) / RESUME_STATE_FILENAME)
         final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name  # type: ignore[arg-type]
@@ -411,7 +412,7 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
         trainer.checkpoint_thresholds = [
             t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples
         ]
-        _set_generator_states(trainer.sae, state["sae_generators"])
+        set_generator_states(trainer.sae, state["sae_generators"])
         _set_rng_state(state["rng"])
 
     def save_final_sae(self, sae: Any, output_path: str,
