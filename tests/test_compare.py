@@ -1,4 +1,5 @@
-"""`compare`: miniature end-to-end comparisons (tiny LM and tiny synthetic model) and config errors."""
+"""`compare`: miniature end-to-end comparisons (tiny LM and tiny synthetic model) with seeds, lr
+and k sweeps, intervals, verdicts, convergence and steering; config errors."""
 
 from __future__ import annotations
 
@@ -7,21 +8,24 @@ from pathlib import Path
 
 import pytest
 import support
+import torch
 
-from sae_lens_allocation.analysis.compare import check_compare_config, run_compare
+from sae_lens_allocation.analysis.compare import check_compare_config, run_compare, training_rule_stats
+from sae_lens_allocation.analysis.statistics import CONSISTENT, CONTRADICTS, NO_DIFFERENCE
 from sae_lens_allocation.yaml_config import ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
+VERDICTS = {CONSISTENT, CONTRADICTS, NO_DIFFERENCE}
 
 
 def _lm_config(tmp_path: Path) -> dict:
-    base = support.runner_cfg_dict("topk", tmp_path, training_tokens=4 * 256, sae_k=4)
+    base = support.runner_cfg_dict("topk", tmp_path, training_tokens=8 * 256, sae_k=4)
     base["sae"].pop("architecture")
-    for key in ("output_path", "checkpoint_path"):
+    for key in ("output_path", "checkpoint_path", "seed"):
         base.pop(key)
     return {
         "source": "language_model",
-        "seed": 3,
+        "seeds": [3, 4],
         "threads": 1,
         "base": base,
         "architectures": [
@@ -30,9 +34,14 @@ def _lm_config(tmp_path: Path) -> dict:
              "sae": {"aux_loss": "aux_zipf", "calibration_tokens": 512}},
             {"name": "fc-zipf", "architecture": "feature_choice",
              "sae": {"capacity": "zipf", "calibration_tokens": 512}},
-            {"architecture": "gradient_topk"},
+            {"name": "g-beta1", "architecture": "gradient_topk"},
+            {"name": "g-beta0", "architecture": "gradient_topk", "sae": {"beta": 0}},
         ],
-        "eval": {"n_batches": 2, "batch_size_prompts": 4},
+        "contrasts": [{"arm": "g-beta1", "against": "g-beta0"}],
+        "lr_values": [1e-3, 3e-3],
+        "k_values": [2],
+        "eval": {"heldout_rows": 16, "batch_rows": 4, "bootstrap": 200, "steering_latents": 4,
+                 "steering_contexts": 2, "probe_rows": 512},
     }
 
 
@@ -41,27 +50,58 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
                          override_dataset=support.tiny_dataset(256), override_heldout=support.tiny_dataset(64, seed=9))
     out = tmp_path / "cmp"
     saved = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in saved["rows"]] == ["topk", "mc-aux_zipf", "fc-zipf", "gradient_topk"]
-    assert {r["export_architecture"] for r in saved["rows"]} == {"topk", "jumprelu"}
-    for row in result["rows"]:
-        assert row["ce_loss_recovered"] is not None and row["train_tokens_per_s"] > 0
-        assert 0.0 <= row["dead_share"] <= row["underused_share"] <= 1.0
-        assert row["l0_per_token"]["p5"] <= row["l0_per_token"]["mean"] <= row["l0_per_token"]["p95"]
-        # topk exports keep at most k latents per token
-        if row["architecture"] == "topk":
-            assert row["l0_per_token"]["max"] <= 4
-    gaps = {r["name"]: r.get("gap") for r in result["rows"]}
-    assert gaps["topk"] is None and gaps["mc-aux_zipf"] is not None
-    assert saved["data"]["train_dataset_sha256"] and saved["data"]["heldout_tokens_sha256"]
+    arms = ["topk", "mc-aux_zipf", "fc-zipf", "g-beta1", "g-beta0"]
+    assert list(saved["summary"]["arms"]) == arms
+    # 2 lrs x 5 arms on seed 3, the second seed at each arm's best lr, k = 2 at the best lr
+    assert len(saved["runs"]) == 2 * 5 + 5 + 5
+    for arm in arms:
+        assert saved["best_lr"][arm] in (1e-3, 3e-3)
+        best = min(result["lr_sweep"][arm].values())  # lowest CE with the SAE spliced in
+        assert result["lr_sweep"][arm][result["best_lr"][arm]] == best
+        labels = saved["main"][arm]
+        assert [saved["runs"][x]["seed"] for x in labels] == [3, 4]
+        assert {saved["runs"][x]["lr"] for x in labels} == {saved["best_lr"][arm]}
+        s = saved["summary"]["arms"][arm]
+        ev = s["metrics"]["explained_variance"]
+        assert ev["n"] == 2 and ev["low"] <= ev["mean"] <= ev["high"]
+        assert set(s["convergence"]) == {"explained_variance", "dead_share"}
+        assert set(saved["k_sweep"][arm]) == {"2", "4"}
+        for x in labels:
+            run = saved["runs"][x]
+            tokens = [p["tokens"] for p in run["convergence"]]
+            assert tokens == sorted(tokens) and tokens[-1] == 8 * 256 and len(tokens) == 4
+            assert run["density"]["tokens"] == result["data"]["heldout_tokens"]
+            assert 0 <= run["metrics"]["dead_share"] <= run["metrics"]["underused_share"] <= 1
+            assert run["metrics"]["steering"] >= 0
+    # beta = 0 is plain TopK on the same data: the control equals the baseline exactly
+    topk, g0 = (saved["summary"]["arms"][a]["metrics"] for a in ("topk", "g-beta0"))
+    for m in ("explained_variance", "ce_with_sae", "dead_share"):
+        assert topk[m]["mean"] == pytest.approx(g0[m]["mean"], abs=1e-6)
+    g1 = saved["summary"]["arms"]["g-beta1"]["metrics"]
+    assert "ce_with_sae_gradient_selection" in g1 and "ce_with_sae_gradient_selection" not in topk
+    contrasts = {(c["arm"], c["against"]): c["metrics"] for c in saved["summary"]["contrasts"]}
+    assert set(contrasts) == {(a, "topk") for a in arms[1:]} | {("g-beta1", "g-beta0")}
+    for rows in contrasts.values():
+        for m in rows:
+            assert m["verdict"] in VERDICTS
+            assert m["low"] <= m["high"]
+    g0_vs_topk = {m["metric"]: m for m in contrasts[("g-beta0", "topk")]}
+    assert g0_vs_topk["ce_with_sae"]["diff"] == pytest.approx(0, abs=1e-9)
+    assert g0_vs_topk["ce_with_sae"]["verdict"] == NO_DIFFERENCE
     report = (out / "report.md").read_text()
-    assert "| fc-zipf |" in report and "l0_histogram.png" in report
-    assert (out / "l0_histogram.png").stat().st_size > 0 and (out / "density_rank.png").is_file()
+    for section in ("Main results", "Verdicts against the baseline", "Convergence", "gradient selection",
+                    "Learning-rate sweep", "k sweep"):
+        assert section in report
+    for plot in ("l0_histogram.png", "log_density.png", "metrics_vs_l0.png"):
+        assert (out / plot).stat().st_size > 0
+    rows = torch.load(out / "rows.pt")
+    assert set(rows) == set(saved["runs"])
 
 
-def test_synthetic_comparison_with_k_sweep(tmp_path):
+def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
     cfg = {
         "source": "synthetic",
-        "seed": 0,
+        "seeds": [0, 1, 2],
         "threads": 1,
         "base": {
             "synthetic_model": {"num_features": 32, "hidden_dim": 16, "seed": 0, "firing_probability": {
@@ -75,26 +115,55 @@ def test_synthetic_comparison_with_k_sweep(tmp_path):
             {"name": "fc-uniform", "architecture": "feature_choice",
              "sae": {"capacity": "uniform", "calibration_tokens": 512}},
         ],
-        "k_values": [2, 4],
-        "eval": {"samples": 1024},
+        "k_values": [4],
+        "eval": {"samples": 2048, "block_samples": 64, "density_samples": 4096, "bootstrap": 200, "probe_rows": 512},
     }
     result = run_compare(cfg, output_dir=tmp_path / "syn")
-    names = [r["name"] for r in result["rows"]]
-    assert names == ["topk@k=2", "topk@k=4", "fc-uniform@k=2", "fc-uniform@k=4"]
-    for row in result["rows"]:
-        assert 0.0 <= row["mcc"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
-        assert "ce_loss_recovered" not in row
-    assert (tmp_path / "syn" / "ev_vs_l0.png").is_file()
+    assert len(result["runs"]) == 2 * 3 + 2
+    arms = result["summary"]["arms"]
+    assert arms["topk"]["metrics"]["mcc"]["n"] == 3
+    assert arms["topk"]["metrics"]["l0"]["mean"] == pytest.approx(2.0)
+    (c,) = result["summary"]["contrasts"]
+    metrics = {m["metric"] for m in c["metrics"]}
+    assert {"explained_variance", "dead_share", "mcc", "f1"} <= metrics and "ce_with_sae" not in metrics
+    ev = next(m for m in c["metrics"] if m["metric"] == "explained_variance")
+    assert ev["n_rows"] == 2048 // 64 and ev["n_seeds"] == 3
+    for run in result["runs"].values():
+        assert run["density"]["tokens"] == 4096
     assert "MCC" in (tmp_path / "syn" / "report.md").read_text()
+
+
+def test_training_rule_probe_leaves_a_feature_choice_sae_unchanged():
+    from sae_lens_allocation.saes.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = FeatureChoiceTrainingSAE(FeatureChoiceTrainingSAEConfig(d_in=8, d_sae=16, k=2, capacity="zipf"))
+    sae.train()
+    x = torch.randn(256, 8)
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    rng, gen = torch.get_rng_state(), sae._generator.get_state()
+    stats = training_rule_stats(sae, x, 64, "feature_choice")
+    assert 0 <= stats["dead_share"] <= 1 and stats["explained_variance"] <= 1
+    assert sae.training
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(sae._generator.get_state(), gen)
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (lambda c: c.update(sourse="x"), "unknown compare config key sourse"),
+        (lambda c: c.update(seed=1), "seeds"),
+        (lambda c: c.update(seeds=[1, 1]), "seeds"),
         (lambda c: c["architectures"].append({"architecture": "nope"}), "nope"),
         (lambda c: c["architectures"][0].setdefault("sae", {}).update(kk=1), "unknown config key sae.kk"),
         (lambda c: c.update(k_values=[0]), "k_values"),
+        (lambda c: c.update(lr_values=[]), "lr_values"),
+        (lambda c: c.update(baseline="nope"), "baseline"),
+        (lambda c: c.update(contrasts=[{"arm": "topk", "against": "topk"}]), "contrasts"),
+        (lambda c: c["eval"].update(bootstrap=10), "eval.bootstrap"),
+        (lambda c: c["eval"].update(steering_scale=-1), "eval.steering_scale"),
         (lambda c: c["architectures"].append({"architecture": "topk"}), "used twice"),
     ],
 )
@@ -122,3 +191,7 @@ def test_shipped_configs_build(name):
     archs = {a["architecture"] for a in cfg["architectures"]}
     assert {"topk", "batchtopk", "mutual_choice", "feature_choice"} <= archs
     assert ("gradient_topk" in archs) == (cfg["source"] == "language_model")
+    assert len(cfg["seeds"]) >= 3 and cfg["lr_values"] and cfg["k_values"]
+    if cfg["source"] == "language_model":
+        betas = {a["sae"].get("beta", 1.0) for a in cfg["architectures"] if a["architecture"] == "gradient_topk"}
+        assert 0 in betas and len(betas) >= 2

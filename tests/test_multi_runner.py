@@ -215,15 +215,16 @@ def test_compare_trains_arms_in_lockstep_with_the_same_result_as_one_by_one(tmp_
 
     base = support.runner_cfg_dict("topk", tmp_path, training_tokens=3 * 256, sae_k=4)
     base["sae"].pop("architecture")
-    for key in ("output_path", "checkpoint_path"):
+    for key in ("output_path", "checkpoint_path", "seed"):
         base.pop(key)
     cfg = {
-        "source": "language_model", "seed": 3, "threads": 1, "base": base,
+        "source": "language_model", "seeds": [3], "threads": 1, "base": base,
         "architectures": [
             {"name": "mc", "architecture": "mutual_choice", "sae": {"calibration_tokens": 256}},
             {"name": "g", "architecture": "gradient_topk"},
         ],
-        "eval": {"n_batches": 1, "batch_size_prompts": 4},
+        "eval": {"heldout_rows": 8, "batch_rows": 4, "bootstrap": 100, "steering_latents": 2,
+                 "steering_contexts": 2, "probe_rows": 256},
     }
     results = {}
     for lockstep in (True, False):
@@ -232,15 +233,17 @@ def test_compare_trains_arms_in_lockstep_with_the_same_result_as_one_by_one(tmp_
             override_model=tiny_model, override_dataset=support.tiny_dataset(128),
             override_heldout=support.tiny_dataset(32, seed=9),
         )
-    assert results[True]["data"]["training"] == "lockstep (one multi-SAE run)"
-    assert results[False]["data"]["training"] == "one run per architecture"
     for name in ("mc", "g"):
-        together = _export_tensors(tmp_path / "True" / "saes" / name)
-        alone = _export_tensors(tmp_path / "False" / "saes" / name)
+        (label,) = results[True]["main"][name]
+        together = _export_tensors(Path(results[True]["runs"][label]["sae_dir"]))
+        alone = _export_tensors(Path(results[False]["runs"][label]["sae_dir"]))
         for key in together:
             torch.testing.assert_close(together[key], alone[key], rtol=1e-5, atol=1e-6)
-    rows = {r["name"]: r for r in results[True]["rows"]}
-    assert rows["mc"]["train_seconds"] == rows["g"]["train_seconds"]  # one shared run
+        # The convergence probes evaluate during training without changing it.
+        assert len(results[True]["runs"][label]["convergence"]) >= 2
+    runs = {r["arm"]: r for r in results[True]["runs"].values()}
+    assert runs["mc"]["lockstep_arms"] == 2 and runs["mc"]["train_seconds"] == runs["g"]["train_seconds"]
+    assert {r["lockstep_arms"] for r in results[False]["runs"].values()} == {1}
 
 
 def test_shipped_multi_config_builds():
