@@ -34,8 +34,8 @@ def _lm_config(tmp_path: Path) -> dict:
              "sae": {"aux_loss": "aux_zipf", "calibration_tokens": 512}},
             {"name": "fc-zipf", "architecture": "feature_choice",
              "sae": {"capacity": "zipf", "calibration_tokens": 512}},
-            {"name": "g-beta1", "architecture": "gradient_topk"},
-            {"name": "g-beta0", "architecture": "gradient_topk", "sae": {"beta": 0}},
+            {"name": "g-beta1", "architecture": "gradient_topk", "sae": {"aux_loss": "aux_k"}},
+            {"name": "g-beta0", "architecture": "gradient_topk", "sae": {"beta": 0, "aux_loss": "aux_k"}},
         ],
         "contrasts": [{"arm": "g-beta1", "against": "g-beta0"}],
         "lr_values": [1e-3, 3e-3],
@@ -73,7 +73,7 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
             assert run["density"]["tokens"] == result["data"]["heldout_tokens"]
             assert 0 <= run["metrics"]["dead_share"] <= run["metrics"]["underused_share"] <= 1
             assert run["metrics"]["steering"] >= 0
-    # beta = 0 is plain TopK on the same data: the control equals the baseline exactly
+    # beta = 0 with aux_k is SAELens TopK on the same data: the control equals the baseline exactly
     topk, g0 = (saved["summary"]["arms"][a]["metrics"] for a in ("topk", "g-beta0"))
     for m in ("explained_variance", "ce_with_sae", "dead_share"):
         assert topk[m]["mean"] == pytest.approx(g0[m]["mean"], abs=1e-6)
