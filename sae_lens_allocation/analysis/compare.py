@@ -463,16 +463,14 @@ def lm_activations(model: Any, dataset: Any, hook: str, n_rows: int, batch_promp
     tokens (BOS/EOS/PAD) removed, as [tokens, d_in]."""
     column = "tokens" if "tokens" in dataset.column_names else "input_ids"
     tokens = torch.tensor(dataset[:n_rows][column])
-    tok = model.tokenizer
-    special = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None}
+    from sae_lens_allocation.training.sources import special_token_ids
+
+    special = special_token_ids(model)
     layer = int(hook.split(".")[1]) + 1 if hook.startswith("blocks.") else None
     rows = []
     for batch in tokens.split(batch_prompts):
         _, cache = model.run_with_cache(batch, names_filter=hook, stop_at_layer=layer)
-        keep = torch.ones_like(batch, dtype=torch.bool)
-        for t in special:
-            keep &= batch != t
-        rows.append(cache[hook][keep].float().cpu())
+        rows.append(cache[hook][rm.keep_mask(batch, special)].float().cpu())
     return torch.cat(rows)
 
 

@@ -13,6 +13,7 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
+from sae_lens_allocation.analysis.row_metrics import keep_mask
 from sae_lens_allocation.loading import (
     TRAINER_STATE_FILENAME,
     check_sae_weights,
@@ -115,9 +116,7 @@ def _per_token_l0(
         elif acts.ndim > 3:
             acts = acts.flatten(2)
         codes = sae.encode(acts.to(sae.device))
-        keep = torch.ones_like(tokens, dtype=torch.bool)
-        for t in special:
-            keep &= tokens != t
+        keep = keep_mask(tokens, special)
         values.append((codes != 0).sum(-1)[keep.to(codes.device)].cpu())
     return torch.cat(values)
 

@@ -65,6 +65,7 @@ def _token_kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def keep_mask(tokens: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
+    """True where a token is not one of `special_ids` (BOS/EOS/PAD): the positions evaluations score."""
     keep = torch.ones_like(tokens, dtype=torch.bool)
     for t in special_ids:
         keep &= tokens != t
