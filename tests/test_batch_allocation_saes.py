@@ -281,13 +281,29 @@ def test_streaming_dataset_reserves_its_first_rows(tmp_path):
     assert meta["overlaps_training"] is None
 
 
-def test_embedded_calibration_rows_come_from_files_training_never_read():
+def test_embedded_training_rows_mix_documents_in_a_seeded_order():
+    """SAELens mixes only within its buffer, so the row order is what spreads a training batch
+    over documents: the training rows are the stream's rows, permuted by the run's seed."""
     from sae_lens_allocation.embedded import corpus_dataset, load_embedded_model
-    from sae_lens_allocation.training.sources import embedded_calibration_tokens
+    from sae_lens_allocation.training.sources import embedded_training_rows
+
+    model = load_embedded_model()
+    stream = torch.tensor(corpus_dataset(model, "train", context_size=64, n_rows=200, seed=3)["tokens"])
+    rows = torch.tensor(embedded_training_rows(model, 64, 200 * 64, seed=3)["tokens"])
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, stream.tolist()))
+    position = {tuple(r): i for i, r in enumerate(stream.tolist())}
+    first_rows = [position[tuple(r)] for r in rows[:16].tolist()]
+    assert max(first_rows) - min(first_rows) > 100  # the first batch spans the stream, not 16 neighbours
+    assert torch.equal(rows, torch.tensor(embedded_training_rows(model, 64, 200 * 64, seed=3)["tokens"]))
+
+
+def test_embedded_calibration_rows_come_from_files_training_never_read():
+    from sae_lens_allocation.embedded import load_embedded_model
+    from sae_lens_allocation.training.sources import embedded_calibration_tokens, embedded_training_rows
 
     model = load_embedded_model()
     bos = model.tokenizer.bos_token_id
-    train = corpus_dataset(model, "train", context_size=64, n_rows=40, seed=3)
+    train = embedded_training_rows(model, 64, 40 * 64, seed=3)
     found = embedded_calibration_tokens(model, train, 64, 1500, training_seed=3, sample_seed=0,
                                         keep_special=False)
     assert found is not None

@@ -32,7 +32,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.cache_activations_runner import CacheActivationsRunner
 
 from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule, gradient_column
-from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, load_lm
+from sae_lens_allocation.training.sources import EMBEDDED, embedded_training_rows, load_lm
 from sae_lens_allocation.validation import field_error
 
 
@@ -71,9 +71,7 @@ class GradientCacheActivationsRunner(CacheActivationsRunner):
         if cfg.compile_llm:
             self.model = torch.compile(self.model, mode=cfg.llm_compilation_mode)  # type: ignore[assignment]
         if override_dataset is None and cfg.dataset_path == EMBEDDED:
-            override_dataset = embedded_tokens(
-                self.model, "train", cfg.context_size, cfg.training_tokens, cfg.seed
-            )
+            override_dataset = embedded_training_rows(self.model, cfg.context_size, cfg.training_tokens, cfg.seed)
         store_class = GradientActivationsStore if gradients else ActivationsStore
         # The arguments of SAELens' cache_activations_runner._mk_activations_store.
         self.activations_store = store_class(

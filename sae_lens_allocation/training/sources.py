@@ -57,6 +57,21 @@ def embedded_tokens(model: Any, split: str, context_size: int, n_tokens: int | N
         return corpus_dataset(model, split=split, context_size=context_size, seed=seed)
 
 
+def embedded_training_rows(model: Any, context_size: int, n_tokens: int, seed: int) -> Any:
+    """Training rows of the stdlib corpus: `embedded_tokens` of the train split (files in the
+    order shuffled by `seed`, rows cut from their stream), then the rows in a random order
+    (`seed`). SAELens mixes activations only within its buffer (n_batches_in_buffer x
+    store_batch_size_prompts rows, one or two files here); without the row shuffle every
+    training batch would come from the one or two files the stream is in, a topical drift that
+    slowed convergence (docs/results.md)."""
+    import torch
+    from datasets import Dataset
+
+    rows = embedded_tokens(model, "train", context_size, n_tokens, seed)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    return Dataset.from_dict({"tokens": torch.tensor(rows[:]["tokens"])[order].tolist()})
+
+
 def runner_model(cfg: Any, override_model: Any = None) -> Any:
     """The model for the stock runner: `override_model`, the shipped model for
     `model_name: embedded`, else `cfg.model_name` loaded here, so a name that cannot be loaded is
@@ -85,7 +100,7 @@ def runner_dataset(cfg: Any, model: Any, override_dataset: Any = None) -> Any:
         return override_dataset
     # Enough rows for training plus the shuffle buffer's refills and the in-training evals.
     extra = (cfg.n_batches_in_buffer * cfg.store_batch_size_prompts + 64) * cfg.context_size
-    return embedded_tokens(model, "train", cfg.context_size, cfg.training_tokens + extra, cfg.seed)
+    return embedded_training_rows(model, cfg.context_size, cfg.training_tokens + extra, cfg.seed)
 
 
 def check_embedded_sources(cfg: Any, override_model: Any = None, override_dataset: Any = None) -> None:
@@ -135,9 +150,9 @@ def embedded_calibration_tokens(
     random (`sample_seed`) across documents; None when the split has no such rows.
 
     The training rows are the first rows of the split's stream with files in the order shuffled
-    by `training_seed`; the BOS separators inside them count the files they finished, so every
-    later file
-    (the partly read one skipped) is unseen. Those files form a pool of
+    by `training_seed` (in any row order, `embedded_training_rows`); the BOS separators inside
+    them count the files they finished, so every later file but the next (the one the rows may
+    have read in part) is unseen. Those files form a pool of
     CALIBRATION_POOL_FACTOR x n_tokens tokens and at least CALIBRATION_POOL_FILES files, cut into
     rows as the corpus cuts them ([BOS] + context_size - 1 stream tokens); rows are drawn from it
     in a random order (seeded) that takes one row of every document before a second one, until
@@ -154,10 +169,9 @@ def embedded_calibration_tokens(
     # Column (of tensors when the runner set the torch format), which torch cannot convert.
     body = training_rows.with_format("torch")[:]["tokens"][:, 1:]
     finished = int((body == bos).sum())
-    partial = int(body.reshape(-1)[-1]) != bos
     files = corpus_files("train")
     random.Random(training_seed).shuffle(files)
-    unseen = files[finished + int(partial):]
+    unseen = files[finished + 1:]
     stream: list[int] = []
     docs: list[int] = []
     used_files = 0
