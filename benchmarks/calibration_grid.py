@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_allocation.analysis.compare import heldout_stats, lm_activations
+from sae_lens_allocation.analysis.compare import heldout_stats, lm_activations, training_gap
 from sae_lens_allocation.embedded import load_embedded_model
 from sae_lens_allocation.loading import load_sae
 from sae_lens_allocation.training.runner import build_runner
@@ -85,15 +85,14 @@ def one_run(model: Any, x_heldout: torch.Tensor, arch: str, hook: str, k: float,
     # L0 and EV of the export over all held-out rows; the gap on whole training batches only,
     # the export and the training-mode SAE on exactly the same rows.
     every = heldout_stats(export, None, x_heldout, batch, 0.5, 0.1)
-    n_full = (x_heldout.shape[0] // batch) * batch
-    same = heldout_stats(export, training_sae, x_heldout[:n_full], batch, 0.5, 0.1)
+    gap = training_gap(export, training_sae, x_heldout, batch)
     l0 = every["l0_per_token"]["mean"]
     return {
         "arch": arch, "hook": hook, "k": k, "batch": batch, "seconds": seconds,
         "export_l0": l0, "l0_error": l0 / k - 1,
-        "export_ev": same["explained_variance"], "training_ev": same["gap"]["training_explained_variance"],
-        "ev_gap": same["gap"]["export_minus_training_ev"],
-        "heldout_tokens": every["heldout_rows"], "gap_tokens": n_full,
+        "export_ev": gap["export_explained_variance"], "training_ev": gap["training_explained_variance"],
+        "ev_gap": gap["export_minus_training_ev"],
+        "heldout_tokens": every["heldout_rows"], "gap_tokens": gap["rows"],
         "calibration": dict(export.cfg.metadata.calibration or {}),
     }
 

@@ -10,7 +10,13 @@ import pytest
 import support
 import torch
 
-from sae_lens_allocation.analysis.compare import check_compare_config, run_compare, training_rule_stats
+from sae_lens_allocation.analysis.compare import (
+    check_compare_config,
+    run_compare,
+    training_gap,
+    training_rule_stats,
+    underused_share,
+)
 from sae_lens_allocation.analysis.statistics import CONSISTENT, CONTRADICTS, NO_DIFFERENCE
 from sae_lens_allocation.yaml_config import ConfigError
 
@@ -148,6 +154,38 @@ def test_training_rule_probe_leaves_a_feature_choice_sae_unchanged():
     assert torch.equal(torch.get_rng_state(), rng) and torch.equal(sae._generator.get_state(), gen)
     for k, v in sae.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_underused_share_counts_dead_latents_and_latents_far_below_the_zipf_fit():
+    fired = 1e6 / torch.arange(1, 101, dtype=torch.float64)  # exact Zipf counts, s = 1
+    fired[98] *= 0.1   # rank 99 fires at a tenth of its fitted density: underused
+    fired[97] *= 0.6   # rank 98 at 0.6 of it: above tau = 0.5, not underused
+    fired[99] = 0      # dead
+    shares = underused_share(fired, 1e7, tau=0.5, fit_fraction=0.5)
+    assert shares["dead_share"] == pytest.approx(0.01)
+    assert shares["underused_share"] == pytest.approx(0.02)
+    assert shares["zipf_s"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_training_gap_compares_export_and_batch_rule_on_the_same_whole_batches():
+    from sae_lens_allocation.saes.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(d_in=8, d_sae=16, k=2))
+    x = torch.randn(300, 8)
+    # an "export" whose rule is the batch rule itself, applied to the same batches: no gap
+    export = MutualChoiceTrainingSAE(MutualChoiceTrainingSAEConfig(d_in=8, d_sae=16, k=2))
+    export.load_state_dict(sae.state_dict())
+    export.encode = lambda z: sae.encode_with_hidden_pre(z)[0]
+    gap = training_gap(export, sae, x, 64)
+    x_hat = torch.cat([sae.decode(sae.encode_with_hidden_pre(c)[0]) for c in x[:256].split(64)])
+    direct = 1 - float((x_hat - x[:256]).pow(2).sum() / (x[:256] - x[:256].mean(0)).pow(2).sum())
+    assert gap["training_explained_variance"] == pytest.approx(direct, rel=1e-4)
+    assert gap["rows"] == 256  # whole batches only; the 44-row remainder is left out of both
+    assert gap["export_minus_training_ev"] == pytest.approx(0, abs=1e-12)
+    assert gap["training_l0"] == pytest.approx(2.0)
+    assert sae.training
+    assert training_gap(export, sae, x[:63], 64) is None
 
 
 @pytest.mark.parametrize(

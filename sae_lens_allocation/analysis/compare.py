@@ -331,56 +331,82 @@ def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def underused_share(fired: torch.Tensor, n: float, tau: float, fit_fraction: float) -> dict[str, Any]:
+    """Dead and underused shares from firing counts over `n` tokens: p_j = fired_j / n; dead:
+    p_j = 0; underused: dead or p_j < tau * p_hat_j, with p_hat the Zipf fit of `losses.fit_zipf`
+    to the top `fit_fraction` of the ranked densities (the rule of `aux_zipf`)."""
+    from sae_lens_allocation.training.losses import expected_frequency, fit_zipf, frequency_ranks
+
+    p = fired.double().cpu() / n
+    log_c, s, n_points = fit_zipf(p.float(), fit_fraction).tolist()
+    p_hat = expected_frequency(frequency_ranks(p.float()), torch.tensor(log_c), torch.tensor(s))
+    dead = p == 0
+    underused = dead | ((p < tau * p_hat) if n_points > 0 else dead)
+    return {"dead_share": float(dead.double().mean()), "underused_share": float(underused.double().mean()),
+            "zipf_log_c": log_c, "zipf_s": s, "density": sorted(p.tolist(), reverse=True)}
+
+
+@torch.no_grad()
+def training_gap(export: Any, training_sae: Any, x: torch.Tensor, batch_tokens: int) -> dict[str, float] | None:
+    """Export vs training rule on the same rows: the whole batches of `batch_tokens` rows of `x`
+    [N, d_in], the export in eval mode, the training SAE in train mode (its batch rule). None when
+    `x` holds no whole batch."""
+    n_full = (x.shape[0] // batch_tokens) * batch_tokens
+    if not n_full:
+        return None
+    export.eval()
+    torch.nn.Module.train(training_sae, True)
+    x = x[:n_full]
+    sse = {"export": 0.0, "training": 0.0}
+    l0 = {"export": 0.0, "training": 0.0}
+    for chunk in x.split(batch_tokens):
+        codes = export.encode(chunk)
+        acts, _ = training_sae.encode_with_hidden_pre(chunk)
+        for name, c, x_hat in (("export", codes, export.decode(codes)), ("training", acts, training_sae.decode(acts))):
+            sse[name] += float((x_hat - chunk).pow(2).sum())
+            l0[name] += float((c != 0).sum())
+    total = float((x - x.mean(0)).pow(2).sum())
+    ev = {name: 1.0 - v / total for name, v in sse.items()}
+    return {"rows": n_full, "export_explained_variance": ev["export"], "training_explained_variance": ev["training"],
+            "export_l0": l0["export"] / n_full, "training_l0": l0["training"] / n_full,
+            "export_minus_training_ev": ev["export"] - ev["training"],
+            "export_minus_training_l0": (l0["export"] - l0["training"]) / n_full}
+
+
 @torch.no_grad()
 def heldout_stats(export: Any, training_sae: Any, x: torch.Tensor, batch_tokens: int,
                   tau: float, fit_fraction: float) -> dict[str, Any]:
     """Export-side firing, dead/underused shares, NMSE, EV, per-token L0 on rows `x` [N, d_in];
-    with `training_sae` also its train-mode EV and mean L0 (batch rule over `batch_tokens` rows)."""
+    with `training_sae` also `gap` (`training_gap`: export vs batch rule on the whole batches)."""
     from sae_lens_allocation.analysis.evaluation import l0_distribution
-    from sae_lens_allocation.training.losses import expected_frequency, fit_zipf, frequency_ranks
 
     export.eval()
-    counts = torch.zeros(export.cfg.d_sae)
+    counts = torch.zeros(export.cfg.d_sae, dtype=torch.float64)
     sq_err, l0s = 0.0, []
-    train_err, train_l0 = 0.0, 0.0
-    if training_sae is not None:
-        torch.nn.Module.train(training_sae, True)
     for chunk in x.split(batch_tokens):
         codes = export.encode(chunk)
         sq_err += float((export.decode(codes) - chunk).pow(2).sum())
         fired = codes != 0
-        counts += fired.sum(0).float().cpu()
+        counts += fired.sum(0).double().cpu()
         l0s.append(fired.sum(-1).cpu())
-        if training_sae is not None and chunk.shape[0] == batch_tokens:
-            acts, _ = training_sae.encode_with_hidden_pre(chunk)
-            train_err += float((training_sae.decode(acts) - chunk).pow(2).sum())
-            train_l0 += float((acts != 0).sum())
     total_var = float((x - x.mean(0)).pow(2).sum())
-    p = counts / x.shape[0]
-    log_c, s, n_points = fit_zipf(p, fit_fraction).tolist()
-    p_hat = expected_frequency(frequency_ranks(p), torch.tensor(log_c), torch.tensor(s))
-    dead = p == 0
-    underused = dead | ((p < tau * p_hat) if n_points > 0 else dead)
-    ev = 1.0 - sq_err / total_var
     out: dict[str, Any] = {
-        "explained_variance": ev,
+        "explained_variance": 1.0 - sq_err / total_var,
         "nmse": sq_err / float(x.pow(2).sum()),
         "l0_per_token": l0_distribution(torch.cat(l0s)),
-        "dead_share": float(dead.float().mean()),
-        "underused_share": float(underused.float().mean()),
-        "zipf_log_c": log_c, "zipf_s": s,
-        "density": sorted(p.tolist(), reverse=True),
+        **underused_share(counts, x.shape[0], tau, fit_fraction),
         "heldout_rows": int(x.shape[0]),
     }
-    n_full = (x.shape[0] // batch_tokens) * batch_tokens
-    if training_sae is not None and n_full:
-        x_full = x[:n_full]
-        var_full = float((x_full - x_full.mean(0)).pow(2).sum())
-        ev_train, l0_train = 1.0 - train_err / var_full, train_l0 / n_full
-        out["gap"] = {"training_explained_variance": ev_train, "training_l0": l0_train,
-                      "export_minus_training_ev": ev - ev_train,
-                      "export_minus_training_l0": out["l0_per_token"]["mean"] - l0_train}
+    if training_sae is not None:
+        out["gap"] = training_gap(export, training_sae, x, batch_tokens)
     return out
+
+
+def _gap(run: dict[str, Any], trained: dict[str, Any], export: Any, x: torch.Tensor) -> dict[str, float] | None:
+    """`training_gap` for the architectures whose export rule differs from their training rule."""
+    if run["architecture"] not in _GAP_ARCHITECTURES:
+        return None
+    return training_gap(export, trained["sae"], x, trained["batch_tokens"])
 
 
 def sparsity_dead_share(sae_dir: Path) -> float | None:
@@ -645,15 +671,14 @@ class LanguageModelStudy:
             rows["gradient_selection"] = {**self.reference, **rm.lm_sae_sums(
                 self.model, self.ce_tokens, self.hook, rm.gradient_reconstruct(sae), self.special, ev["batch_rows"],
                 with_gradients=True)}
-        gap_sae = trained["sae"] if run["architecture"] in _GAP_ARCHITECTURES else None
-        stats = heldout_stats(export, gap_sae, self.x, trained["batch_tokens"], ev["underused_tau"], ev["fit_fraction"])
+        shares = underused_share(acts["fired"], float(self.keep.sum()), ev["underused_tau"], ev["fit_fraction"])
         latents = pick_latents(acts["fired"], ev["steering_latents"], run["seed"])
         steer = steering_effects(self.model, self.tokens[: ev["steering_contexts"]], self.hook, export.W_dec.detach(),
                                  latents, self.alpha, self.special)
         return {
             "rows": rows, "steering_values": steer, "l0_tokens": acts["l0_tokens"],
             "density": rm.density_stats(acts["fired"], float(self.keep.sum())),
-            "underused_share": stats["underused_share"], "gap": stats.get("gap"),
+            "underused_share": shares["underused_share"], "gap": _gap(run, trained, export, self.x),
             "export_architecture": export.cfg.architecture(), "d_sae": export.cfg.d_sae,
         }
 
@@ -755,16 +780,16 @@ class SyntheticStudy:
         export, reconstruct = load_export(trained["sae_dir"], self.first.device)
         sums = rm.activation_sums(reconstruct, *self._blocks(self.x, ev["block_samples"]), 64)
         density = rm.activation_sums(reconstruct, *self._blocks(self.x_density, 4096), 16)
-        gap_sae = trained["sae"] if run["architecture"] in _GAP_ARCHITECTURES else None
-        stats = heldout_stats(export, gap_sae, self.x, trained["batch_tokens"], ev["underused_tau"], ev["fit_fraction"])
+        n_density = float(density["rows"]["n"].sum())
+        shares = underused_share(density["fired"], n_density, ev["underused_tau"], ev["fit_fraction"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.heldout_seed)
             synth = eval_sae_on_synthetic_data(export, self.model.feature_dict, self.model.activation_generator,
                                                num_samples=ev["samples"], batch_size=self.first.batch_size)
         return {
             "rows": {"export": sums["rows"]}, "l0_tokens": sums["l0_tokens"],
-            "density": rm.density_stats(density["fired"], float(density["rows"]["n"].sum())),
-            "underused_share": stats["underused_share"], "gap": stats.get("gap"),
+            "density": rm.density_stats(density["fired"], n_density),
+            "underused_share": shares["underused_share"], "gap": _gap(run, trained, export, self.x),
             "export_architecture": export.cfg.architecture(), "d_sae": export.cfg.d_sae,
             "scalars": {"mcc": synth.mcc, "f1": synth.classification.f1_score,
                         "precision": synth.classification.precision, "recall": synth.classification.recall},
