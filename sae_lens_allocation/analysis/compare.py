@@ -334,14 +334,14 @@ def _sha256(t: torch.Tensor) -> str:
 def underused_share(fired: torch.Tensor, n: float, tau: float, fit_fraction: float) -> dict[str, Any]:
     """Dead and underused shares from firing counts over `n` tokens: p_j = fired_j / n; dead:
     p_j = 0; underused: dead or p_j < tau * p_hat_j, with p_hat the Zipf fit of `losses.fit_zipf`
-    to the top `fit_fraction` of the ranked densities (the rule of `aux_zipf`)."""
-    from sae_lens_allocation.training.losses import expected_frequency, fit_zipf, frequency_ranks
+    to the top `fit_fraction` of the ranked densities (`aux_zipf`'s own rule, `zipf_underuse`)."""
+    from sae_lens_allocation.training.losses import expected_frequency, fit_zipf, frequency_ranks, zipf_underuse
 
     p = fired.double().cpu() / n
     log_c, s, n_points = fit_zipf(p.float(), fit_fraction).tolist()
     p_hat = expected_frequency(frequency_ranks(p.float()), torch.tensor(log_c), torch.tensor(s))
     dead = p == 0
-    underused = dead | ((p < tau * p_hat) if n_points > 0 else dead)
+    underused, _ = zipf_underuse(p, p_hat, dead, tau, torch.tensor(n_points > 0))
     return {"dead_share": float(dead.double().mean()), "underused_share": float(underused.double().mean()),
             "zipf_log_c": log_c, "zipf_s": s, "density": sorted(p.tolist(), reverse=True)}
 
@@ -487,10 +487,10 @@ def convergence_points(total: int, n_points: int, batch: int) -> list[int]:
 def lm_activations(model: Any, dataset: Any, hook: str, n_rows: int, batch_prompts: int) -> torch.Tensor:
     """Activations at `hook` of the first `n_rows` rows of a pretokenized dataset, special
     tokens (BOS/EOS/PAD) removed, as [tokens, d_in]."""
-    column = "tokens" if "tokens" in dataset.column_names else "input_ids"
-    tokens = torch.tensor(dataset[:n_rows][column])
     from sae_lens_allocation.training.sources import special_token_ids
 
+    column = "tokens" if "tokens" in dataset.column_names else "input_ids"
+    tokens = torch.tensor(dataset[:n_rows][column])
     special = special_token_ids(model)
     layer = int(hook.split(".")[1]) + 1 if hook.startswith("blocks.") else None
     rows = []
@@ -671,13 +671,14 @@ class LanguageModelStudy:
             rows["gradient_selection"] = {**self.reference, **rm.lm_sae_sums(
                 self.model, self.ce_tokens, self.hook, rm.gradient_reconstruct(sae), self.special, ev["batch_rows"],
                 with_gradients=True)}
-        shares = underused_share(acts["fired"], float(self.keep.sum()), ev["underused_tau"], ev["fit_fraction"])
+        n_tokens = float(self.keep.sum())
+        shares = underused_share(acts["fired"], n_tokens, ev["underused_tau"], ev["fit_fraction"])
         latents = pick_latents(acts["fired"], ev["steering_latents"], run["seed"])
         steer = steering_effects(self.model, self.tokens[: ev["steering_contexts"]], self.hook, export.W_dec.detach(),
                                  latents, self.alpha, self.special)
         return {
             "rows": rows, "steering_values": steer, "l0_tokens": acts["l0_tokens"],
-            "density": rm.density_stats(acts["fired"], float(self.keep.sum())),
+            "density": rm.density_stats(acts["fired"], n_tokens),
             "underused_share": shares["underused_share"], "gap": _gap(run, trained, export, self.x),
             "export_architecture": export.cfg.architecture(), "d_sae": export.cfg.d_sae,
         }
