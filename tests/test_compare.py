@@ -104,6 +104,67 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
     assert set(rows) == set(saved["runs"])
 
 
+def _embedded_config() -> dict:
+    return {
+        "source": "language_model", "seeds": [1, 2], "threads": 1,
+        "base": {"model_name": "embedded", "hook_name": "blocks.1.hook_resid_pre", "dataset_path": "embedded",
+                 "is_dataset_tokenized": True, "streaming": False, "context_size": 64,
+                 "sae": {"d_in": 128, "d_sae": 64, "k": 4}, "training_tokens": 4096,
+                 "train_batch_size_tokens": 512, "store_batch_size_prompts": 8, "n_batches_in_buffer": 8,
+                 "lr": 1e-3, "device": "cpu", "n_eval_batches": 1, "eval_batch_size_prompts": 4, "verbose": False},
+        "architectures": [{"architecture": "topk"},
+                          {"name": "mc", "architecture": "mutual_choice", "sae": {"calibration_tokens": 1024}}],
+        "eval": {"heldout_rows": 24, "ce_rows": 4, "batch_rows": 8, "bootstrap": 100, "steering_latents": 2,
+                 "steering_contexts": 1, "probe_rows": 1024, "density_samples": 8000},
+    }
+
+
+def test_embedded_comparison_trains_each_seed_on_its_rows_and_counts_dead_latents_beyond_heldout(tmp_path):
+    """Each seed's runner builds its own embedded rows, so Mutual Choice calibrates on files that
+    seed never trains on (as `train()` does), and the dead share counts every held-out token plus
+    train-split rows neither training nor calibration read, up to eval.density_samples."""
+    result = run_compare(_embedded_config(), output_dir=tmp_path / "emb")
+    data = result["data"]
+    assert set(data["density"]) == {1, 2}
+    assert data["train_dataset_sha256"][1] != data["train_dataset_sha256"][2]
+    assert data["density"][1]["tokens_sha256"] != data["density"][2]["tokens_sha256"]
+    for run in result["runs"].values():
+        extra = data["density"][run["seed"]]["tokens"]
+        assert run["density"]["tokens"] == data["heldout_tokens"] + extra >= 8000
+        assert 0 <= run["metrics"]["dead_share"] <= run["metrics"]["underused_share"] <= 1
+    for cfg_file in (tmp_path / "emb" / "saes").glob("mc*/cfg.json"):
+        calibration = json.loads(cfg_file.read_text())["metadata"]["calibration"]
+        assert calibration["source"] == "embedded train split, files training never read"
+        assert calibration["overlaps_training"] is False
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_density_rows_are_files_neither_training_nor_calibration_read(seed):
+    """Training reads half the train split; the density rows come after the calibration pool in
+    the seed's file order. Distinct files can share a licence text, so one or two rows may still
+    share a 48-token window with the others."""
+    from sae_lens_allocation.embedded import load_embedded_model
+    from sae_lens_allocation.training.sources import (
+        embedded_calibration_tokens,
+        embedded_density_tokens,
+        embedded_training_rows,
+    )
+
+    model = load_embedded_model()
+    training = embedded_training_rows(model, 64, 1_200_000, seed)
+    calibration = embedded_calibration_tokens(model, training, 64, 6000, seed, 0, False)
+    density, info = embedded_density_tokens(model, training, 64, seed, 6000, 20_000)
+    assert info["tokens"] >= 20_000 and info["calibration_pool_documents"] > 0
+    assert density.shape[1] == 64 and (density[:, 0] == model.tokenizer.bos_token_id).all()
+    windows = set()
+    for rows in (torch.as_tensor(training[:]["tokens"]), calibration[0]):
+        flat = rows[:, 1:].reshape(-1).tolist()
+        windows |= {tuple(flat[i:i + 48]) for i in range(len(flat) - 47)}
+    rows = density[:, 1:].tolist()
+    overlapping = sum(any(tuple(row[i:i + 48]) in windows for i in range(len(row) - 47)) for row in rows)
+    assert len(rows) > 300 and overlapping <= 2
+
+
 def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
     cfg = {
         "source": "synthetic",

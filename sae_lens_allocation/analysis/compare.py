@@ -33,17 +33,20 @@ metric; convergence is checked on every main run: the training rule's held-out E
 share at the last two of `eval.convergence_points` evenly spaced evaluations must move less
 than their sd over seeds.
 
-Same data: every run of a seed reads the same rows in the same order. Language model: the
-pretokenized training rows are built once; each run is a SAELens multi-SAE run
-(training/multi_runner.py) seeded with its seed, so an arm trained in lockstep with others equals
-the arm trained alone (tested). The synthetic stream draws batch i of seed s from its own seed
+Same data: every run of a seed reads the same rows in the same order. Language model: each run is
+a SAELens multi-SAE run (training/multi_runner.py) seeded with its seed, so an arm trained in
+lockstep with others equals the arm trained alone (tested); on the embedded corpus the runner
+builds each seed's training rows as a single run would (files in the seed's order), so exports
+calibrate on files that seed never trains on; other datasets are read as given. The synthetic stream draws batch i of seed s from its own seed
 `s * 1_000_003 + i`. Held-out rows are the same for every run: all rows of the embedded model's
 held-out split (or `eval.heldout_rows` rows), or `eval.samples` synthetic samples from a seed
 no run trains or calibrates on.
 
 Metrics: analysis/row_metrics.py (EV, CE with the SAE, CE recovered, KL, L0; special tokens
-excluded), the export's dead share over all held-out tokens (synthetic: `eval.density_samples`
-samples) with the log10-density histogram, the underused share (p_j < tau * p_hat_j under the
+excluded), the export's dead share over `eval.density_samples` tokens (all held-out tokens, then
+on the embedded corpus rows of train-split files neither training nor calibration of that seed
+read; other language-model sources: the held-out tokens; synthetic: fresh samples) with the
+log10-density histogram, the underused share (p_j < tau * p_hat_j under the
 Zipf fit of losses.fit_zipf, dead included), the exported-vs-training gap, steering
 (analysis/steering.py), MCC and per-latent F1 (synthetic, sae_lens.synthetic), training tokens/s.
 gradient_topk arms are evaluated twice: the plain-TopK export, and gradient selection on the
@@ -77,7 +80,7 @@ _EVAL_DEFAULTS: dict[str, Any] = {
     "ce_rows": 256,                # language model: the first held-out rows used for CE and KL
     "samples": 65536,              # synthetic: held-out samples for EV, L0, MCC
     "block_samples": 256,          # synthetic: samples per bootstrap row
-    "density_samples": 1_048_576,  # synthetic: samples for the dead share and density histogram
+    "density_samples": 1_048_576,  # samples (tokens) for the dead share and density histogram
     "bootstrap": 1000,             # bootstrap draws per interval
     "steering_latents": 32,        # language model: latents per SAE in the steering metric
     "steering_contexts": 8,        # language model: held-out rows used as steering contexts
@@ -571,7 +574,13 @@ class LanguageModelStudy:
 
     def __init__(self, cfg: dict[str, Any], out: Path, override_model: Any, override_dataset: Any,
                  override_heldout: Any) -> None:
-        from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, runner_sources, special_token_ids
+        from sae_lens_allocation.training.sources import (
+            EMBEDDED,
+            embedded_tokens,
+            runner_dataset,
+            runner_sources,
+            special_token_ids,
+        )
 
         self.cfg, self.out, ev = cfg, out, cfg["eval"]
         first = run_config(cfg, make_run(cfg, cfg["architectures"][0], cfg["seeds"][0], None, None), out)
@@ -614,10 +623,46 @@ class LanguageModelStudy:
         self.data = {"heldout_tokens_sha256": _sha256(self.tokens), "heldout_rows": n_rows,
                      "heldout_tokens": int(self.keep.sum()), "ce_rows": int(self.ce_tokens.shape[0]),
                      "model": first.model_name, "hook_name": self.hook, "steering_alpha": self.alpha}
+        # The embedded corpus: each seed's runner builds that seed's rows (module docstring).
+        self.embedded_rows = override_dataset is None and first.dataset_path == EMBEDDED
+        self.seed_rows = {seed: dataset if seed == first.seed or not self.embedded_rows
+                          else runner_dataset(run_config(cfg, make_run(cfg, cfg["architectures"][0], seed, None, None),
+                                                         out), model)
+                          for seed in cfg["seeds"]}
+        # Density rows skip the largest calibration pool any arm draws from.
+        self.calibration_tokens = max(getattr(run_config(cfg, make_run(cfg, e, first.seed, None, None), out).sae,
+                                              "calibration_tokens", 0) for e in cfg["architectures"])
         if dataset is not None:
-            dcol = "tokens" if "tokens" in dataset.column_names else "input_ids"
-            self.data["train_dataset_sha256"] = _sha256(torch.tensor(dataset[dcol]))
-            self.data["train_dataset_rows"] = len(dataset)
+            self.data["train_dataset_sha256"] = {seed: _sha256(torch.tensor(rows[:]["tokens" if "tokens" in rows.column_names
+                                                                                    else "input_ids"]))
+                                                 for seed, rows in self.seed_rows.items()}
+            self.data["train_dataset_rows"] = {seed: len(rows) for seed, rows in self.seed_rows.items()}
+        self.data["density"] = {}
+        self._density: tuple[int, dict[str, torch.Tensor] | None] | None = None
+
+    def density_rows(self, seed: int) -> dict[str, torch.Tensor] | None:
+        """Activations and kept positions of the rows that extend the held-out tokens to
+        `eval.density_samples` for the dead share (module docstring); None where the source has
+        none or the held-out tokens suffice. One seed's rows are kept at a time."""
+        from sae_lens_allocation.training.sources import embedded_density_tokens
+
+        if self._density is not None and self._density[0] == seed:
+            return self._density[1]
+        extra = self.cfg["eval"]["density_samples"] - self.data["heldout_tokens"]
+        found = None
+        if self.embedded_rows and extra > 0:
+            found = embedded_density_tokens(self.model, self.seed_rows[seed], self.first.context_size, seed,
+                                            self.calibration_tokens, extra)
+        rows = None
+        if found is not None:
+            tokens, info = found
+            tokens = tokens.to(self.tokens.device)
+            rows = {"acts": rm.lm_row_activations(self.model, tokens, self.hook, self.cfg["eval"]["batch_rows"]),
+                    "keep": rm.keep_mask(tokens, self.special)}
+            self.data["density"][seed] = {**info, "heldout_tokens": self.data["heldout_tokens"],
+                                          "tokens_sha256": _sha256(tokens)}
+        self._density = (seed, rows)
+        return rows
 
     def train(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Train `runs` (same seed and lr) in one multi-SAE run when allowed, else one by one."""
@@ -645,7 +690,7 @@ class LanguageModelStudy:
         print(f"[compare] training {', '.join(r['label'] for r in runs)} "
               f"({configs[0].training_tokens:,} tokens, one LM pass per batch)", flush=True)
         runner = _probed_multi_runner(lockstep_config(configs, runs, self.out, n_points),
-                                      self.dataset, self.model, probe)
+                                      None if self.embedded_rows else self.dataset, self.model, probe)
         start = time.perf_counter()
         saes = runner.run()
         seconds = time.perf_counter() - start
@@ -671,14 +716,18 @@ class LanguageModelStudy:
             rows["gradient_selection"] = {**self.reference, **rm.lm_sae_sums(
                 self.model, self.ce_tokens, self.hook, rm.gradient_reconstruct(sae), self.special, ev["batch_rows"],
                 with_gradients=True)}
-        n_tokens = float(self.keep.sum())
-        shares = underused_share(acts["fired"], n_tokens, ev["underused_tau"], ev["fit_fraction"])
+        fired, n_tokens = acts["fired"], float(self.keep.sum())
+        extra = self.density_rows(run["seed"])
+        if extra is not None:
+            more = rm.activation_sums(reconstruct, extra["acts"], extra["keep"], ev["batch_rows"])
+            fired, n_tokens = fired + more["fired"], n_tokens + float(extra["keep"].sum())
+        shares = underused_share(fired, n_tokens, ev["underused_tau"], ev["fit_fraction"])
         latents = pick_latents(acts["fired"], ev["steering_latents"], run["seed"])
         steer = steering_effects(self.model, self.tokens[: ev["steering_contexts"]], self.hook, export.W_dec.detach(),
                                  latents, self.alpha, self.special)
         return {
             "rows": rows, "steering_values": steer, "l0_tokens": acts["l0_tokens"],
-            "density": rm.density_stats(acts["fired"], n_tokens),
+            "density": rm.density_stats(fired, n_tokens),
             "underused_share": shares["underused_share"], "gap": _gap(run, trained, export, self.x),
             "export_architecture": export.cfg.architecture(), "d_sae": export.cfg.d_sae,
         }

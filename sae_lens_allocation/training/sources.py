@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 from sae_lens.load_model import load_model
@@ -141,55 +142,115 @@ def _file_tokens(tokenizer: Any, path: Any) -> list[int]:
     return _FILE_TOKENS[key]
 
 
-def embedded_calibration_tokens(
-    model: Any, training_rows: Any, context_size: int, n_tokens: int, training_seed: int,
-    sample_seed: int, keep_special: bool,
-) -> tuple[Any, Any, dict[str, Any]] | None:
-    """Token rows of the corpus' train split that a run trained on `training_rows` (the dataset
-    `runner_sources` built with `training_seed` and `context_size`) never reads, sampled at
-    random (`sample_seed`) across documents; None when the split has no such rows.
+def embedded_unseen_files(model: Any, training_rows: Any, training_seed: int) -> list[Any]:
+    """Train-split files a run trained on `training_rows` never reads, in the run's file order.
 
     The training rows are the first rows of the split's stream with files in the order shuffled
     by `training_seed` (in any row order, `embedded_training_rows`); the BOS separators inside
     them count the files they finished, so every later file but the next (the one the rows may
-    have read in part) is unseen. Those files form a pool of
-    CALIBRATION_POOL_FACTOR x n_tokens tokens and at least CALIBRATION_POOL_FILES files, cut into
-    rows as the corpus cuts them ([BOS] + context_size - 1 stream tokens); rows are drawn from it
-    in a random order (seeded) that takes one row of every document before a second one, until
-    `n_tokens` positions are kept (special tokens not counted unless `keep_special`).
-    Returns (tokens [R, context_size], documents [R, context_size], info); documents index files."""
-    import torch
-
+    have read in part) is unseen."""
     from sae_lens_allocation.embedded import corpus_files
 
-    tokenizer = model.tokenizer
-    bos = tokenizer.bos_token_id
-    special = torch.tensor(special_token_ids(model))
+    bos = model.tokenizer.bos_token_id
     # A slice, not `training_rows["tokens"]`: datasets >= 4 answers a column name with a lazy
     # Column (of tensors when the runner set the torch format), which torch cannot convert.
     body = training_rows.with_format("torch")[:]["tokens"][:, 1:]
     finished = int((body == bos).sum())
     files = corpus_files("train")
     random.Random(training_seed).shuffle(files)
-    unseen = files[finished + 1:]
+    return files[finished + 1:]
+
+
+def _file_stream(tokenizer: Any, files: list[Any], enough: Callable[[int, int], bool]) -> tuple[list[int], list[int], int]:
+    """The token stream of `files` in order (each file followed by BOS), with the file index of
+    every token, read until `enough(tokens, files read)`; returns (stream, documents, files read)."""
+    bos = tokenizer.bos_token_id
     stream: list[int] = []
     docs: list[int] = []
-    used_files = 0
-    for index, path in enumerate(unseen):
-        if len(stream) >= CALIBRATION_POOL_FACTOR * n_tokens and used_files >= CALIBRATION_POOL_FILES:
+    used = 0
+    for index, path in enumerate(files):
+        if enough(len(stream), used):
             break
         ids = _file_tokens(tokenizer, path)
         stream += [*ids, bos]
         docs += [index] * (len(ids) + 1)
-        used_files += 1
+        used += 1
+    return stream, docs, used
+
+
+def _calibration_pool(tokenizer: Any, unseen: list[Any], n_tokens: int) -> tuple[list[int], list[int], int]:
+    """The unseen files calibration samples `n_tokens` from: the first ones, until they hold
+    CALIBRATION_POOL_FACTOR x n_tokens tokens and CALIBRATION_POOL_FILES files."""
+    return _file_stream(tokenizer, unseen, lambda tokens, used: tokens >= CALIBRATION_POOL_FACTOR * n_tokens
+                        and used >= CALIBRATION_POOL_FILES)
+
+
+def _cut_rows(stream: list[int], docs: list[int], context_size: int, bos: int) -> tuple[Any, Any]:
+    """Rows as the corpus cuts them: [BOS] + context_size - 1 stream tokens, with the file index
+    of every position (the BOS takes its row's first file)."""
+    import torch
+
     n_rows = len(stream) // (context_size - 1)
-    if n_rows == 0:
-        return None
     cut = n_rows * (context_size - 1)
-    rows = torch.tensor(stream[:cut]).reshape(n_rows, context_size - 1)
-    row_docs = torch.tensor(docs[:cut]).reshape(n_rows, context_size - 1)
+    rows = torch.tensor(stream[:cut], dtype=torch.long).reshape(n_rows, context_size - 1)
+    row_docs = torch.tensor(docs[:cut], dtype=torch.long).reshape(n_rows, context_size - 1)
     rows = torch.cat([torch.full((n_rows, 1), bos), rows], dim=1)
     row_docs = torch.cat([row_docs[:, :1], row_docs], dim=1)
+    return rows, row_docs
+
+
+def embedded_density_tokens(model: Any, training_rows: Any, context_size: int, training_seed: int,
+                            calibration_tokens: int, n_tokens: int) -> tuple[Any, dict[str, Any]] | None:
+    """Rows of train-split files that neither training (`embedded_unseen_files`) nor the
+    calibration pool of `calibration_tokens` tokens reads: the unseen files after that pool, in
+    order, cut as the corpus cuts them, until `n_tokens` non-special positions; fewer when the
+    split runs out, None when no row is left. Returns (tokens [R, context_size], info)."""
+    import torch
+
+    tokenizer = model.tokenizer
+    unseen = embedded_unseen_files(model, training_rows, training_seed)
+    _, _, pool_files = _calibration_pool(tokenizer, unseen, calibration_tokens)
+    special = torch.tensor(special_token_ids(model))
+    # 5% more stream than positions: each file's BOS separator is a special token; rows are then
+    # cut back to exactly the first n_tokens kept positions' rows.
+    stream, docs, used = _file_stream(tokenizer, unseen[pool_files:],
+                                      lambda tokens, _: tokens >= 1.05 * n_tokens + context_size)
+    if len(stream) < context_size - 1:
+        return None
+    rows, _ = _cut_rows(stream, docs, context_size, tokenizer.bos_token_id)
+    kept = torch.cumsum(rows.shape[1] - torch.isin(rows, special).sum(1), 0)
+    rows = rows[: int(torch.searchsorted(kept, n_tokens)) + 1]
+    info = {"source": "embedded train split, files neither training nor calibration read",
+            "documents": used, "calibration_pool_documents": pool_files, "sequences": int(rows.shape[0]),
+            "tokens": int((~torch.isin(rows, special)).sum())}
+    return rows, info
+
+
+def embedded_calibration_tokens(
+    model: Any, training_rows: Any, context_size: int, n_tokens: int, training_seed: int,
+    sample_seed: int, keep_special: bool,
+) -> tuple[Any, Any, dict[str, Any]] | None:
+    """Token rows of the corpus' train split that a run trained on `training_rows` (the dataset
+    `runner_sources` built with `training_seed` and `context_size`) never reads
+    (`embedded_unseen_files`), sampled at random (`sample_seed`) across documents; None when the
+    split has no such rows.
+
+    The first unseen files form a pool of CALIBRATION_POOL_FACTOR x n_tokens tokens and at least
+    CALIBRATION_POOL_FILES files, cut into rows as the corpus cuts them ([BOS] + context_size - 1
+    stream tokens); rows are drawn from it in a random order (seeded) that takes one row of every
+    document before a second one, until `n_tokens` positions are kept (special tokens not counted
+    unless `keep_special`). Returns (tokens [R, context_size], documents [R, context_size], info);
+    documents index files."""
+    import torch
+
+    tokenizer = model.tokenizer
+    special = torch.tensor(special_token_ids(model))
+    unseen = embedded_unseen_files(model, training_rows, training_seed)
+    stream, docs, used_files = _calibration_pool(tokenizer, unseen, n_tokens)
+    if len(stream) < context_size - 1:
+        return None
+    rows, row_docs = _cut_rows(stream, docs, context_size, tokenizer.bos_token_id)
+    n_rows = rows.shape[0]
     kept = rows.shape[1] - torch.isin(rows, special).sum(1) if not keep_special else torch.full(
         (n_rows,), rows.shape[1])
     # A random order that visits documents round-robin: every document's first drawn row, then
