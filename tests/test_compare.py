@@ -132,7 +132,11 @@ def test_embedded_comparison_trains_each_seed_on_its_rows_and_counts_dead_latent
         extra = data["density"][run["seed"]]["tokens"]
         assert run["density"]["tokens"] == data["heldout_tokens"] + extra >= 8000
         assert 0 <= run["metrics"]["dead_share"] <= run["metrics"]["underused_share"] <= 1
-    for cfg_file in (tmp_path / "emb" / "saes").glob("mc*/cfg.json"):
+    report = (tmp_path / "emb" / "report.md").read_text()
+    assert "Dead share, seed 1:" in report and "Training rows per seed: seed 1" in report
+    exports = sorted((tmp_path / "emb" / "saes").glob("mc*/cfg.json"))
+    assert len(exports) == 2
+    for cfg_file in exports:
         calibration = json.loads(cfg_file.read_text())["metadata"]["calibration"]
         assert calibration["source"] == "embedded train split, files training never read"
         assert calibration["overlaps_training"] is False

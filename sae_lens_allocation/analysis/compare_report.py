@@ -172,6 +172,22 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
     return plots
 
 
+def density_lines(result: dict[str, Any]) -> list[str]:
+    """Per seed: the training rows' hash and the tokens the dead share counts beyond the held-out ones."""
+    data = result["data"]
+    lines = []
+    hashes = data.get("train_dataset_sha256")
+    if isinstance(hashes, dict):
+        lines += ["Training rows per seed: " + ", ".join(f"seed {s} `{h}` ({data['train_dataset_rows'][s]} rows)"
+                                                      for s, h in hashes.items()), ""]
+    for seed, info in data.get("density", {}).items():
+        lines += [f"Dead share, seed {seed}: {info['heldout_tokens'] + info['tokens']:,} tokens = all "
+                  f"{info['heldout_tokens']:,} held-out + {info['tokens']:,} from {info['documents']} files "
+                  f"({info['source']}; the {info['calibration_pool_documents']} calibration-pool files "
+                  f"skipped), sha256 `{info['tokens_sha256']}`", ""]
+    return lines
+
+
 def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> Path:
     m = result["machine"]
     n_runs = len(result["runs"])
@@ -183,6 +199,7 @@ def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> 
               f"Seeds {', '.join(map(str, result['seeds']))}; baseline `{result['baseline']}`; every arm at its best "
               "lr (below) and the main k.", "",
               "Data: " + ", ".join(f"{k} `{v}`" for k, v in result["data"].items() if not isinstance(v, dict)), "",
+              *density_lines(result),
               "## Main results (mean ± sd over seeds)", "", main_table(result), "",
               "## Verdicts against the baseline", "", verdict_table(result), "",
               "A difference is a verdict only when its 95% interval excludes 0 and it is at least the "
