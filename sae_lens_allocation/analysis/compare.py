@@ -486,7 +486,6 @@ def convergence_points(total: int, n_points: int, batch: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def lm_activations(model: Any, dataset: Any, hook: str, n_rows: int, batch_prompts: int) -> torch.Tensor:
     """Activations at `hook` of the first `n_rows` rows of a pretokenized dataset, special
     tokens (BOS/EOS/PAD) removed, as [tokens, d_in]."""
@@ -494,13 +493,8 @@ def lm_activations(model: Any, dataset: Any, hook: str, n_rows: int, batch_promp
 
     column = "tokens" if "tokens" in dataset.column_names else "input_ids"
     tokens = torch.tensor(dataset[:n_rows][column])
-    special = special_token_ids(model)
-    layer = int(hook.split(".")[1]) + 1 if hook.startswith("blocks.") else None
-    rows = []
-    for batch in tokens.split(batch_prompts):
-        _, cache = model.run_with_cache(batch, names_filter=hook, stop_at_layer=layer)
-        rows.append(cache[hook][rm.keep_mask(batch, special)].float().cpu())
-    return torch.cat(rows)
+    acts = rm.lm_row_activations(model, tokens, hook, batch_prompts)
+    return acts[rm.keep_mask(tokens, special_token_ids(model))].cpu()
 
 
 def hub_heldout_rows(path: str, split: str, skip_rows: int, n_rows: int, context_size: int) -> Any:

@@ -74,10 +74,12 @@ def keep_mask(tokens: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def lm_row_activations(model: Any, tokens: torch.Tensor, hook_name: str, batch_rows: int = 8) -> torch.Tensor:
-    """Activations at the hook of every row, [R, T, d] (float32, on the tokens' device)."""
+    """Activations at the hook of every row, [R, T, d] (float32, on the tokens' device); the
+    forward stops after the hook's block (`blocks.L.*`)."""
+    layer = int(hook_name.split(".")[1]) + 1 if hook_name.startswith("blocks.") else None
     out = []
     for batch in tokens.split(batch_rows):
-        _, cache = model.run_with_cache(batch, names_filter=hook_name)
+        _, cache = model.run_with_cache(batch, names_filter=hook_name, stop_at_layer=layer)
         out.append(cache[hook_name].float())
     return torch.cat(out)
 
