@@ -37,10 +37,10 @@ Same data: every run of a seed reads the same rows in the same order. Language m
 a SAELens multi-SAE run (training/multi_runner.py) seeded with its seed, so an arm trained in
 lockstep with others equals the arm trained alone (tested); on the embedded corpus the runner
 builds each seed's training rows as a single run would (files in the seed's order), so exports
-calibrate on files that seed never trains on; other datasets are read as given. The synthetic stream draws batch i of seed s from its own seed
-`s * 1_000_003 + i`. Held-out rows are the same for every run: all rows of the embedded model's
-held-out split (or `eval.heldout_rows` rows), or `eval.samples` synthetic samples from a seed
-no run trains or calibrates on.
+calibrate on files that seed never trains on; other datasets are read as given. The synthetic
+stream draws batch i of seed s from its own seed `s * 1_000_003 + i`. Held-out rows are the
+same for every run: all rows of the embedded model's held-out split (or `eval.heldout_rows`
+rows), or `eval.samples` synthetic samples from a seed no run trains or calibrates on.
 
 Metrics: analysis/row_metrics.py (EV, CE with the SAE, CE recovered, KL, L0; special tokens
 excluded), the export's dead share over `eval.density_samples` tokens (all held-out tokens, then
@@ -627,8 +627,8 @@ class LanguageModelStudy:
         self.calibration_tokens = max(getattr(run_config(cfg, make_run(cfg, e, first.seed, None, None), out).sae,
                                               "calibration_tokens", 0) for e in cfg["architectures"])
         if dataset is not None:
-            self.data["train_dataset_sha256"] = {seed: _sha256(torch.tensor(rows[:]["tokens" if "tokens" in rows.column_names
-                                                                                    else "input_ids"]))
+            dcol = "tokens" if "tokens" in dataset.column_names else "input_ids"
+            self.data["train_dataset_sha256"] = {seed: _sha256(torch.tensor(rows[:][dcol]))
                                                  for seed, rows in self.seed_rows.items()}
             self.data["train_dataset_rows"] = {seed: len(rows) for seed, rows in self.seed_rows.items()}
         self.data["density"] = {}

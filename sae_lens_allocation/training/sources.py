@@ -161,7 +161,8 @@ def embedded_unseen_files(model: Any, training_rows: Any, training_seed: int) ->
     return files[finished + 1:]
 
 
-def _file_stream(tokenizer: Any, files: list[Any], enough: Callable[[int, int], bool]) -> tuple[list[int], list[int], int]:
+def _file_stream(tokenizer: Any, files: list[Any],
+                 enough: Callable[[int, int], bool]) -> tuple[list[int], list[int], int]:
     """The token stream of `files` in order (each file followed by BOS), with the file index of
     every token, read until `enough(tokens, files read)`; returns (stream, documents, files read)."""
     bos = tokenizer.bos_token_id
