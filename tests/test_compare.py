@@ -17,6 +17,7 @@ from sae_lens_allocation.analysis.compare import (
     training_rule_stats,
     underused_share,
 )
+from sae_lens_allocation.analysis.compare_report import write_report
 from sae_lens_allocation.analysis.statistics import CONSISTENT, CONTRADICTS, NO_DIFFERENCE
 from sae_lens_allocation.yaml_config import ConfigError
 
@@ -102,6 +103,10 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
         assert (out / plot).stat().st_size > 0
     rows = torch.load(out / "rows.pt")
     assert set(rows) == set(saved["runs"])
+    # The report renders the same from the saved results.json (lr keys are strings there).
+    (tmp_path / "again").mkdir()
+    again = write_report(saved, tmp_path / "again", None).read_text()
+    assert again.split("## Learning-rate sweep")[1] == report.split("## Learning-rate sweep")[1]
 
 
 def _embedded_config() -> dict:

@@ -71,7 +71,8 @@ def convergence_table(result: dict[str, Any]) -> str:
 
 
 def lr_table(result: dict[str, Any]) -> str:
-    sweep = result["lr_sweep"]
+    # float(): results.json stores the lrs as keys, which JSON turns into strings.
+    sweep = {arm: {float(lr): v for lr, v in scores.items()} for arm, scores in result["lr_sweep"].items()}
     if not sweep:
         return ""
     lrs = sorted({lr for scores in sweep.values() for lr in scores})
