@@ -98,6 +98,18 @@ def tiny_dataset(n_rows: int = 256, context_size: int = CONTEXT_SIZE, seed: int 
     return Dataset.from_dict({"tokens": rows})
 
 
+def rows_sharing_a_window(rows: torch.Tensor, references: list[torch.Tensor], width: int = 48) -> int:
+    """How many of `rows` [R, T] (their BOS column left out) share a `width`-token window with any
+    of `references` ([R', T] each, BOS column left out, rows read as one stream): the disjointness
+    check for token rows drawn from files training or calibration never read."""
+    seen: set[tuple[int, ...]] = set()
+    for reference in references:
+        flat = reference[:, 1:].reshape(-1).tolist()
+        seen |= {tuple(flat[i:i + width]) for i in range(len(flat) - width + 1)}
+    return sum(any(tuple(row[i:i + width]) in seen for i in range(len(row) - width + 1))
+               for row in rows[:, 1:].tolist())
+
+
 def runner_cfg_dict(architecture: str, tmp_path: Path | str, **overrides: Any) -> dict[str, Any]:
     """A dict for `LanguageModelSAERunnerConfig.from_dict` with a plain `architecture` string.
 
