@@ -121,6 +121,7 @@ def _embedded_config() -> dict:
                           {"name": "mc", "architecture": "mutual_choice", "sae": {"calibration_tokens": 1024}}],
         "eval": {"heldout_rows": 24, "ce_rows": 4, "batch_rows": 8, "bootstrap": 100, "steering_latents": 2,
                  "steering_contexts": 1, "probe_rows": 1024, "density_samples": 8000},
+        "length_check": 2,
     }
 
 
@@ -133,14 +134,33 @@ def test_embedded_comparison_trains_each_seed_on_its_rows_and_counts_dead_latent
     assert set(data["density"]) == {1, 2}
     assert data["train_dataset_sha256"][1] != data["train_dataset_sha256"][2]
     assert data["density"][1]["tokens_sha256"] != data["density"][2]["tokens_sha256"]
-    for run in result["runs"].values():
+    for run in (result["runs"][label] for labels in result["main"].values() for label in labels):
         extra = data["density"][run["seed"]]["tokens"]
         assert run["density"]["tokens"] == data["heldout_tokens"] + extra >= 8000
         assert 0 <= run["metrics"]["dead_share"] <= run["metrics"]["underused_share"] <= 1
     report = (tmp_path / "emb" / "report.md").read_text()
     assert "Dead share, seed 1:" in report and "Training rows per seed: seed 1" in report
+    # The length check: both arms again on seed 1 with twice the tokens and the lr decay;
+    # the dead share skips the files the longer run read.
+    check = result["length_check"]
+    assert check["factor"] == 2 and check["seed"] == 1 and set(check["runs"]) == {"topk", "mc"}
+    longer = {arm: result["runs"][label] for arm, label in check["runs"].items()}
+    for arm, run in longer.items():
+        assert run["seed"] == 1 and run["convergence"][-1]["tokens"] == 2 * 4096
+        assert result["runs"][result["main"][arm][0]]["convergence"][-1]["tokens"] == 4096
+        assert run["density"]["tokens"] == data["heldout_tokens"] + data["length_check_density"][1]["tokens"] >= 8000
+    short = {arm: result["runs"][labels[0]] for arm, labels in result["main"].items()}
+    ((c),) = check["contrasts"]
+    assert (c["arm"], c["against"]) == ("mc", "topk")
+    ev = next(m for m in c["metrics"] if m["metric"] == "explained_variance")
+    for length, runs in (("short", short), ("long", longer)):
+        expected = runs["mc"]["metrics"]["explained_variance"] - runs["topk"]["metrics"]["explained_variance"]
+        assert ev[length] == pytest.approx(expected, abs=1e-9)
+    main = next(m for m in result["summary"]["contrasts"][0]["metrics"] if m["metric"] == "explained_variance")
+    assert ev["verdict"] == main["verdict"] and ev["stable"] == (ev["shifted_verdict"] == main["verdict"])
+    assert "## Length check" in report and "Dead share, seed 1 (length check):" in report
     exports = sorted((tmp_path / "emb" / "saes").glob("mc*/cfg.json"))
-    assert len(exports) == 2
+    assert len(exports) == 3
     for cfg_file in exports:
         calibration = json.loads(cfg_file.read_text())["metadata"]["calibration"]
         assert calibration["source"] == "embedded train split, files training never read"
@@ -187,10 +207,13 @@ def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
              "sae": {"capacity": "uniform", "calibration_tokens": 512}},
         ],
         "k_values": [4],
+        "length_check": 1.5,
         "eval": {"samples": 2048, "block_samples": 64, "density_samples": 4096, "bootstrap": 200, "probe_rows": 512},
     }
     result = run_compare(cfg, output_dir=tmp_path / "syn")
-    assert len(result["runs"]) == 2 * 3 + 2
+    assert len(result["runs"]) == 2 * 3 + 2 + 2
+    for label in result["length_check"]["runs"].values():
+        assert label.endswith(",x1.5") and result["runs"][label]["convergence"][-1]["tokens"] == 3 * 1024
     arms = result["summary"]["arms"]
     assert arms["topk"]["metrics"]["mcc"]["n"] == 3
     assert arms["topk"]["metrics"]["l0"]["mean"] == pytest.approx(2.0)
@@ -268,6 +291,8 @@ def test_training_gap_compares_export_and_batch_rule_on_the_same_whole_batches()
         (lambda c: c["eval"].update(bootstrap=10), "eval.bootstrap"),
         (lambda c: c["eval"].update(steering_scale=-1), "eval.steering_scale"),
         (lambda c: c["architectures"].append({"architecture": "topk"}), "used twice"),
+        (lambda c: c.update(length_check=1), "length_check=1 is not allowed"),
+        (lambda c: c.update(length_check="2x"), "length_check='2x' is not allowed"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, edit, message):

@@ -50,6 +50,21 @@ def test_verdict_is_antisymmetric_in_the_direction_of_the_claim(d, w, noise):
     assert down == swap[up]
 
 
+def test_length_check_shifts_the_main_verdict_by_the_change_seen_on_one_seed():
+    main = {"diff": 0.012, "low": 0.010, "high": 0.014, "better": 1, "noise": 0.009,
+            "verdict": stats.CONSISTENT}
+    # EV advantage 0.012 with a tight interval; on one seed it shrinks by 0.004 at twice the
+    # training: 0.008 is below the 0.009 noise, so the verdict would not survive.
+    gone = stats.shifted_verdict(main, short=0.013, long=0.009)
+    assert gone["shift"] == pytest.approx(-0.004)
+    assert (gone["shifted_verdict"], gone["stable"]) == (stats.NO_DIFFERENCE, False)
+    kept = stats.shifted_verdict(main, short=0.013, long=0.014)
+    assert (kept["shifted_verdict"], kept["stable"]) == (stats.CONSISTENT, True)
+    # A one-seed main verdict (no interval) stays "no detectable difference" whatever the shift.
+    lone = stats.shifted_verdict({**main, "low": None, "high": None, "verdict": stats.NO_DIFFERENCE}, 0.0, 0.5)
+    assert lone["stable"]
+
+
 def _ev_sums(n_seeds: int, n_rows: int, noise: float, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_seeds, n_rows, 10, 4, generator=g)

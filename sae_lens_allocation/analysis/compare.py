@@ -20,6 +20,9 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
     lr_values: [3.0e-4, 1.0e-3, 3.0e-3]   # optional lr sweep on seeds[0] at the main k; every arm
                                       # is then reported at its best lr
     k_values: [8, 32]                 # optional k sweep on seeds[0] at each arm's best lr
+    length_check: 2                   # optional: every arm again on seeds[0] at its best lr with
+                                      # this many times the training (tokens or samples, and
+                                      # lr_decay_steps); do the verdicts survive longer training?
     lockstep: true                    # language_model: arms that share seed and lr train in one
                                       # multi-SAE run (one LM pass per batch)
     eval: {...}                       # see _EVAL_DEFAULTS
@@ -27,11 +30,15 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
 Protocol (docs/results.md "Protocol"): (1) the lr sweep, one seed, main k; the best lr of an arm
 has the lowest held-out CE with the SAE spliced in (language model) or the highest explained
 variance (synthetic); (2) every arm at its best lr and the main k for every seed (the sweep's
-run at seeds[0] is reused); (3) the k sweep on seeds[0]. Main-k results are reported as mean +-
-sd over seeds with paired intervals against the baseline (statistics.py) and a verdict per
-metric; convergence is checked on every main run: the training rule's held-out EV and dead
+run at seeds[0] is reused); (3) the k sweep on seeds[0]; (4) the length check on seeds[0]. Main-k results are reported as
+mean +- sd over seeds with paired intervals against the baseline (statistics.py) and a verdict
+per metric; convergence is checked on every main run: the training rule's held-out EV and dead
 share at the last two of `eval.convergence_points` evenly spaced evaluations must move less
-than their sd over seeds.
+than their sd over seeds. Under a schedule that decays the lr to 0 that check measures the
+anneal, so the length check asks the question the verdicts need: with D_1 and D_f the
+differences arm - against on seeds[0] at the main length and at `length_check` times it, is the
+main verdict unchanged when its difference and interval move by D_f - D_1
+(`statistics.shifted_verdict`)?
 
 Same data: every run of a seed reads the same rows in the same order. Language model: each run is
 a SAELens multi-SAE run (training/multi_runner.py) seeded with its seed, so an arm trained in
@@ -72,7 +79,7 @@ from sae_lens_allocation.yaml_config import ConfigError, apply_overrides, read_y
 
 SOURCES = ("language_model", "synthetic")
 _TOP_KEYS = {"source", "output_dir", "seeds", "threads", "base", "architectures", "baseline",
-             "contrasts", "lr_values", "k_values", "eval", "lockstep"}
+             "contrasts", "lr_values", "k_values", "eval", "lockstep", "length_check"}
 _ARCH_KEYS = {"name", "architecture", "sae", "runner"}
 _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_rows": None,          # language model: held-out rows (null: the whole embedded held-out split)
@@ -242,15 +249,23 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
     lockstep = cfg.get("lockstep", True)
     if not isinstance(lockstep, bool):
         raise ConfigError(f"lockstep={lockstep!r} is not allowed; use true or false")
+    length = cfg.get("length_check")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float))
+                               or not math.isfinite(length) or length <= 1):
+        raise ConfigError(f"length_check={length!r} is not allowed; use null or a number > 1 "
+                          "(the factor on the training length)")
     out = {
         "source": source, "seeds": seeds, "threads": threads, "base": base, "architectures": entries,
         "baseline": baseline, "contrasts": contrasts, "lockstep": lockstep, "lr_values": lr_values,
-        "k_values": k_values, "eval": ev, "output_dir": str(cfg.get("output_dir") or "runs/compare"),
+        "k_values": k_values, "length_check": length, "eval": ev,
+        "output_dir": str(cfg.get("output_dir") or "runs/compare"),
     }
     for entry in entries:
         for lr in lr_values or [None]:
             for k in k_values or [None]:
                 run_config(out, make_run(out, entry, seeds[0], lr, k), Path(out["output_dir"]))
+        if length:
+            run_config(out, make_run(out, entry, seeds[0], None, None, length), Path(out["output_dir"]))
     return out
 
 
@@ -262,15 +277,23 @@ def arm_setting(cfg: dict[str, Any], entry: dict[str, Any], key: str) -> Any:
 
 
 def make_run(cfg: dict[str, Any], entry: dict[str, Any], seed: int, lr: float | None,
-             k: float | None) -> dict[str, Any]:
-    """One training run of an arm: its seed, lr and k (None: the arm's own)."""
+             k: float | None, length: float | None = None) -> dict[str, Any]:
+    """One training run of an arm: its seed, lr and k (None: the arm's own); `length` (the
+    length check) multiplies its training tokens (samples) and `lr_decay_steps`, so the lr
+    schedule keeps its shape; the warm-up stays as it is."""
     lr = arm_setting(cfg, entry, "lr") if lr is None else lr
     k = arm_setting(cfg, entry, "k") if k is None else k
     run = copy.deepcopy(entry)
     run["runner"] = {**run["runner"], **({"lr": lr} if lr is not None else {})}
     run["sae"] = {**run["sae"], **({"k": k} if k is not None else {})}
-    run.update(arm=entry["name"], seed=seed, lr=lr, k=k,
+    run.update(arm=entry["name"], seed=seed, lr=lr, k=k, length=length,
                label=f"{entry['name']}@lr={lr:g},k={k:g},seed={seed}" if lr and k else f"{entry['name']}@seed={seed}")
+    if length is not None:
+        size = "training_tokens" if cfg["source"] == "language_model" else "training_samples"
+        given = run_config(cfg, run, Path(cfg["output_dir"]))
+        run["runner"].update({size: round(getattr(given, size) * length),
+                              "lr_decay_steps": round(given.lr_decay_steps * length)})
+        run["label"] += f",x{length:g}"
     return run
 
 
@@ -632,20 +655,24 @@ class LanguageModelStudy:
                                                  for seed, rows in self.seed_rows.items()}
             self.data["train_dataset_rows"] = {seed: len(rows) for seed, rows in self.seed_rows.items()}
         self.data["density"] = {}
-        self._density: tuple[int, dict[str, torch.Tensor] | None] | None = None
+        self._density: tuple[tuple[int, Any], dict[str, torch.Tensor] | None] | None = None
 
-    def density_rows(self, seed: int) -> dict[str, torch.Tensor] | None:
+    def density_rows(self, run: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """Activations and kept positions of the rows that extend the held-out tokens to
-        `eval.density_samples` for the dead share (module docstring); None where the source has
-        none or the held-out tokens suffice. One seed's rows are kept at a time."""
-        from sae_lens_allocation.training.sources import embedded_density_tokens
+        `eval.density_samples` for the dead share of `run` (module docstring); None where the
+        source has none or the held-out tokens suffice. A length-check run reads more files, so
+        its rows skip those too. The rows of one (seed, length) are kept at a time."""
+        from sae_lens_allocation.training.sources import embedded_density_tokens, runner_dataset
 
-        if self._density is not None and self._density[0] == seed:
+        seed, key = run["seed"], (run["seed"], run["length"])
+        if self._density is not None and self._density[0] == key:
             return self._density[1]
         extra = self.cfg["eval"]["density_samples"] - self.data["heldout_tokens"]
         found = None
         if self.embedded_rows and extra > 0:
-            found = embedded_density_tokens(self.model, self.seed_rows[seed], self.first.context_size, seed,
+            training = self.seed_rows[seed] if run["length"] is None \
+                else runner_dataset(run_config(self.cfg, run, self.out), self.model)
+            found = embedded_density_tokens(self.model, training, self.first.context_size, seed,
                                             self.calibration_tokens, extra)
         rows = None
         if found is not None:
@@ -653,9 +680,10 @@ class LanguageModelStudy:
             tokens = tokens.to(self.tokens.device)
             rows = {"acts": rm.lm_row_activations(self.model, tokens, self.hook, self.cfg["eval"]["batch_rows"]),
                     "keep": rm.keep_mask(tokens, self.special)}
-            self.data["density"][seed] = {**info, "heldout_tokens": self.data["heldout_tokens"],
-                                          "tokens_sha256": _sha256(tokens)}
-        self._density = (seed, rows)
+            where = "density" if run["length"] is None else "length_check_density"
+            self.data.setdefault(where, {})[seed] = {**info, "heldout_tokens": self.data["heldout_tokens"],
+                                                     "tokens_sha256": _sha256(tokens)}
+        self._density = (key, rows)
         return rows
 
     def train(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -711,7 +739,7 @@ class LanguageModelStudy:
                 self.model, self.ce_tokens, self.hook, rm.gradient_reconstruct(sae), self.special, ev["batch_rows"],
                 with_gradients=True)}
         fired, n_tokens = acts["fired"], float(self.keep.sum())
-        extra = self.density_rows(run["seed"])
+        extra = self.density_rows(run)
         if extra is not None:
             more = rm.activation_sums(reconstruct, extra["acts"], extra["keep"], ev["batch_rows"])
             fired, n_tokens = fired + more["fired"], n_tokens + float(extra["keep"].sum())
@@ -971,6 +999,29 @@ def summarise(cfg: dict[str, Any], records: dict[str, dict[str, Any]], main: dic
     return {"arms": arms, "contrasts": contrasts}
 
 
+def length_check(cfg: dict[str, Any], records: dict[str, dict[str, Any]], main: dict[str, list[str]],
+                 longer: dict[str, str], summary: dict[str, Any]) -> dict[str, Any]:
+    """Per contrast and metric of the summary: the differences on seeds[0] at the main length
+    (its main run) and at `length_check` times it (`longer`: arm -> run), and the main verdict
+    shifted by their change (statistics.shifted_verdict)."""
+    from sae_lens_allocation.analysis import statistics as st
+
+    how = {metric: (kind, protocol) for metric, _, _, kind, protocol, _ in CONTRAST_METRICS}
+    contrasts = []
+    for c in summary["contrasts"]:
+        rows = []
+        for m in c["metrics"]:
+            kind, protocol = how[m["metric"]]
+            diffs = [contrast(cfg, [records[arm]], [records[against]], m["metric"], m["better"], m["noise"],
+                              kind, protocol)
+                     for arm, against in ((main[c["arm"]][0], main[c["against"]][0]),
+                                          (longer[c["arm"]], longer[c["against"]]))]
+            if None not in diffs:
+                rows.append({"metric": m["metric"], **st.shifted_verdict(m, diffs[0]["diff"], diffs[1]["diff"])})
+        contrasts.append({"arm": c["arm"], "against": c["against"], "metrics": rows})
+    return {"factor": cfg["length_check"], "seed": cfg["seeds"][0], "runs": longer, "contrasts": contrasts}
+
+
 def convergence_check(recs: list[dict[str, Any]]) -> dict[str, Any]:
     """For EV and dead share of the training rule: per seed the change between the last two
     evaluations, against the sd over seeds of the final value; converged when every |change| <= sd."""
@@ -1033,10 +1084,16 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
             ks = sorted({*cfg["k_values"], arm_setting(cfg, e, "k")})
             k_sweep[e["name"]] = {f"{k:g}": make_run(cfg, e, seeds[0], best_lr[e["name"]], k)["label"] for k in ks}
     main_labels = {arm: [r["label"] for r in runs] for arm, runs in main.items()}
+    summary = summarise(cfg, records, main_labels)
+    length: dict[str, Any] = {}
+    if cfg["length_check"]:
+        runs = [make_run(cfg, e, seeds[0], best_lr[e["name"]], None, cfg["length_check"]) for e in entries]
+        _execute(study, runs, records)
+        length = length_check(cfg, records, main_labels, {r["arm"]: r["label"] for r in runs}, summary)
     result: dict[str, Any] = {
         "source": cfg["source"], "seeds": seeds, "baseline": cfg["baseline"], "data": study.data,
         "selection": {"metric": metric, "better": better}, "best_lr": best_lr, "lr_sweep": lr_sweep,
-        "k_sweep": k_sweep, "main": main_labels, "summary": summarise(cfg, records, main_labels),
+        "k_sweep": k_sweep, "main": main_labels, "summary": summary, "length_check": length,
         "total_seconds": time.perf_counter() - start,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -1,5 +1,5 @@
 """report.md and plots of a comparison (analysis/compare.py): the main table (mean +- sd over
-seeds), the verdicts with their intervals and n, the convergence check, the lr and k sweeps,
+seeds), the verdicts with their intervals and n, the convergence and length checks, the lr and k sweeps,
 the two g-SAE protocols, per-token L0 and log-density histograms, and metrics against L0."""
 
 from __future__ import annotations
@@ -67,6 +67,36 @@ def convergence_table(result: dict[str, Any]) -> str:
             f"| {arm} | {' -> '.join(f'{t:,}' for t in ev['last_two_tokens'])} | "
             f"{', '.join(f'{c:+.4f}' for c in ev['changes'])} | {_sd(ev['seed_sd'], 4)} | "
             f"{', '.join(f'{c:+.3f}' for c in dead['changes'])} | {_sd(dead['seed_sd'], 3)} | {verdict} |")
+    return "\n".join(lines)
+
+
+def length_tables(result: dict[str, Any]) -> str:
+    """The length check: every arm on the first seed at both lengths, then each verdict with the
+    differences on that seed and the main verdict shifted by their change."""
+    check = result.get("length_check")
+    if not check:
+        return ""
+    f, seed = check["factor"], check["seed"]
+    cols = [c for c in _MAIN_COLUMNS[result["source"]] if c[0] != "steering"]
+    head = ["arm"] + [f"{name} {size}" for _, name, _ in cols for size in ("x1", f"x{f:g}")] + ["tokens x1", f"tokens x{f:g}"]
+    lines = [f"Seed {seed}, every arm at its best lr, trained for 1 and {f:g} times the main length "
+             "(lr decay scaled with it); dead shares over the tokens given.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, label in check["runs"].items():
+        short, long = result["runs"][result["main"][arm][0]], result["runs"][label]
+        cells = [arm] + [_sd(r["metrics"].get(m), d) for m, _, d in cols for r in (short, long)]
+        cells += [f"{r['density']['tokens']:,}" for r in (short, long)]
+        lines.append("| " + " | ".join(cells) + " |")
+    rows = [(c, m) for c in check["contrasts"] for m in c["metrics"]]
+    stable = sum(m["stable"] for _, m in rows)
+    lines += ["", f"{stable} of {len(rows)} verdicts unchanged when the main difference and interval move by "
+              f"D x{f:g} - D x1 (the differences on seed {seed}). The shift is one seed's change between "
+              "two trainings, so it carries their noise as well as the effect of length.", "",
+              f"| arm | against | metric | D x1 | D x{f:g} | shift | verdict | shifted verdict | stable |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c, m in rows:
+        lines.append(f"| {c['arm']} | {c['against']} | {m['metric']} | {m['short']:+.4f} | {m['long']:+.4f} | "
+                     f"{m['shift']:+.4f} | {m['verdict']} | {m['shifted_verdict']} | {'yes' if m['stable'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -181,8 +211,10 @@ def density_lines(result: dict[str, Any]) -> list[str]:
     if isinstance(hashes, dict):
         lines += ["Training rows per seed: " + ", ".join(f"seed {s} `{h}` ({data['train_dataset_rows'][s]} rows)"
                                                       for s, h in hashes.items()), ""]
-    for seed, info in data.get("density", {}).items():
-        lines += [f"Dead share, seed {seed}: {info['heldout_tokens'] + info['tokens']:,} tokens = all "
+    counted = [("", seed, info) for seed, info in data.get("density", {}).items()]
+    counted += [(" (length check)", seed, info) for seed, info in data.get("length_check_density", {}).items()]
+    for what, seed, info in counted:
+        lines += [f"Dead share, seed {seed}{what}: {info['heldout_tokens'] + info['tokens']:,} tokens = all "
                   f"{info['heldout_tokens']:,} held-out + {info['tokens']:,} from {info['documents']} files "
                   f"({info['source']}; the {info['calibration_pool_documents']} calibration-pool files "
                   f"skipped), sha256 `{info['tokens_sha256']}`", ""]
@@ -207,7 +239,8 @@ def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> 
               "seed-to-seed noise of TopK (EV 0.009, CE 0.010 nats, dead share 0.06); otherwise "
               "\"no detectable difference\", whatever its sign.", "",
               "## Convergence (training rule, held-out rows)", "", convergence_table(result), ""]
-    for title, text in (("g-SAE: plain export vs gradient selection at evaluation", gradient_table(result)),
+    for title, text in (("Length check (do the verdicts survive longer training?)", length_tables(result)),
+                        ("g-SAE: plain export vs gradient selection at evaluation", gradient_table(result)),
                         ("Learning-rate sweep", lr_table(result)), ("k sweep", k_table(result))):
         if text:
             lines += [f"## {title}", "", text, ""]

@@ -15,7 +15,10 @@ Project definitions (the comparison issue, docs/results.md "How to read a verdic
   noise = the seed-to-seed difference of the baseline (0 when none is known):
     "consistent with the claim"  better * low > 0 and |D| >= noise,
     "contradicts"                better * high < 0 and |D| >= noise,
-    "no detectable difference"   otherwise (an interval that includes 0, or |D| below noise).
+    "no detectable difference"   otherwise (an interval that includes 0, or |D| below noise);
+- length check: with D_1 and D_f the differences on one seed at the main training length and at
+  f times it, the verdict at length f is estimated as the main verdict of (D + s, [low + s,
+  high + s]), s = D_f - D_1; the verdict is stable when that is the main verdict.
 """
 
 from __future__ import annotations
@@ -152,3 +155,15 @@ def verdict(diff: float, low: float | None, high: float | None, better: int, noi
     if better * low < 0 and better * high < 0:
         return CONTRADICTS
     return NO_DIFFERENCE
+
+
+def shifted_verdict(main: Mapping[str, Any], short: float, long: float) -> dict[str, Any]:
+    """The length check of one verdict (module docstring): `main` a contrast with diff, low, high,
+    better, noise and verdict; `short` and `long` the differences on one seed at the main
+    training length and the longer one."""
+    shift = long - short
+    low = None if main["low"] is None else main["low"] + shift
+    high = None if main["high"] is None else main["high"] + shift
+    moved = verdict(main["diff"] + shift, low, high, main["better"], main["noise"])
+    return {"short": short, "long": long, "shift": shift, "verdict": main["verdict"],
+            "shifted_verdict": moved, "stable": moved == main["verdict"]}
