@@ -9,7 +9,9 @@ rows training never read, exported and loaded back. Per run it prints
   whole batches only);
 - the calibration metadata (source, tokens, documents, overlap, out-of-fold L0, quantile level).
 
-It ends with how many runs hold |L0 / k - 1| <= 5% and |EV gap| <= 0.01.
+It ends with how many runs hold |L0 / k - 1| <= 5% and |EV gap| <= 0.01. `--wide-batches B ...`
+adds the gap against the same training-mode SAE run on held-out batches of B tokens: how far the
+export is from the batch rule's large-batch limit (the SAE still trained at its own batch size).
 
     python benchmarks/calibration_grid.py                      # the docs' grid (54 runs)
     python benchmarks/calibration_grid.py --archs mc --ks 16 --hooks blocks.0.hook_resid_post \\
@@ -86,12 +88,13 @@ def one_run(model: Any, x_heldout: torch.Tensor, arch: str, hook: str, k: float,
     # the export and the training-mode SAE on exactly the same rows.
     every = heldout_stats(export, None, x_heldout, batch, 0.5, 0.1)
     gap = training_gap(export, training_sae, x_heldout, batch)
+    wide = {b: training_gap(export, training_sae, x_heldout, b)["export_minus_training_ev"] for b in args.wide_batches}
     l0 = every["l0_per_token"]["mean"]
     return {
         "arch": arch, "hook": hook, "k": k, "batch": batch, "seconds": seconds,
         "export_l0": l0, "l0_error": l0 / k - 1,
         "export_ev": gap["export_explained_variance"], "training_ev": gap["training_explained_variance"],
-        "ev_gap": gap["export_minus_training_ev"],
+        "ev_gap": gap["export_minus_training_ev"], "ev_gap_wide": wide,
         "heldout_tokens": every["heldout_rows"], "gap_tokens": gap["rows"],
         "calibration": dict(export.cfg.metadata.calibration or {}),
     }
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=0, help="0: the config default")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--wide-batches", nargs="*", type=int, default=[],
+                        help="also the EV gap against the batch rule on held-out batches of these sizes")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,7 +124,7 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}; torch {torch.__version__}, {args.threads} thread(s); "
           f"held-out rows {len(heldout)}", flush=True)
     header = ("arch", "hook", "k", "batch", "L0", "L0 err", "EV export", "EV train", "EV gap",
-              "cal tokens", "docs", "overlap", "oof L0", "level", "s")
+              "cal tokens", "docs", "overlap", "oof L0", "level", "s", *(f"EV gap @{b}" for b in args.wide_batches))
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     results, start = [], time.perf_counter()
     for hook in args.hooks:
@@ -136,7 +141,8 @@ def main() -> None:
                           f"{100 * r['l0_error']:+.1f}% | {r['export_ev']:.4f} | {r['training_ev']:.4f} | "
                           f"{r['ev_gap']:+.4f} | {c.get('tokens')} | {c.get('documents')} | "
                           f"{c.get('overlaps_training')} | {c.get('out_of_fold_l0', float('nan')):.2f} | "
-                          f"{'-' if level is None else f'{level:.3f}'} | {r['seconds']:.0f} |", flush=True)
+                          f"{'-' if level is None else f'{level:.3f}'} | {r['seconds']:.0f} |"
+                          + "".join(f" {g:+.4f} |" for g in r["ev_gap_wide"].values()), flush=True)
                     results.append(r)
     ok = [abs(r["l0_error"]) <= L0_BOUND and abs(r["ev_gap"]) <= EV_BOUND for r in results]
     worst_l0 = max(abs(r["l0_error"]) for r in results)
