@@ -42,7 +42,8 @@ from sae_lens.synthetic.synthetic_sae_runner import (  # noqa: E402
     SyntheticSAERunnerConfig,
 )
 
-from sae_lens_allocation.training.losses import fit_zipf, frequency_ranks, expected_frequency  # noqa: E402
+from sae_lens_allocation.allocation import ranks_from_frequency  # noqa: E402
+from sae_lens_allocation.saes.zipf import expected_frequency, fit_zipf  # noqa: E402
 from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAEConfig  # noqa: E402
 
 LOSSES = ("none", "aux_k", "aux_zipf")
@@ -98,7 +99,7 @@ def training_mode_stats(
     total_var = (x_all - x_all.mean(0)).pow(2).sum().item()
     p = counts / x_all.shape[0]
     log_c, s, _ = fit_zipf(p, fit_fraction).tolist()
-    p_hat = expected_frequency(frequency_ranks(p), torch.tensor(log_c), torch.tensor(s))
+    p_hat = expected_frequency(ranks_from_frequency(p).float(), torch.tensor(log_c), torch.tensor(s))
     dead = p == 0
     underused = (p < tau * p_hat) | dead
     return {

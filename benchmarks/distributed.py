@@ -3,10 +3,10 @@
 W processes on one machine (gloo on CPU), each holding N / W rows of a global batch of
 pre-activations z (N x F, standard normal). Per step and per rank, timed as the slowest rank:
 
-- ours: `BatchGroup.mutual_choice` / `.feature_choice` (global_allocation.py): local top set,
+- ours: `BatchGroup.mutual_choice` / `.feature_choice` (allocation/global_merge.py): local top set,
   one all-gather of the candidate values (at most M = floor(k N) per rank), merge, own codes;
 - all-gather: the exact alternative that ships the matrix: all-gather the full N x F z, run the
-  single-process kernel (allocation.py) on it, keep the own rows;
+  single-process kernel (allocation/rules.py) on it, keep the own rows;
 - W = 1 only: SAELens' BatchTopK operator (relu, torch.topk over N x F, scatter), the built-in
   the kernels are compared with, and the single-process kernels.
 
@@ -45,7 +45,7 @@ from sae_lens_allocation.allocation import (
     mutual_choice,
     uniform_capacities,
 )
-from sae_lens_allocation.global_allocation import BatchGroup
+from sae_lens_allocation.allocation import BatchGroup
 
 _SEED = 0
 
@@ -96,7 +96,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     def gather_fc() -> torch.Tensor:
         return _all_gather_then(group, z, lambda full: feature_choice(full, caps).codes)
 
-    # With W = 1 nothing is exchanged: the group runs allocation.py's kernels directly.
+    # With W = 1 nothing is exchanged: the group runs the single-process kernels directly.
     alone = world == 1
     same_mc = torch.equal(ours_mc(), gather_mc())
     sent_mc = 0 if alone else group.last_sent_values * z.element_size() + 16

@@ -12,7 +12,7 @@ from sae_lens_allocation.saes.gradient_topk import GradientTopKTrainingSAE, Grad
 from sae_lens_allocation.saes.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 from sae_lens_allocation.training.gradients import GradientActivationsStore, activation_gradients
-from sae_lens_allocation.training.losses import AUX_LOSSES, register_aux_loss
+from sae_lens_allocation.saes.aux_losses import AUX_LOSSES, register_aux_loss
 from sae_lens_allocation.training.distributed import train_data_parallel
 from sae_lens_allocation.training.multi_runner import build_multi_runner, train_multi
 from sae_lens_allocation.training.runner import build_runner, train

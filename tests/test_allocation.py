@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sae_lens.saes.batchtopk_sae import BatchTopK
 
-from sae_lens_allocation import allocation as alloc
+from sae_lens_allocation.allocation import cpu as alloc
 from sae_lens_allocation.allocation import (
     budget,
     feature_choice,

@@ -299,7 +299,8 @@ def test_embedded_training_rows_mix_documents_in_a_seeded_order():
 
 def test_embedded_calibration_rows_come_from_files_training_never_read():
     from sae_lens_allocation.embedded import load_embedded_model
-    from sae_lens_allocation.training.sources import embedded_calibration_tokens, embedded_training_rows
+    from sae_lens_allocation.embedded.splits import embedded_calibration_tokens
+    from sae_lens_allocation.training.sources import embedded_training_rows
 
     model = load_embedded_model()
     bos = model.tokenizer.bos_token_id

@@ -1,4 +1,4 @@
-"""Threshold calibration (training/calibration.py): exact rules against plain references,
+"""Threshold calibration (saes/calibration.py): exact rules against plain references,
 document folds, the cross-fit, the training-row reservoir, refusal of non-finite rows."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sae_lens_allocation.training.calibration import (
+from sae_lens_allocation.saes.calibration import (
     LEVELS,
     CalibrationRows,
     RowReservoir,

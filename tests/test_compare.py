@@ -173,11 +173,8 @@ def test_density_rows_are_files_neither_training_nor_calibration_read(seed):
     the seed's file order. Distinct files can share a licence text, so one or two rows may still
     share a 48-token window with the others."""
     from sae_lens_allocation.embedded import load_embedded_model
-    from sae_lens_allocation.training.sources import (
-        embedded_calibration_tokens,
-        embedded_density_tokens,
-        embedded_training_rows,
-    )
+    from sae_lens_allocation.embedded.splits import embedded_calibration_tokens, embedded_density_tokens
+    from sae_lens_allocation.training.sources import embedded_training_rows
 
     model = load_embedded_model()
     training = embedded_training_rows(model, 64, 1_200_000, seed)

@@ -31,7 +31,7 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
 from sae_lens_allocation.analysis import dashboard
-from sae_lens_allocation.training.sources import special_token_ids
+from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.analysis.dashboard import (
     DashboardError,
     add_dashboard_arguments,

@@ -43,7 +43,7 @@ from test_allocation import (  # noqa: E402
     mc_tie_rule,
 )
 
-from sae_lens_allocation import allocation as alloc  # noqa: E402
+from sae_lens_allocation.allocation import cpu, static  # noqa: E402
 from sae_lens_allocation.allocation import (  # noqa: E402
     budget,
     feature_choice,
@@ -65,14 +65,14 @@ FAKE_DEVICE = "cuda" if torch.cuda._is_compiled() else "meta"
 def static_path(monkeypatch):
     """Force the static-shape path on CPU tensors; returns the host flags it reads, in order."""
     flags: list[bool] = []
-    read = alloc._host_bool
+    read = static._host_bool
 
     def counted(flag: torch.Tensor) -> bool:
         flags.append(read(flag))
         return flags[-1]
 
-    monkeypatch.setattr(alloc, "_static_shapes", lambda device: True)
-    monkeypatch.setattr(alloc, "_host_bool", counted)
+    monkeypatch.setattr(static, "_static_shapes", lambda device: True)
+    monkeypatch.setattr(static, "_host_bool", counted)
     return flags
 
 
@@ -130,7 +130,7 @@ def test_static_mutual_choice_sample_miss_falls_back_exactly(static_path):
     # Large values exactly where the sampler looks (test_allocation.py's construction): the
     # bound lies above all but 65536 entries, fewer than M, so the flag says "incomplete".
     n, f = 1024, 1024
-    draws = torch.randint(0, n * f, (alloc._MC_SAMPLE,), generator=torch.Generator().manual_seed(alloc._SEED))
+    draws = torch.randint(0, n * f, (cpu._MC_SAMPLE,), generator=torch.Generator().manual_seed(cpu._SEED))
     x = torch.rand(n * f, generator=torch.Generator().manual_seed(3))
     x[draws] += 10
     x = x.reshape(n, f)

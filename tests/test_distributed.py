@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sae_lens_allocation.allocation import budget, feature_choice, mutual_choice, zipf_capacities
-from sae_lens_allocation.global_allocation import (
+from sae_lens_allocation.allocation.global_merge import (
     feature_choice_keep,
     local_feature_choice,
     local_mutual_choice,
@@ -87,7 +87,7 @@ def test_global_feature_choice_equals_single_process_exactly(batch, data):
 
 
 def test_fast_paths_and_the_volume_sent():
-    """Shapes large enough for allocation.py's candidate paths; the candidates sent are at most
+    """Shapes large enough for the allocation package's candidate paths; the candidates sent are at most
     M per rank (MC) and sum_j min(m_j, n_r) (FC), not the n_r x F matrix."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(512, 512, generator=g)
@@ -168,7 +168,7 @@ def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from sae_lens_allocation.global_allocation import BatchGroup, DataParallelError
+    from sae_lens_allocation.allocation import BatchGroup, DataParallelError
     from sae_lens_allocation.training.distributed import DataParallelSAETrainer
 
     dist.init_process_group(

@@ -99,16 +99,60 @@ def test_graph_counts_lazy_and_root_imports():
     assert "sae_lens_allocation.saes.batch_allocation" in graph[PACKAGE]
 
 
+# Floors, bottom up: a module may import its own floor or lower ones, never a higher one.
+FLOORS = [
+    # pure allocation kernels and the shared leaves (no SAELens in allocation/)
+    {"allocation", "registration", "validation", "tokens", "saelens_compat"},
+    {"loading", "embedded"},
+    {"saes"},
+    {"training"},
+    {"yaml_config", PACKAGE},
+    {"analysis"},
+    {"demo"},
+    {"cli", "__main__"},
+]
+
+
+def floor_of(module: str) -> int:
+    part = module.split(".")[1] if "." in module else module
+    return next(i for i, names in enumerate(FLOORS) if part in names)
+
+
+def test_no_module_imports_a_higher_floor():
+    """saes/ (what an SAE computes) never imports training/ (the glue on top), analysis/ or the
+    CLI; allocation/ (pure kernels) imports nothing above itself."""
+    graph = import_graph()
+    upward = [f"{m} -> {d}" for m, deps in graph.items() for d in deps
+              if d != PACKAGE and m != PACKAGE and floor_of(d) > floor_of(m)]
+    assert upward == []
+
+
+def test_floor_check_sees_an_upward_import():
+    assert floor_of(f"{PACKAGE}.training.runner") > floor_of(f"{PACKAGE}.saes.mutual_choice")
+    assert floor_of(f"{PACKAGE}.analysis.compare") > floor_of(f"{PACKAGE}.allocation.rules")
+
+
+def test_allocation_kernels_know_nothing_of_sae_lens():
+    for path in (ROOT / "allocation").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any(n == "sae_lens" or n.startswith("sae_lens.") for n in names), path.name
+
+
 def test_layout_groups_the_modules():
     graph = import_graph()
-    saes = {m for m in graph if m.startswith(f"{PACKAGE}.saes.")}
-    assert {m.rsplit(".", 1)[1] for m in saes} == {
-        "batch_allocation", "mutual_choice", "feature_choice", "gradient_topk", "topk_aux"
+    saes = {m.rsplit(".", 1)[1] for m in graph if m.startswith(f"{PACKAGE}.saes.")}
+    assert saes == {
+        "batch_allocation", "mutual_choice", "feature_choice", "gradient_topk", "topk_aux",
+        "aux_losses", "zipf", "calibration", "batch_group",
     }
-    # Architectures and training machinery never reach up into the tools built on them.
-    for module in saes | {m for m in graph if m.startswith(f"{PACKAGE}.training.")}:
-        assert not any(dep.startswith(f"{PACKAGE}.analysis") for dep in graph[module]), module
-    assert not any(dep.startswith(f"{PACKAGE}.analysis") for dep in graph[f"{PACKAGE}.embedded"])
+    assert not any(m.startswith(f"{PACKAGE}.training.") and m.rsplit(".", 1)[1] in {"losses", "calibration"}
+                   for m in graph)
 
 
 @pytest.mark.parametrize("name", sae_lens_allocation.__all__)

@@ -15,17 +15,19 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_lens_allocation import register_architecture
-from sae_lens_allocation.training.losses import (
+from sae_lens_allocation.allocation import ranks_from_frequency
+from sae_lens_allocation.saes.aux_losses import (
     AUX_LOSS_KEY,
     AUX_LOSSES,
     AuxLossContext,
     aux_activations,
+    reconstruct_residual_loss,
+    register_aux_loss,
+)
+from sae_lens_allocation.saes.zipf import (
     ema_warmup_steps,
     expected_frequency,
     fit_zipf,
-    frequency_ranks,
-    reconstruct_residual_loss,
-    register_aux_loss,
     update_firing_ema,
     zipf_underuse,
 )
@@ -398,7 +400,7 @@ def test_fit_ignores_the_low_end_and_flags_exactly_the_latents_below_tau():
     assert n_points.item() == 90
     assert s.item() == pytest.approx(1.2, abs=1e-4)
     assert fit_zipf(p, 1.0)[1].item() > 1.3  # fitting the low end too bends the line
-    ranks = frequency_ranks(p)
+    ranks = ranks_from_frequency(p).float()
     assert torch.equal(ranks[order[:180]], torch.arange(1.0, 181.0))
     p_hat = expected_frequency(ranks, log_c, s)
     dead = p == 0
@@ -415,7 +417,7 @@ def test_not_ready_means_dead_only_with_unit_weights():
     p[10:20] *= 0.01
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[-3:] = True
-    p_hat = expected_frequency(frequency_ranks(p), *fit_zipf(p, 0.5)[:2])
+    p_hat = expected_frequency(ranks_from_frequency(p).float(), *fit_zipf(p, 0.5)[:2])
     underused, weights = zipf_underuse(p, p_hat, dead, tau=0.5, ready=torch.tensor(False))
     assert torch.equal(underused, dead)
     assert (weights == 1).all()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sae_lens_allocation.analysis import row_metrics as rm
 from sae_lens_allocation.analysis import statistics as stats
 from sae_lens_allocation.analysis.steering import pick_latents, steering_effects
+from sae_lens_allocation.tokens import keep_mask
 
 
 def test_summarize_matches_the_textbook_t_interval():
@@ -128,7 +129,7 @@ def test_lm_sums_of_a_perfect_and_of_a_zero_reconstruction(tiny_model):
     # predictions of the BOS token and BOS activations are not scored
     assert float(ref["n_pred"].sum()) == tokens.shape[0] * (tokens.shape[1] - 1)
     acts = rm.lm_row_activations(tiny_model, tokens, hook, batch_rows=4)
-    keep = rm.keep_mask(tokens, special)
+    keep = keep_mask(tokens, special)
     a = rm.activation_sums(_identity, acts, keep, batch_rows=4)
     assert float(rm.explained_variance({k: v.sum(0) for k, v in a["rows"].items()})) == pytest.approx(1)
     assert a["l0_tokens"].numel() == int(keep.sum()) and torch.all(a["l0_tokens"] == 3)

@@ -18,7 +18,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConf
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_allocation import register_architecture
-from sae_lens_allocation.training.losses import AUX_LOSS_KEY
+from sae_lens_allocation.saes.aux_losses import AUX_LOSS_KEY
 from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 
 import support

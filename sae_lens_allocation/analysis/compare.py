@@ -75,6 +75,7 @@ from typing import Any
 import torch
 
 from sae_lens_allocation.analysis import row_metrics as rm
+from sae_lens_allocation.tokens import keep_mask, special_token_ids
 from sae_lens_allocation.yaml_config import ConfigError, apply_overrides, read_yaml
 
 SOURCES = ("language_model", "synthetic")
@@ -361,11 +362,12 @@ def underused_share(fired: torch.Tensor, n: float, tau: float, fit_fraction: flo
     """Dead and underused shares from firing counts over `n` tokens: p_j = fired_j / n; dead:
     p_j = 0; underused: dead or p_j < tau * p_hat_j, with p_hat the Zipf fit of `losses.fit_zipf`
     to the top `fit_fraction` of the ranked densities (`aux_zipf`'s own rule, `zipf_underuse`)."""
-    from sae_lens_allocation.training.losses import expected_frequency, fit_zipf, frequency_ranks, zipf_underuse
+    from sae_lens_allocation.allocation import ranks_from_frequency
+    from sae_lens_allocation.saes.zipf import expected_frequency, fit_zipf, zipf_underuse
 
     p = fired.double().cpu() / n
     log_c, s, n_points = fit_zipf(p.float(), fit_fraction).tolist()
-    p_hat = expected_frequency(frequency_ranks(p.float()), torch.tensor(log_c), torch.tensor(s))
+    p_hat = expected_frequency(ranks_from_frequency(p).float(), torch.tensor(log_c), torch.tensor(s))
     dead = p == 0
     underused, _ = zipf_underuse(p, p_hat, dead, tau, torch.tensor(n_points > 0))
     return {"dead_share": float(dead.double().mean()), "underused_share": float(underused.double().mean()),
@@ -512,12 +514,11 @@ def convergence_points(total: int, n_points: int, batch: int) -> list[int]:
 def lm_activations(model: Any, dataset: Any, hook: str, n_rows: int, batch_prompts: int) -> torch.Tensor:
     """Activations at `hook` of the first `n_rows` rows of a pretokenized dataset, special
     tokens (BOS/EOS/PAD) removed, as [tokens, d_in]."""
-    from sae_lens_allocation.training.sources import special_token_ids
 
     column = "tokens" if "tokens" in dataset.column_names else "input_ids"
     tokens = torch.tensor(dataset[:n_rows][column])
     acts = rm.lm_row_activations(model, tokens, hook, batch_prompts)
-    return acts[rm.keep_mask(tokens, special_token_ids(model))].cpu()
+    return acts[keep_mask(tokens, special_token_ids(model))].cpu()
 
 
 def hub_heldout_rows(path: str, split: str, skip_rows: int, n_rows: int, context_size: int) -> Any:
@@ -596,7 +597,6 @@ class LanguageModelStudy:
             embedded_tokens,
             runner_dataset,
             runner_sources,
-            special_token_ids,
         )
 
         self.cfg, self.out, ev = cfg, out, cfg["eval"]
@@ -629,7 +629,7 @@ class LanguageModelStudy:
         self.hook = first.hook_name
         self.special = special_token_ids(model)
         self.acts = rm.lm_row_activations(model, self.tokens, self.hook, ev["batch_rows"])
-        self.keep = rm.keep_mask(self.tokens, self.special)
+        self.keep = keep_mask(self.tokens, self.special)
         self.ce_tokens = self.tokens[: ev["ce_rows"]]
         self.reference = rm.lm_reference_sums(model, self.ce_tokens, self.hook, self.special, ev["batch_rows"])
         x = self.acts[self.keep]
@@ -662,7 +662,8 @@ class LanguageModelStudy:
         `eval.density_samples` for the dead share of `run` (module docstring); None where the
         source has none or the held-out tokens suffice. A length-check run reads more files, so
         its rows skip those too. The rows of one (seed, length) are kept at a time."""
-        from sae_lens_allocation.training.sources import embedded_density_tokens, runner_dataset
+        from sae_lens_allocation.embedded.splits import embedded_density_tokens
+        from sae_lens_allocation.training.sources import runner_dataset
 
         seed, key = run["seed"], (run["seed"], run["length"])
         if self._density is not None and self._density[0] == key:
@@ -679,7 +680,7 @@ class LanguageModelStudy:
             tokens, info = found
             tokens = tokens.to(self.tokens.device)
             rows = {"acts": rm.lm_row_activations(self.model, tokens, self.hook, self.cfg["eval"]["batch_rows"]),
-                    "keep": rm.keep_mask(tokens, self.special)}
+                    "keep": keep_mask(tokens, self.special)}
             where = "density" if run["length"] is None else "length_check_density"
             self.data.setdefault(where, {})[seed] = {**info, "heldout_tokens": self.data["heldout_tokens"],
                                                      "tokens_sha256": _sha256(tokens)}

@@ -50,7 +50,7 @@ import torch
 from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.topk_sae import TopK, TopKSAE
 
-from sae_lens_allocation.training.sources import special_token_ids
+from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.validation import UsageError
 
 D3_CDN_TAG = '<script src="https://d3js.org/d3.v6.min.js"></script>'

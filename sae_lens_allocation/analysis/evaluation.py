@@ -13,7 +13,6 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_lens_allocation.analysis.row_metrics import keep_mask
 from sae_lens_allocation.loading import (
     TRAINER_STATE_FILENAME,
     check_sae_weights,
@@ -21,7 +20,8 @@ from sae_lens_allocation.loading import (
     load_sae,
     read_sae_cfg,
 )
-from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, load_lm, special_token_ids
+from sae_lens_allocation.tokens import keep_mask, special_token_ids
+from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, load_lm
 from sae_lens_allocation.validation import UsageError
 
 # Metrics copied into the summary, as (run_evals section, key, summary name).

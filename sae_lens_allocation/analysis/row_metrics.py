@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sae_lens_allocation.tokens import keep_mask
 from sae_lens_allocation.training.gradients import activation_gradients
 
 # (x [..., d], g [..., d] or None) -> (codes [..., d_sae], x_hat [..., d])
@@ -62,14 +63,6 @@ def _token_kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     lp = F.log_softmax(clean[:, :-1].float(), -1)
     lq = F.log_softmax(other[:, :-1].float(), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
-
-
-def keep_mask(tokens: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
-    """True where a token is not one of `special_ids` (BOS/EOS/PAD): the positions evaluations score."""
-    keep = torch.ones_like(tokens, dtype=torch.bool)
-    for t in special_ids:
-        keep &= tokens != t
-    return keep
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sae_lens_allocation.analysis.row_metrics import keep_mask
+from sae_lens_allocation.tokens import keep_mask
 
 
 def pick_latents(fired: torch.Tensor, n: int, seed: int) -> torch.Tensor:

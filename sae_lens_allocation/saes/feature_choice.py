@@ -39,8 +39,8 @@ from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
 )
-from sae_lens_allocation.training.calibration import ZBlock, feature_choice_thresholds
-from sae_lens_allocation.training.losses import update_firing_ema
+from sae_lens_allocation.saes.calibration import ZBlock, feature_choice_thresholds
+from sae_lens_allocation.saes.zipf import update_firing_ema
 from sae_lens_allocation.validation import UsageError, field_error
 
 CAPACITIES = ("uniform", "zipf")
@@ -150,7 +150,7 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         capacity_ranks <- ranks by descending u, ties by descending mass, then index.
         """
         z = hidden_pre.detach().reshape(-1, hidden_pre.shape[-1])
-        # Over the global batch under data parallel (global_allocation.py), as the capacities.
+        # Over the global batch under data parallel (allocation/global_merge.py), as the capacities.
         group = self.batch_group
         n_tokens = group.total_rows(z.shape[0], z.device)
         selected = group.sum((group.mutual_choice(z, self.cfg.k).codes != 0).float().sum(0)) / n_tokens
@@ -175,7 +175,7 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
     @override
     def allocate(self, hidden_pre: torch.Tensor) -> Allocation:
         # Capacities from the global budget; one process: allocation.feature_choice, data
-        # parallel: exact over the global batch (global_allocation.py).
+        # parallel: exact over the global batch (allocation/global_merge.py).
         n_tokens = self.batch_group.total_rows(hidden_pre.shape[:-1].numel(), hidden_pre.device)
         self.capacity_tokens.fill_(n_tokens)
         # Host capacities: on a GPU the kernel sizes its buffers from them without a sync.

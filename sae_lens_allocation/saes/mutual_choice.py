@@ -20,7 +20,7 @@ from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
 )
-from sae_lens_allocation.training.calibration import ZBlock, mutual_choice_threshold
+from sae_lens_allocation.saes.calibration import ZBlock, mutual_choice_threshold
 from sae_lens_allocation.validation import field_error
 
 

@@ -17,7 +17,7 @@ from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens_allocation.training.losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.validation import field_error, is_int
 
 

@@ -7,7 +7,7 @@ single-process step on the global batch:
 
 - identical start: every parameter and buffer is broadcast from rank 0;
 - allocation over the global batch: Mutual Choice and Feature Choice through
-  `global_allocation.BatchGroup` (exact, ties included); TopK, topk_aux and gradient_topk select
+  `allocation.BatchGroup` (exact, ties included); TopK, topk_aux and gradient_topk select
   per token and need nothing (gradient_topk's activation gradients come with each rank's rows);
 - gradients averaged, g = (1/W) sum_r g_r, which is the gradient of the global-batch mean loss
   since every rank holds N / W rows; SAELens' grad-norm clip and Adam then see the same numbers;
@@ -37,8 +37,9 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointFn
 from sae_lens.training.types import DataProvider
 
-from sae_lens_allocation.global_allocation import BatchGroup, DataParallelError
-from sae_lens_allocation.training.calibration import CalibrationRows
+from sae_lens_allocation.allocation import BatchGroup, DataParallelError
+from sae_lens_allocation.saes.batch_group import BatchGroupMixin
+from sae_lens_allocation.saes.calibration import CalibrationRows
 from sae_lens_allocation.training.gradients import HookedRootModule
 from sae_lens_allocation.training.runner import build_runner
 from sae_lens_allocation.training.sources import runner_sources
@@ -177,9 +178,10 @@ class DataParallelSAETrainer(SAETrainer[Any, Any]):
             )
         self.group = group
         sae.to(cfg.device)
-        # Set before SAETrainer builds the optimiser: the batch statistics of the SAE reduce
-        # over the group from the first step on.
-        sae.batch_group = group  # type: ignore[attr-defined]
+        # Set before SAETrainer builds the optimiser: the batch statistics of a plugin SAE reduce
+        # over the group from the first step on (SAELens' own SAEs have none).
+        if isinstance(sae, BatchGroupMixin):
+            sae.use_batch_group(group)
         broadcast_module(sae, group)
         super().__init__(cfg, sae, data_provider, evaluator, save_checkpoint_fn)
         self.activation_scaler = GlobalActivationScaler(group, self.sae.device)

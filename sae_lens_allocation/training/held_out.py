@@ -6,7 +6,7 @@ Where the rows come from:
 
 - the embedded corpus (`embedded_dataset`, the training rows `runner_sources` built): rows of
   train-split files the run never reads, sampled across documents
-  (`sources.embedded_calibration_tokens`); SAEs with the same calibration settings share them;
+  (`embedded.splits.embedded_calibration_tokens`); SAEs with the same calibration settings share them;
 - any other dataset, once for all SAEs: enough rows for the largest `calibration_tokens`
   (counted without special tokens unless every SAE keeps them), cut into sequences by the
   store's own tokenisation:
@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from sae_lens_allocation.training.calibration import CalibrationRows
-from sae_lens_allocation.training.sources import embedded_calibration_tokens, special_token_ids
+from sae_lens_allocation.saes.calibration import CalibrationRows
+from sae_lens_allocation.embedded.splits import embedded_calibration_tokens
+from sae_lens_allocation.tokens import special_token_ids
 
 # A batch of token rows -> {hook: activations [rows, positions, d_in]}, positions sliced by the
 # store's `seqpos_slice` as training slices them.

@@ -3,7 +3,7 @@
 Project definition (docs/algorithms.md, "Data parallel"; docs/distributed.md). W processes
 (ranks) each hold n_r rows of one global batch of N = sum_r n_r rows; local row i of rank r is
 global row o_r + i, o_r = sum_{s<r} n_s (rank-major order). The rules are the single-process
-rules of allocation.py applied to the concatenated N x F matrix z:
+rules of `allocation.rules` applied to the concatenated N x F matrix z:
 
 - Mutual Choice: keep the M = min(floor(k*N), N*F) largest entries of relu(z); ties at the
   cut-off go to the lowest global flat index (global row * F + column).
@@ -38,9 +38,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from sae_lens_allocation.allocation import (
+from sae_lens_allocation.allocation.cpu import (
     _FAST_MIN_NUMEL,
-    Allocation,
     _codes,
     _column_value_order,
     _exact_float,
@@ -48,10 +47,8 @@ from sae_lens_allocation.allocation import (
     _feature_choice_plain,
     _mutual_choice_plain,
     _mutual_choice_sampled,
-    budget,
-    feature_choice,
-    mutual_choice,
 )
+from sae_lens_allocation.allocation.rules import Allocation, budget, feature_choice, mutual_choice
 
 _T = TypeVar("_T")
 
@@ -78,7 +75,7 @@ class Candidates:
 
     def codes(self, pre_acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """relu(z) at the candidates where `keep` (bool, candidate order), 0 elsewhere; autograd
-        flows through the kept values only, as in allocation.py."""
+        flows through the kept values only, as in `allocation.rules`."""
         flat = pre_acts.reshape(-1)
         index = self.index.index_select(0, keep.nonzero().squeeze(1))
         return _codes(flat, index, None).reshape(pre_acts.shape)
@@ -225,7 +222,7 @@ class BatchGroup:
     """The processes that share one training batch, in rank order.
 
     `BatchGroup()` is a single process: every collective is the identity and the allocations are
-    allocation.py's (also for a process group of one). `BatchGroup(process_group)` uses
+    `allocation.rules`' (also for a process group of one). `BatchGroup(process_group)` uses
     torch.distributed on that group; `from_default_group()` on the default group. Statistics
     over the batch (firing counts, means) go through `sum`; the allocations through
     `mutual_choice` / `feature_choice`.

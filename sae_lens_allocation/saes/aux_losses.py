@@ -23,7 +23,6 @@ A new loss is a function `fn(sae, ctx: AuxLossContext) -> (loss, metrics)` decor
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,7 +31,15 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import act_times_W_dec
 
-from sae_lens_allocation.global_allocation import SINGLE_PROCESS, BatchGroup
+from sae_lens_allocation.allocation import ranks_from_frequency
+from sae_lens_allocation.saes.batch_group import BatchGroupMixin
+from sae_lens_allocation.saes.zipf import (
+    ema_warmup_steps,
+    expected_frequency,
+    fit_zipf,
+    update_firing_ema,
+    zipf_underuse,
+)
 from sae_lens_allocation.validation import field_error, is_finite_number
 
 AuxLossMetrics = dict[str, "torch.Tensor | float"]
@@ -67,93 +74,6 @@ def register_aux_loss(name: str) -> Callable[[AuxLossFn], AuxLossFn]:
         return fn
 
     return decorator
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure functions: firing EMA, Zipf fit, underused set
-# ---------------------------------------------------------------------------------------------
-
-
-def ema_warmup_steps(decay: float) -> int:
-    """Steps before the firing EMA is trusted: ceil(1 / (1 - decay)), its effective window."""
-    return max(1, math.ceil(1.0 / (1.0 - decay)))
-
-
-def update_firing_ema(
-    ema: torch.Tensor, fired_fraction: torch.Tensor, step: torch.Tensor, decay: float
-) -> torch.Tensor:
-    """p <- p + alpha (f - p) with alpha = max(1/t, 1 - decay), t = 1, 2, ... the update count.
-
-    Project definition. For t < 1/(1-decay) this is the running mean of the per-step firing
-    fractions f (no zero-initialisation bias); afterwards an EMA with rate 1 - decay.
-    """
-    alpha = torch.clamp(1.0 / step.to(torch.float32), min=1.0 - decay)
-    return ema + alpha * (fired_fraction - ema)
-
-
-def frequency_ranks(p: torch.Tensor) -> torch.Tensor:
-    """rank_j in 1..F by descending p (1 = most frequent latent; ties in index order), float32."""
-    order = torch.argsort(p, descending=True, stable=True)
-    ranks = torch.empty_like(p, dtype=torch.float32)
-    ranks[order] = torch.arange(1, p.numel() + 1, dtype=torch.float32, device=p.device)
-    return ranks
-
-
-def fit_zipf(
-    p: torch.Tensor, fit_fraction: float, exponent: float | None = None
-) -> torch.Tensor:
-    """Least-squares fit of log p_(r) = log C - s log r. Returns [log C, s, n_points] (float32).
-
-    Project definition (algorithms.md): the points are the firing latents (p > 0) in rank order;
-    only the most frequent ceil(fit_fraction * #firing) ranks enter the fit, because feature
-    densities follow Zipf except at the low end (Ayonrinde 2024), the end under test. With a fixed
-    `exponent` s, only log C is fitted. n_points = 0 marks "no fit" (fewer than 2 points, or 1
-    with a fixed s). No host synchronisation.
-    """
-    p = p.to(torch.float32)
-    p_sorted = torch.sort(p, descending=True).values
-    r = torch.arange(1, p.numel() + 1, dtype=torch.float32, device=p.device)
-    n_firing = (p > 0).sum()
-    in_fit = ((r <= torch.ceil(fit_fraction * n_firing)) & (p_sorted > 0)).to(torch.float32)
-    n = in_fit.sum()
-    x = r.log()
-    y = p_sorted.clamp_min(torch.finfo(torch.float32).tiny).log()
-    x_mean = (in_fit * x).sum() / n.clamp_min(1)
-    y_mean = (in_fit * y).sum() / n.clamp_min(1)
-    if exponent is None:
-        sxx = (in_fit * (x - x_mean) ** 2).sum()
-        sxy = (in_fit * (x - x_mean) * (y - y_mean)).sum()
-        s = -sxy / sxx.clamp_min(torch.finfo(torch.float32).tiny)
-        min_points = 2
-    else:
-        s = torch.tensor(float(exponent), device=p.device)
-        min_points = 1
-    log_c = y_mean + s * x_mean
-    n_points = torch.where(n >= min_points, n, torch.zeros_like(n))
-    return torch.stack([log_c, s, n_points])
-
-
-def expected_frequency(ranks: torch.Tensor, log_c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """p_hat_j = C * rank_j^(-s)."""
-    return torch.exp(log_c - s * ranks.log())
-
-
-def zipf_underuse(
-    p: torch.Tensor,
-    p_hat: torch.Tensor,
-    dead: torch.Tensor,
-    tau: float,
-    ready: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Underused set and weights (project definition, algorithms.md).
-
-    U = {j : p_j < tau * p_hat_j} | dead;  w_j = clip(1 - p_j / p_hat_j, 0, 1), w_j = 1 if dead.
-    While not `ready` (EMA warming up, or no Zipf fit) U = dead and w = 1: exactly aux-k.
-    """
-    ratio = p / p_hat
-    underused = ((ratio < tau) & ready) | dead
-    weights = torch.where(dead | ~ready, torch.ones_like(ratio), (1.0 - ratio).clamp(0.0, 1.0))
-    return underused, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +167,7 @@ def reconstruct_residual_loss(
     error = (recons - residual).pow(2).sum(dim=-1).mean()
     if cfg.aux_loss_normalization == "residual_variance":
         # Over the global batch when it is split across processes (sae.batch_group).
-        group: BatchGroup = sae.batch_group
+        group = sae.batch_group
         flat = residual.reshape(-1, residual.shape[-1])
         rows = group.total_rows(flat.shape[0], flat.device)
         mean = group.sum(flat.sum(dim=0)) / rows
@@ -330,7 +250,7 @@ class AuxLossConfig:
                 "aux_loss",
                 self.aux_loss,
                 f"registered auxiliary losses are {', '.join(sorted(AUX_LOSSES))} "
-                "(add one with sae_lens_allocation.training.losses.register_aux_loss)",
+                "(add one with sae_lens_allocation.register_aux_loss)",
             )
         if not (is_finite_number(self.aux_loss_coefficient) and self.aux_loss_coefficient >= 0):
             raise field_error("aux_loss_coefficient", self.aux_loss_coefficient, "a finite number >= 0")
@@ -370,10 +290,11 @@ class AuxLossConfig:
             )
 
 
-class AuxLossMixin:
+class AuxLossMixin(BatchGroupMixin):
     """Buffers and the SAELens `calculate_aux_loss` hook for a `TrainingSAE` subclass.
 
-    Put it before the SAELens base class. The SAE calls `init_aux_loss_state()` in `__init__`,
+    Put it before the SAELens base class. Firing fractions and residual variances are over the
+    global batch of `batch_group` (`BatchGroupMixin`). The SAE calls `init_aux_loss_state()` in `__init__`,
     merges `aux_loss_metrics()` into `TrainStepOutput.metrics`, and calls
     `drop_aux_state(state_dict)` in `process_state_dict_for_saving_inference`.
 
@@ -383,10 +304,6 @@ class AuxLossMixin:
     """
 
     AUX_STATE_BUFFERS: tuple[str, ...] = ("firing_ema", "firing_ema_steps", "zipf_fit")
-
-    #: The processes sharing each training batch: firing fractions and residual variances are
-    #: over the global batch (training/distributed.py sets it; one process by default).
-    batch_group: BatchGroup = SINGLE_PROCESS
 
     cfg: Any
     firing_ema: torch.Tensor
@@ -425,7 +342,7 @@ class AuxLossMixin:
 
     def _underuse(self, dead: torch.Tensor) -> tuple[torch.Tensor, ...]:
         p = self.firing_ema.to(torch.float32)
-        ranks = frequency_ranks(p)
+        ranks = ranks_from_frequency(p).to(torch.float32)
         p_hat = expected_frequency(ranks, self.zipf_fit[0], self.zipf_fit[1])
         ready = self.zipf_ready()
         underused, weights = zipf_underuse(p, p_hat, dead, self.cfg.aux_zipf_tau, ready)
