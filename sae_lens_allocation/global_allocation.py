@@ -52,6 +52,7 @@ from sae_lens_allocation.allocation import (
     feature_choice,
     mutual_choice,
 )
+from sae_lens_allocation.validation import one_line
 
 _T = TypeVar("_T")
 
@@ -299,10 +300,9 @@ class BatchGroup:
         try:
             return run()
         except RuntimeError as error:
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise DataParallelError(
                 f"rank {self.rank} of {self.world_size}: {name} with the other ranks failed "
-                f"({first}). Another rank probably died or is stuck: see its log."
+                f"({one_line(error)}). Another rank probably died or is stuck: see its log."
             ) from error
 
     def _global_rank(self, rank: int) -> int:

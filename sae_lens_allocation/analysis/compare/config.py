@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sae_lens_allocation.validation import one_line, reject_unknown_keys
 from sae_lens_allocation.yaml_config import ConfigError
 
 SOURCES = ("language_model", "synthetic")
@@ -68,9 +69,7 @@ def _number_list(cfg: dict[str, Any], key: str) -> list[float] | None:
 
 
 def _check_eval(ev: dict[str, Any], source: str) -> dict[str, Any]:
-    unknown = sorted(set(ev) - set(_EVAL_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown eval key eval.{unknown[0]}; allowed: {', '.join(sorted(_EVAL_DEFAULTS))}")
+    reject_unknown_keys(ev, _EVAL_DEFAULTS, "compare config", prefix="eval.", error=ConfigError)
     out = {**_EVAL_DEFAULTS, **ev}
     for name, low in _EVAL_INT_MIN.items():
         v = out[name]
@@ -101,9 +100,7 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if "seed" in cfg:
         raise ConfigError(f"seed={cfg['seed']!r} is not allowed: a comparison runs several seeds; "
                           "use seeds: [42, 43, 44]")
-    unknown = sorted(set(cfg) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown compare config key {unknown[0]}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    reject_unknown_keys(cfg, _TOP_KEYS, "compare config", error=ConfigError)
     source = cfg.get("source", "language_model")
     if source not in SOURCES:
         raise ConfigError(f"source={source!r} is not allowed; use one of {', '.join(SOURCES)}")
@@ -127,9 +124,7 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
     names: list[str] = []
     for i, entry in enumerate(archs):
         entry = _mapping(entry, f"architectures[{i}]")
-        unknown = sorted(set(entry) - _ARCH_KEYS)
-        if unknown:
-            raise ConfigError(f"unknown key architectures[{i}].{unknown[0]}; allowed: {', '.join(sorted(_ARCH_KEYS))}")
+        reject_unknown_keys(entry, _ARCH_KEYS, "compare config", prefix=f"architectures[{i}].", error=ConfigError)
         arch = entry.get("architecture")
         if arch not in SAE_TRAINING_CLASS_REGISTRY:
             raise ConfigError(unknown_architecture_message(str(arch), f"architectures[{i}].architecture"))
@@ -240,21 +235,19 @@ def run_config(cfg: dict[str, Any], run: dict[str, Any], out: Path) -> Any:
     from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunnerConfig
 
     d.pop("seed")
-    allowed = {f for f in SyntheticSAERunnerConfig.__dataclass_fields__}
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise ConfigError(f"run {run['label']}: unknown synthetic runner key {unknown[0]}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
-    sae_allowed = set(SAE_TRAINING_CLASS_REGISTRY[run["architecture"]][1].__dataclass_fields__) | {"architecture"}
-    unknown = sorted(set(d["sae"]) - sae_allowed)
-    if unknown:
-        raise ConfigError(f"run {run['label']}: unknown key sae.{unknown[0]} for architecture {run['architecture']}")
     d.update(output_path=folder, checkpoint_path=None, run_final_eval=False)
     d.setdefault("logger", {"log_to_wandb": False})
+    arch = run["architecture"]
     try:
+        reject_unknown_keys(d, SyntheticSAERunnerConfig.__dataclass_fields__,
+                            note="for the synthetic runner config", error=ConfigError)
+        reject_unknown_keys(d["sae"], {*SAE_TRAINING_CLASS_REGISTRY[arch][1].__dataclass_fields__, "architecture"},
+                            prefix="sae.", note=f"(architecture {arch})", error=ConfigError)
         return SyntheticSAERunnerConfig.from_dict(d)
+    except ConfigError as err:
+        raise ConfigError(f"run {run['label']}: {err}") from None
     except KeyError as err:
         raise ConfigError(f"run {run['label']}: missing synthetic config field {err} (e.g. "
                           "synthetic_model.firing_probability with generator_name: zipfian)") from None
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"run {run['label']}: {str(err).splitlines()[0] if str(err) else repr(err)}") from None
+        raise ConfigError(f"run {run['label']}: {one_line(err)}") from None
