@@ -79,7 +79,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     try:
         cfg, gradients = cache_config_from_dict(apply_overrides(read_yaml(args.config), args.set))
     except (ValueError, TypeError) as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
+        raise ConfigError(one_line(err)) from None
     dataset = build_cache(cfg, gradients=gradients)
     print(f"cached {len(dataset)} sequences of {cfg.context_size} tokens "
           f"({'activations and gradients' if gradients else 'activations'}): "
@@ -269,10 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except (UsageError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {one_line(str(err))}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
-        print(f"{PROG}: {one_line(str(stop))}", file=sys.stderr)
+        print(f"{PROG}: {one_line(stop)}", file=sys.stderr)
         return stop.exit_code
 
 

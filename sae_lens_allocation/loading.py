@@ -89,7 +89,7 @@ def check_sae_weights(path: str | Path, cfg: dict[str, Any]) -> None:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise UsageError(
-            f"{weights} is not a readable safetensors file ({one_line(str(err))}): truncated or corrupted"
+            f"{weights} is not a readable safetensors file ({one_line(err)}): truncated or corrupted"
         ) from None
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in)}
@@ -129,5 +129,5 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE[Any]:
             raise
         raise UsageError(
             f"{Path(path) / SAE_WEIGHTS_FILENAME} does not fit the {arch} architecture of "
-            f"{Path(path) / SAE_CFG_FILENAME}: {one_line(str(err))[:300]}"
+            f"{Path(path) / SAE_CFG_FILENAME}: {one_line(err)[:300]}"
         ) from None

@@ -1,12 +1,14 @@
 """The one shape of user error: `UsageError`, a `ValueError` whose message is one line for the user.
 
-`field_error` names the field, its value and what is allowed. The CLI prints any `UsageError` as
+`field_error` names the field, its value and what is allowed; `reject_unknown_keys` names a key no
+field receives; `one_line` flattens any message to one line. The CLI prints any `UsageError` as
 one line on stderr and exits with code 2; every other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
@@ -26,9 +28,32 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def one_line(message: str) -> str:
-    """Collapse whitespace and line breaks so a message prints as one line."""
-    return " ".join(str(message).split())
+def one_line(message: object) -> str:
+    """A message or an exception as one line: whitespace and line breaks collapsed; an exception
+    with an empty message gives its type name (SAELens raises some bare `KeyError`s)."""
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        return type(message).__name__
+    return text
+
+
+def reject_unknown_keys(
+    mapping: Mapping[Any, Any],
+    allowed: Iterable[str],
+    where: str = "config",
+    prefix: str = "",
+    note: str = "",
+    error: Callable[[str], Exception] = UsageError,
+) -> None:
+    """Raise `error("unknown {where} key {prefix}{key} {note}; allowed: ...")` for the first
+    unknown key (sorted), listing every allowed one: a key no dataclass field receives would
+    otherwise be dropped, and the run would use the default (SAELens' `from_dict` drops unknown
+    `sae` keys). `prefix` locates the section (`sae.`), `note` says whose fields are allowed."""
+    allowed = set(allowed)
+    unknown = sorted((key for key in mapping if key not in allowed), key=str)
+    if unknown:
+        note = f" {note}" if note else ""
+        raise error(f"unknown {where} key {prefix}{unknown[0]}{note}; allowed: {', '.join(sorted(allowed))}")
 
 
 # Runner fields (SAELens `LanguageModelSAERunnerConfig`) and what each allows. SAELens checks few

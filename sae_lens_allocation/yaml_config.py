@@ -21,7 +21,7 @@ from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
 from sae_lens_allocation.loading import unknown_architecture_message
-from sae_lens_allocation.validation import UsageError, check_runner_fields, one_line
+from sae_lens_allocation.validation import UsageError, check_runner_fields, one_line, reject_unknown_keys
 
 
 class ConfigError(UsageError):
@@ -56,7 +56,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        problem = one_line(getattr(err, "problem", None) or err)
         raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of runner config fields, got {type(data).__name__}")
@@ -73,7 +73,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         try:
             value = load_yaml(raw) if raw else ""
         except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            problem = one_line(getattr(err, "problem", None) or err)
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
         target = cfg
         parts = key.split(".")
@@ -93,20 +93,12 @@ def check_keys(cfg: dict[str, Any]) -> None:
     arch = sae["architecture"]
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
         raise ConfigError(unknown_architecture_message(str(arch), "sae.architecture"))
-    sections: list[tuple[str, dict[str, Any], set[str]]] = [
-        ("", cfg, _field_names(LanguageModelSAERunnerConfig)),
-        ("sae.", sae, _field_names(SAE_TRAINING_CLASS_REGISTRY[arch][1]) | {"architecture"}),
-    ]
+    reject_unknown_keys(cfg, _field_names(LanguageModelSAERunnerConfig), note="for the runner config",
+                        error=ConfigError)
+    reject_unknown_keys(sae, _field_names(SAE_TRAINING_CLASS_REGISTRY[arch][1]) | {"architecture"},
+                        prefix="sae.", note=f"(architecture {arch})", error=ConfigError)
     if isinstance(cfg.get("logger"), dict):
-        sections.append(("logger.", cfg["logger"], _field_names(LoggingConfig)))
-    for prefix, section, allowed in sections:
-        unknown = sorted(set(section) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"unknown config key {prefix}{unknown[0]} for {prefix or 'runner '}"
-                f"{'config' if not prefix else 'section'} (architecture {arch}); "
-                f"allowed: {', '.join(sorted(allowed))}"
-            )
+        reject_unknown_keys(cfg["logger"], _field_names(LoggingConfig), prefix="logger.", error=ConfigError)
 
 
 def runner_config_from_dict(cfg: dict[str, Any]) -> LanguageModelSAERunnerConfig[Any]:
@@ -119,7 +111,7 @@ def runner_config_from_dict(cfg: dict[str, Any]) -> LanguageModelSAERunnerConfig
         check_runner_fields(cfg)
         return LanguageModelSAERunnerConfig.from_dict(cfg)
     except (ValueError, TypeError) as err:
-        raise ConfigError(one_line(str(err)) if str(err) else repr(err)) from None
+        raise ConfigError(one_line(err)) from None
 
 
 def load_runner_config(
@@ -141,27 +133,17 @@ def check_multi_keys(cfg: dict[str, Any]) -> None:
     saes = cfg.get("saes")
     if not isinstance(saes, dict) or not saes:
         raise ConfigError("'saes' must map SAE names to SAE sections, each with an 'architecture'")
-    allowed = multi_runner_fields()
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]} for the multi-SAE runner config; "
-                          f"allowed: {', '.join(sorted(allowed))}")
+    reject_unknown_keys(cfg, multi_runner_fields(), note="for the multi-SAE runner config", error=ConfigError)
     if isinstance(cfg.get("logger"), dict):
-        unknown = sorted(set(cfg["logger"]) - _field_names(LoggingConfig))
-        if unknown:
-            raise ConfigError(f"unknown config key logger.{unknown[0]}; allowed: "
-                              f"{', '.join(sorted(_field_names(LoggingConfig)))}")
+        reject_unknown_keys(cfg["logger"], _field_names(LoggingConfig), prefix="logger.", error=ConfigError)
     for name, sae in saes.items():
         if not isinstance(sae, dict) or "architecture" not in sae:
             raise ConfigError(f"saes.{name} must be a mapping with an 'architecture' string")
         arch = sae["architecture"]
         if arch not in SAE_TRAINING_CLASS_REGISTRY:
             raise ConfigError(unknown_architecture_message(str(arch), f"saes.{name}.architecture"))
-        sae_allowed = _field_names(SAE_TRAINING_CLASS_REGISTRY[arch][1]) | {"architecture"}
-        unknown = sorted(set(sae) - sae_allowed)
-        if unknown:
-            raise ConfigError(f"unknown config key saes.{name}.{unknown[0]} (architecture {arch}); "
-                              f"allowed: {', '.join(sorted(sae_allowed))}")
+        reject_unknown_keys(sae, _field_names(SAE_TRAINING_CLASS_REGISTRY[arch][1]) | {"architecture"},
+                            prefix=f"saes.{name}.", note=f"(architecture {arch})", error=ConfigError)
 
 
 def multi_runner_config_from_dict(cfg: dict[str, Any]) -> Any:
@@ -173,7 +155,7 @@ def multi_runner_config_from_dict(cfg: dict[str, Any]) -> Any:
     try:
         return multi_runner.multi_runner_config_from_dict(cfg)
     except (ValueError, TypeError) as err:
-        raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+        raise ConfigError(one_line(err)) from None
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> Any:

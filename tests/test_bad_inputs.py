@@ -351,3 +351,17 @@ def test_dashboard_mistake_reads_the_same_without_the_extra(template, needle, fi
     code = main(_argv(template, files, out))
     assert_one_line_error(code, capsys.readouterr().err, needle)
     assert list(out.iterdir()) == []
+
+
+def test_unknown_keys_and_flattened_errors_read_the_same_everywhere():
+    from sae_lens_allocation.validation import UsageError, one_line, reject_unknown_keys
+
+    reject_unknown_keys({"k": 1}, ["k", "d_in"])
+    with pytest.raises(UsageError, match=r"^unknown config key sae\.kk \(architecture topk\); allowed: d_in, k$"):
+        reject_unknown_keys({"k": 1, "zz": 3, "kk": 2}, ["k", "d_in"], prefix="sae.", note="(architecture topk)")
+    with pytest.raises(ValueError, match=r"^unknown cache config key 1; allowed: a$") as info:
+        reject_unknown_keys({1: 0, "a": 0}, ["a"], "cache config", error=ValueError)
+    assert type(info.value) is ValueError
+    assert one_line("a\n  b\tc ") == "a b c"
+    assert one_line(RuntimeError("first\nsecond")) == "first second"
+    assert one_line(KeyError()) == "KeyError"

@@ -17,7 +17,7 @@ from sae_lens_allocation.analysis.compare import (
     training_rule_stats,
     underused_share,
 )
-from sae_lens_allocation.analysis.compare_report import write_report
+from sae_lens_allocation.analysis.compare.report import write_report
 from sae_lens_allocation.analysis.statistics import CONSISTENT, CONTRADICTS, NO_DIFFERENCE
 from sae_lens_allocation.yaml_config import ConfigError
 

@@ -49,6 +49,7 @@ from sae_lens_allocation.allocation.cpu import (
     _mutual_choice_sampled,
 )
 from sae_lens_allocation.allocation.rules import Allocation, budget, feature_choice, mutual_choice
+from sae_lens_allocation.validation import one_line
 
 _T = TypeVar("_T")
 
@@ -296,10 +297,9 @@ class BatchGroup:
         try:
             return run()
         except RuntimeError as error:
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise DataParallelError(
                 f"rank {self.rank} of {self.world_size}: {name} with the other ranks failed "
-                f"({first}). Another rank probably died or is stuck: see its log."
+                f"({one_line(error)}). Another rank probably died or is stuck: see its log."
             ) from error
 
     def _global_rank(self, rank: int) -> int:

@@ -33,7 +33,7 @@ from sae_lens.cache_activations_runner import CacheActivationsRunner
 
 from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule, gradient_column
 from sae_lens_allocation.training.sources import EMBEDDED, embedded_training_rows, load_lm
-from sae_lens_allocation.validation import field_error
+from sae_lens_allocation.validation import field_error, reject_unknown_keys
 
 
 class GradientCacheActivationsRunner(CacheActivationsRunner):
@@ -136,11 +136,7 @@ def cache_config_from_dict(cfg: Mapping[str, Any]) -> tuple[CacheActivationsRunn
     if not isinstance(gradients, bool):
         raise field_error("gradients", gradients, "true or false")
     fields = {f.name: f for f in dataclasses.fields(CacheActivationsRunnerConfig)}
-    unknown = sorted(set(cfg) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown cache config key {unknown[0]}; allowed: gradients, {', '.join(sorted(fields))}"
-        )
+    reject_unknown_keys(cfg, {"gradients", *fields}, "cache config", error=ValueError)
     required = [
         name for name, f in fields.items()
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

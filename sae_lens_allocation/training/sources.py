@@ -8,7 +8,7 @@ from typing import Any
 
 from sae_lens.load_model import load_model
 
-from sae_lens_allocation.validation import UsageError
+from sae_lens_allocation.validation import UsageError, one_line
 
 EMBEDDED = "embedded"
 
@@ -31,9 +31,8 @@ def load_lm(
                           hook_names=hook_names)
     except (OSError, ValueError) as err:
         # TransformerLens: ValueError for an unknown name; huggingface_hub: OSError offline.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(
-            f"cannot load model {name!r} ({model_class_name}): {first[:200]}; without the model "
+            f"cannot load model {name!r} ({model_class_name}): {one_line(err)[:200]}; without the model "
             f"hub use model '{EMBEDDED}' or a model already in the local cache"
         ) from None
 

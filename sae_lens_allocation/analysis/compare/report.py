@@ -1,4 +1,4 @@
-"""report.md and plots of a comparison (analysis/compare.py): the main table (mean +- sd over
+"""report.md and plots of a comparison (the compare package): the main table (mean +- sd over
 seeds), the verdicts with their intervals and n, the convergence and length checks, the lr and k sweeps,
 the two g-SAE protocols, per-token L0 and log-density histograms, and metrics against L0."""
 

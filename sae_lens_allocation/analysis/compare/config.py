@@ -1,0 +1,253 @@
+"""The compare config: its keys, their checks and defaults, and the runs and runner configs an arm
+expands to."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+from sae_lens_allocation.validation import one_line, reject_unknown_keys
+from sae_lens_allocation.yaml_config import ConfigError
+
+SOURCES = ("language_model", "synthetic")
+_TOP_KEYS = {"source", "output_dir", "seeds", "threads", "base", "architectures", "baseline",
+             "contrasts", "lr_values", "k_values", "eval", "lockstep", "length_check"}
+_ARCH_KEYS = {"name", "architecture", "sae", "runner"}
+_EVAL_DEFAULTS: dict[str, Any] = {
+    "heldout_rows": None,          # language model: held-out rows (null: the whole embedded held-out split)
+    "batch_rows": 8,               # language model: held-out rows per forward pass
+    "ce_rows": 256,                # language model: the first held-out rows used for CE and KL
+    "samples": 65536,              # synthetic: held-out samples for EV, L0, MCC
+    "block_samples": 256,          # synthetic: samples per bootstrap row
+    "density_samples": 1_048_576,  # samples (tokens) for the dead share and density histogram
+    "bootstrap": 1000,             # bootstrap draws per interval
+    "steering_latents": 32,        # language model: latents per SAE in the steering metric
+    "steering_contexts": 8,        # language model: held-out rows used as steering contexts
+    "steering_scale": 1.0,         # alpha = steering_scale * mean activation norm at the hook
+    "convergence_points": 4,       # evenly spaced evaluations of the training rule per run
+    "probe_rows": 16384,           # held-out rows for those evaluations
+    "underused_tau": 0.5,
+    "fit_fraction": 0.5,
+    "heldout_dataset_path": None,  # hub models: pretokenized held-out rows
+    "heldout_split": "train",
+    "heldout_skip_rows": 0,
+}
+_EVAL_INT_MIN = {"batch_rows": 1, "ce_rows": 1, "samples": 1, "block_samples": 1, "density_samples": 1, "bootstrap": 100,
+                 "steering_latents": 1, "steering_contexts": 1, "convergence_points": 2, "probe_rows": 1,
+                 "heldout_skip_rows": 0}
+_LM_ONLY = ("gradient_topk",)
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _number_list(cfg: dict[str, Any], key: str) -> list[float] | None:
+    values = cfg.get(key)
+    if values is not None and (
+        not isinstance(values, list) or not values or len(set(values)) != len(values)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+    ):
+        raise ConfigError(f"{key}={values!r} is not allowed; use null or a list of distinct numbers > 0")
+    return values
+
+
+def _check_eval(ev: dict[str, Any], source: str) -> dict[str, Any]:
+    reject_unknown_keys(ev, _EVAL_DEFAULTS, "compare config", prefix="eval.", error=ConfigError)
+    out = {**_EVAL_DEFAULTS, **ev}
+    for name, low in _EVAL_INT_MIN.items():
+        v = out[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"eval.{name}={v!r} is not allowed; use an integer >= {low}")
+    rows = out["heldout_rows"]
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ConfigError(f"eval.heldout_rows={rows!r} is not allowed; use null (all rows) or an integer >= 1")
+    for name in ("steering_scale", "underused_tau"):
+        v = out[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"eval.{name}={v!r} is not allowed; use a finite number > 0")
+    if not (isinstance(out["fit_fraction"], (int, float)) and 0 < out["fit_fraction"] <= 1):
+        raise ConfigError(f"eval.fit_fraction={out['fit_fraction']!r} is not allowed; use a number in (0, 1]")
+    if source == "synthetic" and out["samples"] < out["block_samples"] * 2:
+        raise ConfigError(f"eval.samples={out['samples']} is not allowed: at least 2 blocks of "
+                          f"eval.block_samples={out['block_samples']}")
+    return out
+
+
+def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Validate a compare config dict and fill defaults; raises `ConfigError`."""
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    import sae_lens_allocation  # noqa: F401  (registers the plugin architectures)
+    from sae_lens_allocation.loading import unknown_architecture_message
+
+    if "seed" in cfg:
+        raise ConfigError(f"seed={cfg['seed']!r} is not allowed: a comparison runs several seeds; "
+                          "use seeds: [42, 43, 44]")
+    reject_unknown_keys(cfg, _TOP_KEYS, "compare config", error=ConfigError)
+    source = cfg.get("source", "language_model")
+    if source not in SOURCES:
+        raise ConfigError(f"source={source!r} is not allowed; use one of {', '.join(SOURCES)}")
+    seeds = cfg.get("seeds", [42, 43, 44])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"seeds={seeds!r} is not allowed; use a list of distinct integers >= 0")
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r} is not allowed; use null or an integer >= 1")
+    base = _mapping(cfg.get("base"), "base")
+    if "architecture" in _mapping(base.get("sae"), "base.sae"):
+        raise ConfigError("base.sae.architecture is not allowed: name architectures in 'architectures'")
+    archs = cfg.get("architectures")
+    if not isinstance(archs, list) or not archs:
+        raise ConfigError("'architectures' must be a non-empty list of {name, architecture, sae, runner}")
+    k_values = _number_list(cfg, "k_values")
+    lr_values = _number_list(cfg, "lr_values")
+    ev = _check_eval(_mapping(cfg.get("eval"), "eval"), source)
+    entries = []
+    names: list[str] = []
+    for i, entry in enumerate(archs):
+        entry = _mapping(entry, f"architectures[{i}]")
+        reject_unknown_keys(entry, _ARCH_KEYS, "compare config", prefix=f"architectures[{i}].", error=ConfigError)
+        arch = entry.get("architecture")
+        if arch not in SAE_TRAINING_CLASS_REGISTRY:
+            raise ConfigError(unknown_architecture_message(str(arch), f"architectures[{i}].architecture"))
+        if source == "synthetic" and arch in _LM_ONLY:
+            raise ConfigError(f"architectures[{i}].architecture={arch!r} is not allowed with source: "
+                              "synthetic; it needs gradients of a language model's loss")
+        name = str(entry.get("name") or arch)
+        if name in names:
+            raise ConfigError(f"architectures[{i}].name={name!r} is used twice; names must be unique")
+        names.append(name)
+        entries.append({"name": name, "architecture": arch,
+                        "sae": _mapping(entry.get("sae"), f"architectures[{i}].sae"),
+                        "runner": _mapping(entry.get("runner"), f"architectures[{i}].runner")})
+    baseline = cfg.get("baseline", "topk" if "topk" in names else names[0])
+    if baseline not in names:
+        raise ConfigError(f"baseline={baseline!r} is not allowed; use the name of an arm: {', '.join(names)}")
+    contrasts = [(n, baseline) for n in names if n != baseline]
+    raw = cfg.get("contrasts") or []
+    if not isinstance(raw, list):
+        raise ConfigError("contrasts must be a list of {arm, against}")
+    for i, c in enumerate(raw):
+        c = _mapping(c, f"contrasts[{i}]")
+        if set(c) != {"arm", "against"} or c["arm"] not in names or c["against"] not in names or c["arm"] == c["against"]:
+            raise ConfigError(f"contrasts[{i}]={c!r} is not allowed; use {{arm: NAME, against: OTHER_NAME}} "
+                              f"with two different arms of: {', '.join(names)}")
+        if (c["arm"], c["against"]) not in contrasts:
+            contrasts.append((c["arm"], c["against"]))
+    lockstep = cfg.get("lockstep", True)
+    if not isinstance(lockstep, bool):
+        raise ConfigError(f"lockstep={lockstep!r} is not allowed; use true or false")
+    length = cfg.get("length_check")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float))
+                               or not math.isfinite(length) or length <= 1):
+        raise ConfigError(f"length_check={length!r} is not allowed; use null or a number > 1 "
+                          "(the factor on the training length)")
+    out = {
+        "source": source, "seeds": seeds, "threads": threads, "base": base, "architectures": entries,
+        "baseline": baseline, "contrasts": contrasts, "lockstep": lockstep, "lr_values": lr_values,
+        "k_values": k_values, "length_check": length, "eval": ev,
+        "output_dir": str(cfg.get("output_dir") or "runs/compare"),
+    }
+    for entry in entries:
+        for lr in lr_values or [None]:
+            for k in k_values or [None]:
+                run_config(out, make_run(out, entry, seeds[0], lr, k), Path(out["output_dir"]))
+        if length:
+            run_config(out, make_run(out, entry, seeds[0], None, None, length), Path(out["output_dir"]))
+    return out
+
+
+def arm_setting(cfg: dict[str, Any], entry: dict[str, Any], key: str) -> Any:
+    """The arm's lr (runner) or k (sae) before any sweep."""
+    if key == "k":
+        return _merge(_mapping(cfg["base"].get("sae"), "base.sae"), entry["sae"]).get("k")
+    return _merge(cfg["base"], entry["runner"]).get("lr")
+
+
+def make_run(cfg: dict[str, Any], entry: dict[str, Any], seed: int, lr: float | None,
+             k: float | None, length: float | None = None) -> dict[str, Any]:
+    """One training run of an arm: its seed, lr and k (None: the arm's own); `length` (the
+    length check) multiplies its training tokens (samples) and `lr_decay_steps`, so the lr
+    schedule keeps its shape; the warm-up stays as it is."""
+    lr = arm_setting(cfg, entry, "lr") if lr is None else lr
+    k = arm_setting(cfg, entry, "k") if k is None else k
+    run = copy.deepcopy(entry)
+    run["runner"] = {**run["runner"], **({"lr": lr} if lr is not None else {})}
+    run["sae"] = {**run["sae"], **({"k": k} if k is not None else {})}
+    run.update(arm=entry["name"], seed=seed, lr=lr, k=k, length=length,
+               label=f"{entry['name']}@lr={lr:g},k={k:g},seed={seed}" if lr and k else f"{entry['name']}@seed={seed}")
+    if length is not None:
+        size = "training_tokens" if cfg["source"] == "language_model" else "training_samples"
+        given = run_config(cfg, run, Path(cfg["output_dir"]))
+        run["runner"].update({size: round(getattr(given, size) * length),
+                              "lr_decay_steps": round(given.lr_decay_steps * length)})
+        run["label"] += f",x{length:g}"
+    return run
+
+
+def slug(run: dict[str, Any]) -> str:
+    """The run's folder name under saes/: its label without /, @, ',' and =."""
+    return run["label"].replace("/", "_").replace("@", "_").replace(",", "_").replace("=", "")
+
+
+def run_config(cfg: dict[str, Any], run: dict[str, Any], out: Path) -> Any:
+    """The runner config (language model) or SyntheticSAERunnerConfig of one run."""
+    d = _merge(cfg["base"], run["runner"])
+    d["sae"] = {**_merge(_mapping(d.get("sae"), "base.sae"), run["sae"]), "architecture": run["architecture"]}
+    d["seed"] = run["seed"]
+    folder = str(out / "saes" / slug(run))
+    if cfg["source"] == "language_model":
+        from sae_lens_allocation.embedded import DEFAULT_HOOK_NAME
+        from sae_lens_allocation.yaml_config import runner_config_from_dict
+
+        if d.setdefault("model_name", "embedded") == "embedded":
+            # The embedded model is the default source; its corpus is pretokenized.
+            d.setdefault("dataset_path", "embedded")
+            d.setdefault("hook_name", DEFAULT_HOOK_NAME)
+            d.setdefault("is_dataset_tokenized", True)
+            d.setdefault("streaming", False)
+        d["output_path"] = folder
+        d["checkpoint_path"] = None
+        d.setdefault("n_checkpoints", 0)
+        try:
+            return runner_config_from_dict(d)
+        except ConfigError as err:
+            raise ConfigError(f"run {run['label']}: {err}") from None
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+    from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunnerConfig
+
+    d.pop("seed")
+    d.update(output_path=folder, checkpoint_path=None, run_final_eval=False)
+    d.setdefault("logger", {"log_to_wandb": False})
+    arch = run["architecture"]
+    try:
+        reject_unknown_keys(d, SyntheticSAERunnerConfig.__dataclass_fields__,
+                            note="for the synthetic runner config", error=ConfigError)
+        reject_unknown_keys(d["sae"], {*SAE_TRAINING_CLASS_REGISTRY[arch][1].__dataclass_fields__, "architecture"},
+                            prefix="sae.", note=f"(architecture {arch})", error=ConfigError)
+        return SyntheticSAERunnerConfig.from_dict(d)
+    except ConfigError as err:
+        raise ConfigError(f"run {run['label']}: {err}") from None
+    except KeyError as err:
+        raise ConfigError(f"run {run['label']}: missing synthetic config field {err} (e.g. "
+                          "synthetic_model.firing_probability with generator_name: zipfian)") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"run {run['label']}: {one_line(err)}") from None
