@@ -3,7 +3,8 @@
 Exit codes: 0 success; 2 a user mistake (missing or broken file, bad YAML, unknown architecture
 or key, invalid field, flag or data), printed as one line on stderr with no traceback; 130 / 143
 training stopped by SIGINT / SIGTERM after writing a checkpoint (one line says where); 1 a bug,
-with its traceback.
+with its traceback, or, as one line, a failure outside the user's input: `fetch-assets` could not
+download or verify d3, or a data-parallel `train` lost another rank (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -110,10 +111,81 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from sae_lens_allocation.analysis.dashboard import run_dashboard_command
+def add_dashboard_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `dashboard` command's arguments (matching `make_dashboard`) to `parser`."""
+    from sae_lens_allocation.analysis.dashboard import (
+        DEFAULT_MINIBATCH_SIZE_FEATURES,
+        DEFAULT_MINIBATCH_SIZE_TOKENS,
+        DEFAULT_N_TOKENS,
+        DEFAULT_OUT,
+    )
 
-    return run_dashboard_command(args)
+    parser.add_argument("sae_dir", help="exported SAE folder (or a SAELens SAE folder)")
+    parser.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (default: the shipped model) or a TransformerLens model name",
+    )
+    parser.add_argument(
+        "--features",
+        type=int,
+        nargs="+",
+        metavar="J",
+        help="latents to show (default: the most active, a random sample and the rarest)",
+    )
+    parser.add_argument("--n-tokens", type=_positive_int, default=DEFAULT_N_TOKENS,
+                        help="tokens to compute on (default %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--dataset",
+        help="save_to_disk folder or dataset name with tokens/input_ids or text (default: the local corpus' held-out split)",
+    )
+    parser.add_argument("--context-size", type=_positive_int, help="tokens per row (default: the SAE's, else 128)")
+    parser.add_argument(
+        "--minibatch-size-tokens",
+        type=_positive_int,
+        default=DEFAULT_MINIBATCH_SIZE_TOKENS,
+        help="token rows per forward pass (default %(default)s)",
+    )
+    parser.add_argument(
+        "--minibatch-size-features",
+        type=_positive_int,
+        default=DEFAULT_MINIBATCH_SIZE_FEATURES,
+        help="features per sae-dashboard pass (default %(default)s)",
+    )
+    parser.add_argument("--no-neuronpedia", action="store_true", help="do not write the Neuronpedia JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the token rows and the random features")
+    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    return parser
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    """Run `make_dashboard` and print the written paths. User errors (missing folder, wrong
+    architecture, model or features, the `dashboard` extra not installed) raise `UsageError` or
+    `FileNotFoundError` for `main` to report; the SAE and `--features` are checked before the
+    model loads."""
+    from sae_lens_allocation.analysis.dashboard import make_dashboard
+
+    result = make_dashboard(
+        args.sae_dir,
+        model=args.model,
+        features=args.features,
+        n_tokens=args.n_tokens,
+        out=args.out,
+        dataset=args.dataset,
+        minibatch_size_tokens=args.minibatch_size_tokens,
+        minibatch_size_features=args.minibatch_size_features,
+        context_size=args.context_size,
+        neuronpedia=not args.no_neuronpedia,
+        progress=not args.quiet,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(f"dashboard: {result.html.resolve()}")
+    if result.neuronpedia is not None:
+        print(f"neuronpedia json: {result.neuronpedia.resolve()}")
+    return 0
 
 
 # ---- init and fetch-assets: what a pip install needs beside the package code ----------------
@@ -143,7 +215,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_assets(args: argparse.Namespace) -> int:  # noqa: ARG001
-    from sae_lens_allocation.analysis.dashboard import D3_TARBALL_URL, fetch_d3
+    from sae_lens_allocation.analysis.dashboard_assets import D3_TARBALL_URL, fetch_d3
 
     try:
         path = fetch_d3()
@@ -238,8 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a field of the demo config")
     demo.set_defaults(func=_cmd_demo)
-
-    from sae_lens_allocation.analysis.dashboard import add_dashboard_arguments
 
     dash = sub.add_parser(
         "dashboard",

@@ -1,5 +1,6 @@
-"""The main job, offline: train a Mutual Choice SAE with the stock SAELens runner on the embedded
-model, evaluate its export with SAELens' evals, and write a feature dashboard."""
+"""The main job, offline: train a Mutual Choice SAE on the embedded model as `train` does (the
+plugin's `ResumableTrainingRunner`, a subclass of SAELens' runner), evaluate its export with
+SAELens' evals, and write a feature dashboard."""
 
 from __future__ import annotations
 
@@ -44,12 +45,12 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, fetch_d3: bool
     print(format_table(result), flush=True)
 
     if find_spec("sae_dashboard") is not None:
-        from sae_lens_allocation.analysis import dashboard
+        from sae_lens_allocation.analysis import dashboard, dashboard_assets
 
-        if fetch_d3 and dashboard.cached_d3() is None:
+        if fetch_d3 and dashboard_assets.cached_d3() is None:
             try:
-                path = dashboard.fetch_d3()
-                print(f"[demo] fetched d3 {dashboard.D3_VERSION} from the npm registry (once) into {path}", flush=True)
+                path = dashboard_assets.fetch_d3()
+                print(f"[demo] fetched d3 {dashboard_assets.D3_VERSION} from the npm registry (once) into {path}", flush=True)
             except OSError as err:  # urllib's errors (no network, HTTP) and a checksum mismatch
                 print(f"[demo] could not fetch d3 ({err})", flush=True)
         print("[demo] writing the feature dashboard", flush=True)

@@ -178,6 +178,10 @@ CASES = [
      "--n-tokens"),
     ("dashboard-feature-string", ["dashboard", "{root}/export", "--features", "x", "--out", "{out}/dash"],
      "--features"),
+    ("dashboard-feature-out-of-range", ["dashboard", "{root}/export", "--features", "3", str(EXPORT_D_SAE),
+                                        "--out", "{out}/dash"], f"[0, {EXPORT_D_SAE})"),
+    ("dashboard-context-size-zero", ["dashboard", "{root}/export", "--context-size", "0", "--out", "{out}/dash"],
+     "--context-size"),
     # -- the command line itself
     ("no-command", [], "COMMAND"),
     ("unknown-command", ["trian"], "trian"),
@@ -229,6 +233,17 @@ def test_dashboard_without_the_extra(files, tmp_path, capsys, monkeypatch):
     code = main(["dashboard", str(files["export"]), "--out", str(tmp_path / "dash")])
     assert_one_line_error(code, capsys.readouterr().err, "pip install 'sae-lens-allocation[dashboard]'")
     assert not (tmp_path / "dash").exists()
+
+
+def test_dashboard_features_are_checked_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
+    from sae_lens_allocation.analysis import dashboard
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --features was checked")
+
+    monkeypatch.setattr(dashboard, "resolve_model", no_model)
+    code = main(["dashboard", str(files["export"]), "--features", str(EXPORT_D_SAE), "--out", str(tmp_path / "dash")])
+    assert_one_line_error(code, capsys.readouterr().err, f"feature {EXPORT_D_SAE} is not allowed")
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

@@ -4,7 +4,6 @@ activations shown do not depend on the minibatch size."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -30,19 +29,18 @@ from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
-from sae_lens_allocation.analysis import dashboard
+from sae_lens_allocation.analysis import dashboard, dashboard_assets
 from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.analysis.dashboard import (
     DashboardError,
-    add_dashboard_arguments,
     compute_vis_data,
     default_features,
     feature_frequencies,
     load_dashboard_sae,
     make_dashboard,
-    make_offline_html,
-    run_dashboard_command,
 )
+from sae_lens_allocation.analysis.dashboard_assets import make_offline_html
+from sae_lens_allocation.cli import build_parser, main
 from sae_lens_allocation.training.runner import train
 
 import support
@@ -172,10 +170,10 @@ def test_tokens_from_text_and_from_pretokenized_rows_of_other_lengths():
 
 
 def test_offline_html_inlines_d3_and_plotly_and_refuses_unknown_remote_scripts():
-    page = f"<div>x</div>\n{dashboard.D3_CDN_TAG}\n{dashboard.PLOTLY_CDN_TAG}\n<script>go()</script>"
+    page = f"<div>x</div>\n{dashboard_assets.D3_CDN_TAG}\n{dashboard_assets.PLOTLY_CDN_TAG}\n<script>go()</script>"
     out = make_offline_html(page, title="t <1>", d3_js="// https://d3js.org v6.7.0 </script>")
     assert "https://" not in out.split("<body>")[1].split("<script>")[0]
-    assert dashboard.D3_CDN_TAG not in out and dashboard.PLOTLY_CDN_TAG not in out
+    assert dashboard_assets.D3_CDN_TAG not in out and dashboard_assets.PLOTLY_CDN_TAG not in out
     assert "d3js.org v6.7.0 <\\/script>" in out and "plotly.js v" in out
     assert out.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in out
     assert "<title>t &lt;1&gt;</title>" in out
@@ -186,22 +184,22 @@ def test_offline_html_inlines_d3_and_plotly_and_refuses_unknown_remote_scripts()
 
 
 def test_without_d3_the_page_keeps_only_the_d3_cdn_link():
-    page = f"<div>x</div>\n{dashboard.D3_CDN_TAG}\n{dashboard.PLOTLY_CDN_TAG}\n<script>go()</script>"
+    page = f"<div>x</div>\n{dashboard_assets.D3_CDN_TAG}\n{dashboard_assets.PLOTLY_CDN_TAG}\n<script>go()</script>"
     out = make_offline_html(page, title="t", d3_js=None)
-    assert dashboard.D3_CDN_TAG in out and dashboard.PLOTLY_CDN_TAG not in out and "plotly.js v" in out
+    assert dashboard_assets.D3_CDN_TAG in out and dashboard_assets.PLOTLY_CDN_TAG not in out and "plotly.js v" in out
     with pytest.raises(RuntimeError, match="another remote resource"):
         make_offline_html(page + '<link href="//example.com/x.css">', title="t", d3_js=None)
 
 
 def test_without_cached_d3_the_dashboard_links_the_cdn_and_says_so(monkeypatch, tmp_path, sae_dirs, capsys):
-    monkeypatch.setenv(dashboard.CACHE_ENV, str(tmp_path / "empty-cache"))
+    monkeypatch.setenv(dashboard_assets.CACHE_ENV, str(tmp_path / "empty-cache"))
     result = make_dashboard(
         sae_dirs["jumprelu"], model=support.tiny_model(), dataset=support.tiny_dataset(n_rows=16, seed=1),
         n_tokens=16 * support.CONTEXT_SIZE, features=[0, 1, 2, 3], out=tmp_path / "dash",
         neuronpedia=False, progress=False,
     )
     page = result.html.read_text(encoding="utf-8")
-    assert not result.d3_inlined and dashboard.D3_CDN_TAG in page and "plotly.js v" in page
+    assert not result.d3_inlined and dashboard_assets.D3_CDN_TAG in page and "plotly.js v" in page
     notes = [line for line in capsys.readouterr().err.splitlines() if "d3" in line]
     assert len(notes) == 1 and "fetch-assets" in notes[0], notes
 
@@ -219,7 +217,7 @@ def test_dashboard_is_self_contained_and_neuronpedia_json_records_the_architectu
         assert not re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=", page), "page loads an external resource"
         assert "d3js.org v6.7.0" in page
     else:  # no cached d3: the d3 CDN link is the page's only remote resource
-        assert re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=[^>]*>", page) == [dashboard.D3_CDN_TAG[:-9]]
+        assert re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=[^>]*>", page) == [dashboard_assets.D3_CDN_TAG[:-9]]
     assert len(result.features) == 8 + 8 + 4  # the default selection, not range(d_sae)
     batch = json.loads(result.neuronpedia.read_text())
     assert [f["feature_index"] for f in batch["features"]] == result.features
@@ -352,12 +350,12 @@ def test_requested_latents_that_never_fire_are_skipped(sae_dirs, tmp_path):
 
 
 def test_command_writes_the_dashboard_and_prints_its_paths(sae_dirs, tmp_path, capsys):
-    parser = add_dashboard_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([str(sae_dirs["jumprelu"]), "--features", "3", "7", "--n-tokens", "512",
-                              "--out", str(tmp_path), "--minibatch-size-tokens", "4", "--seed", "1"])
+    args = build_parser().parse_args(["dashboard", str(sae_dirs["jumprelu"]), "--features", "3", "7",
+                                      "--n-tokens", "512", "--out", str(tmp_path),
+                                      "--minibatch-size-tokens", "4", "--seed", "1"])
     # The command line names models; the tiny test model and its rows are passed as objects.
     args.model, args.dataset = support.tiny_model(), support.tiny_dataset(16)
-    assert run_dashboard_command(args) == 0
+    assert args.func(args) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
         f"dashboard: {(tmp_path / 'feature_dashboard.html').resolve()}",
@@ -371,11 +369,10 @@ def test_command_writes_the_dashboard_and_prints_its_paths(sae_dirs, tmp_path, c
 def test_command_reports_user_errors_in_one_line(tmp_path, capsys):
     sae = TrainingSAE.from_dict({"architecture": "feature_choice", "d_in": support.D_MODEL, "d_sae": 64, "k": 4})
     sae.save_model(tmp_path / "ckpt")
-    parser = add_dashboard_arguments(argparse.ArgumentParser())
     for argv in ([str(tmp_path / "ckpt")], [str(tmp_path / "missing")]):
-        assert run_dashboard_command(parser.parse_args([*argv, "--out", str(tmp_path / "out"), "--quiet"])) == 2
+        assert main(["dashboard", *argv, "--out", str(tmp_path / "out"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("sae-lens-allocation dashboard: error:") and "\n" not in err
+        assert err.startswith("sae-lens-allocation: error:") and "\n" not in err
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,9 +497,9 @@ def browser(tmp_path):
             f"headless Chromium not found at {CHROMIUM}: `make env` installs Debian's chromium package "
             "when it runs as root; it could not be installed here"
         )
-    if dashboard.cached_d3() is None:
+    if dashboard_assets.cached_d3() is None:
         pytest.skip(
-            f"d3 is not in the cache ({dashboard.d3_cache_path()}): `sae-lens-allocation fetch-assets` "
+            f"d3 is not in the cache ({dashboard_assets.d3_cache_path()}): `sae-lens-allocation fetch-assets` "
             "fetches it once (`make env` does)"
         )
     chromium = Chromium(tmp_path)

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from sae_lens_allocation.analysis import dashboard
+from sae_lens_allocation.analysis import dashboard_assets
 from sae_lens_allocation.cli import CONFIGS_DIR, main, packaged_configs
 from sae_lens_allocation.yaml_config import load_runner_config
 
@@ -45,7 +45,7 @@ def test_init_refuses_to_overwrite_and_unknown_names(capsys, tmp_path):
 def _fake_d3_tarball(js: bytes) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as archive:
-        info = tarfile.TarInfo(dashboard.D3_JS_MEMBER)
+        info = tarfile.TarInfo(dashboard_assets.D3_JS_MEMBER)
         info.size = len(js)
         archive.addfile(info, io.BytesIO(js))
     return buf.getvalue()
@@ -57,10 +57,10 @@ def fake_registry(monkeypatch, tmp_path):
     the pinned ones; returns the served bytes (a test may alter them)."""
     js = b"// https://d3js.org v6.7.0 (test stand-in)\nwindow.d3 = {};\n"
     served = {"tarball": _fake_d3_tarball(js)}
-    monkeypatch.setenv(dashboard.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(dashboard, "D3_JS_SHA256", hashlib.sha256(js).hexdigest())
+    monkeypatch.setenv(dashboard_assets.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(dashboard_assets, "D3_JS_SHA256", hashlib.sha256(js).hexdigest())
     monkeypatch.setattr(
-        dashboard, "D3_TARBALL_SHA512", base64.b64encode(hashlib.sha512(served["tarball"]).digest()).decode()
+        dashboard_assets, "D3_TARBALL_SHA512", base64.b64encode(hashlib.sha512(served["tarball"]).digest()).decode()
     )
     urls: list[str] = []
 
@@ -75,31 +75,31 @@ def fake_registry(monkeypatch, tmp_path):
 
 
 def test_fetch_d3_verifies_caches_once_and_the_cache_is_checked_on_read(fake_registry):
-    assert dashboard.cached_d3() is None
-    path = dashboard.fetch_d3()
-    assert path == dashboard.d3_cache_path() and path.read_bytes() == fake_registry["js"]
-    assert dashboard.cached_d3() == fake_registry["js"].decode()
-    dashboard.fetch_d3()
-    assert fake_registry["urls"] == [dashboard.D3_TARBALL_URL]  # fetched once
+    assert dashboard_assets.cached_d3() is None
+    path = dashboard_assets.fetch_d3()
+    assert path == dashboard_assets.d3_cache_path() and path.read_bytes() == fake_registry["js"]
+    assert dashboard_assets.cached_d3() == fake_registry["js"].decode()
+    dashboard_assets.fetch_d3()
+    assert fake_registry["urls"] == [dashboard_assets.D3_TARBALL_URL]  # fetched once
     path.write_bytes(fake_registry["js"] + b"altered")
-    assert dashboard.cached_d3() is None
+    assert dashboard_assets.cached_d3() is None
 
 
 def test_fetch_d3_refuses_a_tarball_that_fails_the_checksum(fake_registry):
     fake_registry["tarball"] = _fake_d3_tarball(fake_registry["js"] + b"x")
     with pytest.raises(OSError, match="integrity"):
-        dashboard.fetch_d3()
-    assert not dashboard.d3_cache_path().exists()
+        dashboard_assets.fetch_d3()
+    assert not dashboard_assets.d3_cache_path().exists()
 
 
 def test_fetch_assets_command_says_where_or_why_not(fake_registry, capsys, monkeypatch):
     assert main(["fetch-assets"]) == 0
-    assert str(dashboard.d3_cache_path()) in capsys.readouterr().out
+    assert str(dashboard_assets.d3_cache_path()) in capsys.readouterr().out
 
     def offline(url, timeout):  # noqa: ARG001
         raise urllib.error.URLError("no network")
 
-    dashboard.d3_cache_path().unlink()
+    dashboard_assets.d3_cache_path().unlink()
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     assert main(["fetch-assets"]) == 1
     err = capsys.readouterr().err

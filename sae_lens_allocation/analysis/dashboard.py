@@ -13,6 +13,9 @@ sae-dashboard's `SaeVisRunner`, and writes
   object recording the SAE's inference and training architecture (e.g. `jumprelu` trained as
   `mutual_choice`).
 
+The page's offline assets are in dashboard_assets.py, the Neuronpedia JSON in neuronpedia.py and
+the `dashboard` command's flags in cli.py.
+
 How the sae-dashboard 0.8.0 limitations are handled (without patching it):
 - It computes dashboards only for SAELens' TopK, standard, JumpReLU and gated SAEs. Plugin SAEs
   export to `jumprelu` (mutual_choice, feature_choice: calibrated thresholds) or `topk`
@@ -29,14 +32,8 @@ How the sae-dashboard 0.8.0 limitations are handled (without patching it):
 
 from __future__ import annotations
 
-import argparse
-import base64
-import hashlib
 import html
-import io
 import json
-import os
-import re
 import sys
 import tempfile
 import warnings
@@ -50,22 +47,18 @@ import torch
 from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.topk_sae import TopK, TopKSAE
 
+from sae_lens_allocation.analysis.dashboard_assets import D3_CDN_NOTE, cached_d3, d3_cache_path, make_offline_html
+from sae_lens_allocation.analysis.neuronpedia import (
+    NEURONPEDIA_NAME,
+    hook_layer,
+    neuronpedia_batch,
+    sae_architecture,
+    training_architecture,
+)
 from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.validation import UsageError
 
-D3_CDN_TAG = '<script src="https://d3js.org/d3.v6.min.js"></script>'
-PLOTLY_CDN_TAG = '<script src="https://cdn.plot.ly/plotly-latest.min.js"></script>'
-# d3 as sae-dashboard's page expects it (v6), from the npm registry: the tarball npm itself would
-# install, checked against npm's published `dist.integrity`, and the SHA-256 of its dist/d3.min.js.
-D3_VERSION = "6.7.0"
-D3_TARBALL_URL = f"https://registry.npmjs.org/d3/-/d3-{D3_VERSION}.tgz"
-D3_TARBALL_SHA512 = "hNHRhe+yCDLUG6Q2LwvR/WdNFPOJQ5VWqsJcwIYVeI401+d2/rrCjxSXkiAdIlpx7/73eApFB4Olsmh3YN7a6g=="
-D3_JS_MEMBER = "package/dist/d3.min.js"
-D3_JS_SHA256 = "fbb8da602a76f4ed49bac3561da62d8149fa121b8fd15685bacc21355d3a3322"
-CACHE_ENV = "SAE_LENS_ALLOCATION_CACHE"
-
 HTML_NAME = "feature_dashboard.html"
-NEURONPEDIA_NAME = "neuronpedia/batch-0.json"
 DEFAULT_N_TOKENS = 32768
 DEFAULT_CONTEXT_SIZE = 128
 DEFAULT_MINIBATCH_SIZE_TOKENS = 64
@@ -74,22 +67,6 @@ DEFAULT_OUT = "out/dashboard"
 
 # Architectures sae-dashboard 0.8.0 computes dashboards for (FeatureMaskingContext, plus TopK).
 SUPPORTED_ARCHITECTURES = ("standard", "jumprelu", "gated", "topk")
-
-# Token strings for the Neuronpedia JSON, as sae-dashboard's NeuronpediaRunner writes them
-# (copied: importing the runner module pulls in wandb).
-_NP_TOKEN_REPLACEMENTS = {
-    "âĢĶ": "—",
-    "âĢĵ": "–",
-    "âĢľ": "“",
-    "âĢĿ": "”",
-    "âĢĺ": "‘",
-    "âĢĻ": "’",
-    "âĢĭ": " ",
-    "Ġ": " ",
-    "Ċ": "\n",
-    "ĉ": "\t",
-}
-_NP_OUT_OF_RANGE_TOKEN = "<|outofrange|>"
 
 
 class DashboardError(UsageError):
@@ -148,17 +125,6 @@ class UnfoldedTopKSAE(TopKSAE):
         return None
 
 
-def _architecture(sae: Any) -> str:
-    arch = sae.cfg.architecture
-    return arch() if callable(arch) else str(arch)
-
-
-def training_architecture(sae: Any) -> str:
-    """The architecture the SAE was trained as (`metadata.training_architecture`, which SAELens
-    records on export), else its own architecture."""
-    return str(sae.cfg.metadata.training_architecture or _architecture(sae))
-
-
 def load_dashboard_sae(sae: str | Path | Any, device: str = "cpu") -> Any:
     """An inference SAE the dashboard may modify: loaded from a folder, or a copy of an SAE.
 
@@ -196,16 +162,16 @@ def load_dashboard_sae(sae: str | Path | Any, device: str = "cpu") -> Any:
     else:
         loaded = copy.deepcopy(sae).to(device)
     if isinstance(loaded, TrainingSAE):
-        if _architecture(loaded) in plugin:
+        if sae_architecture(loaded) in plugin:
             raise DashboardError(
-                f"got a {_architecture(loaded)} training SAE; dashboards are computed from its "
+                f"got a {sae_architecture(loaded)} training SAE; dashboards are computed from its "
                 f"export: call `sae.save_inference_model(folder)` and pass the folder"
             )
         with tempfile.TemporaryDirectory(prefix="sae-dashboard-") as tmp, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs", category=UserWarning)
             loaded.save_inference_model(tmp)
             loaded = SAE.load_from_disk(tmp, device=device)
-    arch = _architecture(loaded)
+    arch = sae_architecture(loaded)
     if not (isinstance(loaded.activation_fn, TopK) or arch in SUPPORTED_ARCHITECTURES):
         raise DashboardError(
             f"architecture {arch!r} is not supported by sae-dashboard; it computes dashboards for "
@@ -250,16 +216,6 @@ def resolve_model(model: Any, sae: Any, device: str = "cpu") -> Any:
     if model.tokenizer is None:
         raise DashboardError("the model has no tokenizer; sae-dashboard decodes tokens with it")
     return model
-
-
-def _hook_layer(hook_name: str) -> int:
-    match = re.match(r"blocks\.(\d+)\.", hook_name)
-    if match is None:
-        raise DashboardError(
-            f"hook_name={hook_name!r} is not supported: sae-dashboard needs a hook inside a "
-            "block, 'blocks.<layer>.<...>'"
-        )
-    return int(match.group(1))
 
 
 def _token_rows(stream: list[int], context_size: int, n_rows: int, bos: int | None) -> list[list[int]]:
@@ -377,7 +333,7 @@ def feature_frequencies(
     `ignore_tokens`; so p_j > 0 exactly when the dashboard has an example to show for j. Also
     checks that the model has the SAE's hook and that its width is the SAE's d_in."""
     hook = sae.cfg.metadata.hook_name
-    layer = _hook_layer(hook)
+    layer = hook_layer(hook)
     if hook not in model.hook_dict:
         raise DashboardError(f"the model has no hook {hook!r} (the SAE's metadata.hook_name)")
     ignore = torch.tensor(list(ignore_tokens), dtype=tokens.dtype)
@@ -500,158 +456,8 @@ def compute_vis_data(
     return data
 
 
-def _inline_script(js: str) -> str:
-    # "</script" inside the code would end the element early.
-    return "<script>\n" + re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE) + "\n</script>"
-
-
-def asset_cache_dir() -> Path:
-    """Where fetched assets live: `$SAE_LENS_ALLOCATION_CACHE`, else
-    `$XDG_CACHE_HOME/sae-lens-allocation`, else `~/.cache/sae-lens-allocation`."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sae-lens-allocation"
-
-
-def d3_cache_path() -> Path:
-    return asset_cache_dir() / f"d3-{D3_VERSION}.min.js"
-
-
-def cached_d3() -> str | None:
-    """The cached d3 v6 source when its SHA-256 is the pinned one, else None (absent or altered)."""
-    path = d3_cache_path()
-    if not path.is_file():
-        return None
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != D3_JS_SHA256:
-        return None
-    return data.decode("utf-8")
-
-
-def fetch_d3(timeout: float = 30.0) -> Path:
-    """Download d3 from the npm registry once into the cache and return its path.
-
-    The tarball must match npm's SHA-512 integrity and its `dist/d3.min.js` the pinned SHA-256;
-    anything else raises `OSError` and leaves the cache as it was. A valid cached copy is kept."""
-    import tarfile
-    import urllib.request
-
-    path = d3_cache_path()
-    if cached_d3() is not None:
-        return path
-    with urllib.request.urlopen(D3_TARBALL_URL, timeout=timeout) as response:
-        tarball = response.read()
-    digest = base64.b64encode(hashlib.sha512(tarball).digest()).decode()
-    if digest != D3_TARBALL_SHA512:
-        raise OSError(f"{D3_TARBALL_URL} does not match npm's integrity sha512-{D3_TARBALL_SHA512}")
-    with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
-        member = archive.extractfile(D3_JS_MEMBER)
-        if member is None:
-            raise OSError(f"{D3_TARBALL_URL} has no regular file {D3_JS_MEMBER}")
-        js = member.read()
-    if hashlib.sha256(js).hexdigest() != D3_JS_SHA256:
-        raise OSError(f"{D3_JS_MEMBER} in {D3_TARBALL_URL} does not have SHA-256 {D3_JS_SHA256}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(js)
-    partial.replace(path)
-    return path
-
-
-D3_CDN_NOTE = (
-    "d3 is not in the cache ({path}), so the page loads d3 from its CDN and needs the network to "
-    "display; `sae-lens-allocation fetch-assets` fetches it once for offline pages"
-)
-
-
-def make_offline_html(page: str, title: str, header_html: str = "", d3_js: str | None = None) -> str:
-    """sae-dashboard's page made self-contained: its plotly CDN `<script src>` tag is replaced by
-    an inline copy from the plotly package, and its d3 v6 tag by `d3_js` (kept as the CDN link
-    when None); it is wrapped in a full HTML document with a UTF-8 charset (the tokens shown are
-    not ASCII) and `header_html` above the panels. Any other remote resource is refused."""
-    from plotly.offline import get_plotlyjs
-
-    for tag in (D3_CDN_TAG, PLOTLY_CDN_TAG):
-        if tag not in page:
-            raise RuntimeError(f"sae-dashboard's HTML no longer contains {tag}; cannot make it offline")
-    page = page.replace(PLOTLY_CDN_TAG, _inline_script(get_plotlyjs()), 1)
-    if d3_js is not None:
-        page = page.replace(D3_CDN_TAG, _inline_script(d3_js), 1)
-    others = page.replace(D3_CDN_TAG, "")
-    remote = re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=\s*[\"']?(https?:)?//", others, flags=re.IGNORECASE)
-    if remote:
-        raise RuntimeError(f"sae-dashboard's HTML loads another remote resource: {remote.group(0)!r}")
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<title>{html.escape(title)}</title>\n</head>\n<body>\n{header_html}\n{page}\n</body>\n</html>\n"
-    )
-
-
-def sae_metadata(sae: Any) -> dict[str, Any]:
-    """What the dashboard records about the SAE (the Neuronpedia JSON's `metadata`)."""
-    meta = sae.cfg.metadata
-    out = {
-        "architecture": _architecture(sae),
-        "training_architecture": training_architecture(sae),
-        "training_architecture_details": meta.training_architecture_details,
-        "d_in": sae.cfg.d_in,
-        "d_sae": sae.cfg.d_sae,
-        "model_name": meta.model_name,
-        "hook_name": meta.hook_name,
-        "sae_lens_version": meta.sae_lens_version,
-        "sae_lens_training_version": meta.sae_lens_training_version,
-    }
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def neuronpedia_vocab(model: Any) -> dict[int, str]:
-    """Token id -> string as sae-dashboard's NeuronpediaRunner builds it (vocab strings with the
-    byte-level markers replaced, ids past the tokenizer padded with an out-of-range marker)."""
-    vocab: dict[int, str] = {}
-    for token, idx in model.tokenizer.vocab.items():
-        for old, new in _NP_TOKEN_REPLACEMENTS.items():
-            token = token.replace(old, new)
-        vocab[idx] = token
-    for idx in range(len(vocab), model.cfg.d_vocab):
-        vocab[idx] = _NP_OUT_OF_RANGE_TOKEN
-    return vocab
-
-
-def neuronpedia_batch(
-    vis_data: Any,
-    model: Any,
-    sae: Any,
-    sae_set: str,
-    n_prompts: int,
-    context_size: int,
-    dataset_name: str,
-    extra_metadata: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """sae-dashboard's `NeuronpediaConverter.convert_to_np_json` output as a dict, with a
-    `metadata` object: `sae_metadata(sae)` (architecture, training_architecture, ...) plus
-    `extra_metadata`."""
-    from sae_dashboard.neuronpedia.neuronpedia_converter import NeuronpediaConverter
-    from sae_dashboard.neuronpedia.neuronpedia_runner_config import NeuronpediaRunnerConfig
-
-    hook = sae.cfg.metadata.hook_name
-    np_cfg = NeuronpediaRunnerConfig(
-        sae_set=sae_set,
-        sae_path="",
-        outputs_dir="",
-        huggingface_dataset_path=dataset_name,
-        n_prompts_total=n_prompts,
-        n_tokens_in_prompt=context_size,
-        model_id=sae.cfg.metadata.model_name or model.cfg.model_name,
-        layer=_hook_layer(hook),
-    )
-    batch = json.loads(NeuronpediaConverter.convert_to_np_json(model, vis_data, np_cfg, neuronpedia_vocab(model)))
-    batch["metadata"] = {**sae_metadata(sae), **(extra_metadata or {})}
-    return batch
-
-
 def _header_html(sae: Any, sae_name: str, n_prompts: int, context_size: int, source: str) -> str:
-    arch, trained = _architecture(sae), training_architecture(sae)
+    arch, trained = sae_architecture(sae), training_architecture(sae)
     arch_text = arch if trained == arch else f"{arch} (trained as {trained})"
     e = html.escape
     text = " &middot; ".join(
@@ -717,13 +523,15 @@ def make_dashboard(
     sae_name = Path(sae_dir).name if isinstance(sae_dir, (str, Path)) else type(sae_dir).__name__
     # Reported once loaded: a folder that cannot be used gives its one error line and nothing else.
     sae = load_dashboard_sae(sae_dir, device=device)
+    # Before the model loads: a wrong index needs only the SAE's d_sae to be refused.
+    requested = None if features is None else _check_features(list(features), sae.cfg.d_sae)
     # After the user's own inputs, so a mistake in them reads the same with or without the extra.
     if find_spec("sae_dashboard") is None:
         raise DashboardError(
             "sae-dashboard is not installed; install the dashboard extra: pip install 'sae-lens-allocation[dashboard]'"
         )
     report(
-        f"SAE {sae_dir}: {_architecture(sae)} (trained as {training_architecture(sae)}), d_sae {sae.cfg.d_sae}, "
+        f"SAE {sae_dir}: {sae_architecture(sae)} (trained as {training_architecture(sae)}), d_sae {sae.cfg.d_sae}, "
         f"hook {sae.cfg.metadata.hook_name}"
     )
     report(f"loading model {'embedded' if model is None else model if isinstance(model, str) else type(model).__name__}")
@@ -743,13 +551,12 @@ def make_dashboard(
     freq = feature_frequencies(sae, model, tokens, minibatch_size_tokens, ignore, progress=report)
     n_alive = int((freq > 0).sum())
     report(f"{n_alive} of {sae.cfg.d_sae} latents fire on these tokens")
-    if features is None:
+    if requested is None:
         chosen = default_features(freq, seed=seed)
         skipped: list[int] = []
         if not chosen:
             raise DashboardError("no latent fires on these tokens: nothing to show")
     else:
-        requested = _check_features(list(features), sae.cfg.d_sae)
         chosen = [f for f in requested if freq[f] > 0]
         skipped = [f for f in requested if freq[f] <= 0]
         if skipped:
@@ -794,79 +601,3 @@ def make_dashboard(
         np_path.parent.mkdir(parents=True, exist_ok=True)
         np_path.write_text(json.dumps(batch), encoding="utf-8")
     return DashboardResult(html_path, np_path, chosen, skipped, tokens.shape[0], ctx, d3_js is not None)
-
-
-def add_dashboard_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `dashboard` command's arguments (matching `make_dashboard`) to `parser`."""
-    parser.add_argument("sae_dir", help="exported SAE folder (or a SAELens SAE folder)")
-    parser.add_argument(
-        "--model",
-        default="embedded",
-        help="'embedded' (default: the shipped model) or a TransformerLens model name",
-    )
-    parser.add_argument(
-        "--features",
-        type=int,
-        nargs="+",
-        metavar="J",
-        help="latents to show (default: the most active, a random sample and the rarest)",
-    )
-    parser.add_argument("--n-tokens", type=int, default=DEFAULT_N_TOKENS, help="tokens to compute on (default %(default)s)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
-    parser.add_argument(
-        "--dataset",
-        help="save_to_disk folder or dataset name with tokens/input_ids or text (default: the local corpus' held-out split)",
-    )
-    parser.add_argument("--context-size", type=int, help="tokens per row (default: the SAE's, else 128)")
-    parser.add_argument(
-        "--minibatch-size-tokens",
-        type=int,
-        default=DEFAULT_MINIBATCH_SIZE_TOKENS,
-        help="token rows per forward pass (default %(default)s)",
-    )
-    parser.add_argument(
-        "--minibatch-size-features",
-        type=int,
-        default=DEFAULT_MINIBATCH_SIZE_FEATURES,
-        help="features per sae-dashboard pass (default %(default)s)",
-    )
-    parser.add_argument("--no-neuronpedia", action="store_true", help="do not write the Neuronpedia JSON")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the token rows and the random features")
-    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages")
-    return parser
-
-
-def run_dashboard_command(args: argparse.Namespace) -> int:
-    """Run `make_dashboard` from parsed arguments; print the written paths. A user error (missing
-    folder or asset, wrong architecture, model or features, or the `dashboard` extra not
-    installed) is one line on stderr, exit code 2."""
-    for flag, value in (("--n-tokens", args.n_tokens), ("--minibatch-size-tokens", args.minibatch_size_tokens),
-                        ("--minibatch-size-features", args.minibatch_size_features)):
-        if value < 1:
-            print(f"sae-lens-allocation dashboard: error: {flag} {value} is not allowed; use an "
-                  "integer >= 1", file=sys.stderr)
-            return 2
-    try:
-        result = make_dashboard(
-            args.sae_dir,
-            model=args.model,
-            features=args.features,
-            n_tokens=args.n_tokens,
-            out=args.out,
-            dataset=args.dataset,
-            minibatch_size_tokens=args.minibatch_size_tokens,
-            minibatch_size_features=args.minibatch_size_features,
-            context_size=args.context_size,
-            neuronpedia=not args.no_neuronpedia,
-            progress=not args.quiet,
-            seed=args.seed,
-            device=args.device,
-        )
-    except (UsageError, FileNotFoundError) as err:
-        print(f"sae-lens-allocation dashboard: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(f"dashboard: {result.html.resolve()}")
-    if result.neuronpedia is not None:
-        print(f"neuronpedia json: {result.neuronpedia.resolve()}")
-    return 0

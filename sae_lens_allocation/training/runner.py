@@ -1,4 +1,5 @@
-"""Training with SAELens' own `LanguageModelSAETrainingRunner`.
+"""Training with the plugin's `ResumableTrainingRunner`, a subclass of SAELens'
+`LanguageModelSAETrainingRunner`.
 
 `train(cfg)` is `build_runner(cfg).run()`. `build_runner` checks the config before anything
 heavy runs (field types and ranges, batch budgets, the resume checkpoint, then the hook: it must
