@@ -127,7 +127,7 @@ GRID = [("mutual_choice", {}), ("feature_choice", {"sae_capacity": "uniform"}),
 
 @pytest.mark.parametrize("arch,extra", GRID, ids=["mc", "fc-uniform", "fc-zipf"])
 def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra, tmp_path):
-    """The acceptance bounds (algorithms.md) on a reduced grid: train() with calibration rows
+    """The acceptance bounds (docs/architectures.md#acceptance-bounds) on a reduced grid: train() with calibration rows
     training never reads; on held-out rows the export's mean L0 is within 5% of k and its EV
     within 0.01 of the training-mode SAE (batch rule at the training batch size, same rows).
     The full grid on the embedded model is benchmarks/calibration_grid.py."""

@@ -15,7 +15,7 @@ def uniform_capacities(
 ) -> torch.Tensor:
     """m_j = floor(M/F) or floor(M/F)+1 with randomised rounding: the M - F*floor(M/F) extra units
     go to latents drawn without replacement, so sum_j m_j = M = floor(k*N) exactly and
-    E[m_j] = M/F. Project definition (algorithms.md)."""
+    E[m_j] = M/F. Project definition (docs/architectures.md#feature-choice-capacities)."""
     if d_sae < 1 or not k >= 0:
         raise ValueError(
             f"uniform capacities need d_sae >= 1 and k >= 0, got d_sae={d_sae}, k={k!r}"
@@ -31,7 +31,8 @@ def uniform_capacities(
 def zipf_targets(n_tokens: int, k: float, ranks: torch.Tensor, exponent: float) -> torch.Tensor:
     """Real-valued Zipf capacities r_j = clip(c * rank_j^(-s), 1, N), c chosen so that
     sum_j r_j = M = floor(k*N) (float64 [F]); `zipf_capacities` rounds them, E[m_j] = r_j.
-    Project definition (algorithms.md); requires F <= M <= F*N and s >= 0."""
+    Project definition (docs/architectures.md#feature-choice-capacities); requires F <= M <= F*N
+    and s >= 0."""
     d_sae = ranks.numel()
     m = budget(n_tokens, k)
     if not d_sae <= m <= d_sae * n_tokens:
@@ -68,7 +69,7 @@ def zipf_capacities(
     M = floor(k*N): the real targets r_j of `zipf_targets`, rounded to floor(r_j) or ceil(r_j)
     by systematic randomised rounding (random order, one uniform draw), so sum_j m_j = M exactly,
     1 <= m_j <= N and E[m_j] = r_j. `ranks` are 1-based (1 = most frequent). Project definition
-    (algorithms.md); requires F <= M <= F*N."""
+    (docs/architectures.md#feature-choice-capacities); requires F <= M <= F*N."""
     targets = zipf_targets(n_tokens, k, ranks, exponent)
     m = budget(n_tokens, k)
     floors = targets.floor()

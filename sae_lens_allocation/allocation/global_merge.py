@@ -1,6 +1,6 @@
 """Exact batch allocation over a batch split across processes (data parallel).
 
-Project definition (docs/algorithms.md, "Data parallel"; docs/distributed.md). W processes
+Project definition (docs/distributed.md#what-is-exact). W processes
 (ranks) each hold n_r rows of one global batch of N = sum_r n_r rows; local row i of rank r is
 global row o_r + i, o_r = sum_{s<r} n_s (rank-major order). The rules are the single-process
 rules of `allocation.rules` applied to the concatenated N x F matrix z:

@@ -1,6 +1,6 @@
 """Steering effect of SAE latents: this project's reading of the g-SAE paper's third claim
 ("latents steer the model more effectively in arbitrary contexts", Olmo et al. 2024), defined in
-docs/algorithms.md "Steering" and docs/results.md.
+docs/results.md#steering.
 
 For latent j with decoder row W_dec_j, u_j = W_dec_j / ||W_dec_j||; at the hook every
 non-special position of every context gets x + alpha * u_j, with one fixed norm

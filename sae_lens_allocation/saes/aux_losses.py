@@ -195,7 +195,8 @@ def aux_k_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetr
 
 @register_aux_loss("aux_zipf")
 def aux_zipf_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:
-    """Aux-zipf (named by Ayonrinde 2024; formula: project definition, algorithms.md):
+    """Aux-zipf (named by Ayonrinde 2024; formula: project definition,
+    docs/losses.md#aux-zipf):
     aux_k on the dead latents D, plus the alive underused latents A = U minus D reconstructing e
     on their own with the slots D leaves free, s_A = min(k_aux, |U|) - min(k_aux, |D|), values
     relu(z), latent j's gradient weighted by w_j; the normalisation aux_k uses. With U = dead

@@ -1,4 +1,5 @@
-"""Inference thresholds for batch-allocation SAEs (project definition, algorithms.md).
+"""Inference thresholds for batch-allocation SAEs (project definition,
+docs/architectures.md#export-thresholds).
 
 Allocation across a batch cannot run on one token, so Mutual Choice and Feature Choice SAEs export
 to SAELens `jumprelu`: f_j = relu(z_j) * [z_j > theta_j]. The thresholds are calibrated on N

@@ -4,7 +4,7 @@ Paper: a TopK SAE whose choice of each token's k latents uses the gradient g of 
 model's loss with respect to the SAE input, so latents with small activations but a large effect
 on the output are not neglected; the kept values are the ordinary relu(z).
 
-Project definition (docs/algorithms.md):
+Project definition (docs/gradient-topk.md#the-rule):
     z    = pre-activations as SAELens TopK computes them (times ||W_dec_i|| when
            `rescale_acts_by_decoder_norm`)
     a_i  = (W_dec_i / ||W_dec_i||) . g, divided by a running RMS of a (buffer `grad_rms`), so

@@ -34,7 +34,7 @@ def fit_zipf(
 ) -> torch.Tensor:
     """Least-squares fit of log p_(r) = log C - s log r. Returns [log C, s, n_points] (float32).
 
-    Project definition (algorithms.md): the points are the firing latents (p > 0) in rank order;
+    Project definition (docs/losses.md#zipf-fit): the points are the firing latents (p > 0) in rank order;
     only the most frequent ceil(fit_fraction * #firing) ranks enter the fit, because feature
     densities follow Zipf except at the low end (Ayonrinde 2024), the end under test. With a fixed
     `exponent` s, only log C is fitted. n_points = 0 marks "no fit" (fewer than 2 points, or 1
@@ -75,7 +75,7 @@ def zipf_underuse(
     tau: float,
     ready: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Underused set and weights (project definition, algorithms.md).
+    """Underused set and weights (project definition, docs/losses.md#underused-set-and-weights).
 
     U = {j : p_j < tau * p_hat_j} | dead;  w_j = clip(1 - p_j / p_hat_j, 0, 1), w_j = 1 if dead.
     While not `ready` (EMA warming up, or no Zipf fit) U = dead and w = 1: exactly aux-k.

@@ -2,7 +2,7 @@
 
 W processes (launched by `torchrun`) train one SAE on one global batch of N =
 `train_batch_size_tokens` rows per step; each rank reads its own disjoint shard of the dataset and
-encodes N / W rows. Project definition (docs/algorithms.md, "Data parallel"): one step equals a
+encodes N / W rows. Project definition (docs/distributed.md#what-is-exact): one step equals a
 single-process step on the global batch:
 
 - identical start: every parameter and buffer is broadcast from rank 0;

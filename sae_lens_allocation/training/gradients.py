@@ -1,6 +1,6 @@
 """Activation gradients for Gradient TopK SAEs, and an activations store that carries them.
 
-Project definition (docs/algorithms.md, "Gradient TopK"): for a batch of token sequences the
+Project definition (docs/gradient-topk.md#the-rule): for a batch of token sequences the
 gradient at the hook is
 
     g = dL/dx,   L = sum_{b, t < T-1} CE(logits[b, t], tokens[b, t+1])
