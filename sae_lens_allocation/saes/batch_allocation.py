@@ -249,7 +249,9 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         self._calibration_source = source
         self._calibration_info = info or {}
 
-    def _default_calibration_rows(self) -> CalibrationRows | None:
+    def default_calibration_rows(self) -> CalibrationRows | None:
+        """The rows an export calibrates on when none are passed: the attached calibration
+        source (`set_calibration_source`), else the training-row reservoir; None when empty."""
         src = self._calibration_source
         if src is not None:
             if isinstance(src, CalibrationRows):
@@ -299,7 +301,7 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         a tensor) and `info` (merged into the metadata, e.g. {"overlaps_training": False});
         or None: the attached source, else the training-row reservoir."""
         if source is None:
-            rows = self._default_calibration_rows()
+            rows = self.default_calibration_rows()
             if rows is None:
                 raise ValueError(
                     f"{self.cfg.architecture()}: no calibration data: pass activations, attach a "
@@ -345,7 +347,7 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     def _calibrate_for_export(self) -> None:
         if bool(self.calibrated):
             return
-        rows = self._default_calibration_rows()
+        rows = self.default_calibration_rows()
         if rows is not None:
             self.calibrate_thresholds(rows)
             return

@@ -32,14 +32,15 @@ import torch
 import torch.distributed as dist
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset, SAETrainerConfig
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 from sae_lens.training.activation_scaler import ActivationScaler
-from sae_lens.training.sae_trainer import Evaluator, SAETrainer, SaveCheckpointFn
+from sae_lens.training.sae_trainer import Evaluator, SaveCheckpointFn
 from sae_lens.training.types import DataProvider
 
 from sae_lens_allocation.allocation import BatchGroup, DataParallelError
 from sae_lens_allocation.saes.batch_group import BatchGroupMixin
 from sae_lens_allocation.saes.calibration import CalibrationRows
+from sae_lens_allocation.saelens_compat import SeamedSAETrainer, run_language_model_runner
 from sae_lens_allocation.training.gradients import HookedRootModule
 from sae_lens_allocation.training.runner import build_runner
 from sae_lens_allocation.training.sources import runner_sources
@@ -151,12 +152,12 @@ class GlobalActivationScaler(ActivationScaler):
         self.scaling_factor = d_in**0.5 / float(total[0] / total[1])
 
 
-class DataParallelSAETrainer(SAETrainer[Any, Any]):
+class DataParallelSAETrainer(SeamedSAETrainer):
     """SAELens' `SAETrainer`, one rank of W: the data provider gives this rank's N / W rows;
     `cfg` is the global trainer config (train_batch_size_samples = N, total samples global).
 
-    `step` counts global samples; `_train_step` is SAELens' step (sae-lens 6.54) with the firing
-    counts summed over ranks and the gradients averaged before the grad-norm clip;
+    `step` counts global samples; SAELens' step runs with the firing counts summed over ranks
+    (`count_firing`) and the gradients averaged before the grad-norm clip (`before_clip`);
     `save_checkpoint` writes on rank 0 only; the activation-norm scaling factor is estimated over
     every rank's batches (`GlobalActivationScaler`, which SAELens' `fit` calls).
     """
@@ -191,49 +192,23 @@ class DataParallelSAETrainer(SAETrainer[Any, Any]):
         return self.cfg.train_batch_size_samples // self.group.world_size
 
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
-        batch = batch.to(self.sae.device)
         if batch.shape[0] != self.rows_per_rank:
             raise DataParallelError(
                 f"rank {self.group.rank} got a batch of {batch.shape[0]} rows; every rank must "
                 f"give train_batch_size_tokens / W = {self.rows_per_rank} rows per step"
             )
-        self.n_training_samples += self.cfg.train_batch_size_samples
-        return self._train_step(sae=self.sae, sae_in=self.activation_scaler(batch))
+        # `step` counts global samples; SAELens' step adds this rank's rows.
+        self.n_training_samples += self.cfg.train_batch_size_samples - batch.shape[0]
+        return super().step(batch)
 
-    def _train_step(self, sae: TrainingSAE[Any], sae_in: torch.Tensor) -> TrainStepOutput:
-        sae.train()
-        with self.autocast_if_enabled:
-            output = self.sae.training_forward_pass(
-                step_input=TrainStepInput(
-                    sae_in=sae_in,
-                    dead_neuron_mask=self.dead_neurons,
-                    coefficients=self.get_coefficients(),
-                    n_training_steps=self.n_training_steps,
-                    is_logging_step=self._is_logging_step(),
-                ),
-            )
-            with torch.no_grad():
-                acts = output.feature_acts
-                acts = acts.to_dense() if acts.is_sparse else acts
-                fired = acts.bool().reshape(-1, acts.shape[-1]).float().sum(0)
-                fired = self.group.sum(fired)
-                self.n_forward_passes_since_fired += 1
-                self.n_forward_passes_since_fired[fired > 0] = 0
-                self.act_freq_scores += fired
-                self.n_frac_active_samples += self.cfg.train_batch_size_samples
+    def count_firing(self, fired: torch.Tensor) -> torch.Tensor:
+        return self.group.sum(fired)
 
-        output.loss.backward()
-        self._average_gradients()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.lr_scheduler.step()
-        for scheduler in self.coefficient_schedulers.values():
-            scheduler.step()
-        return output
+    def before_clip(self) -> None:
+        self.average_gradients()
 
     @torch.no_grad()
-    def _average_gradients(self) -> None:
+    def average_gradients(self) -> None:
         """g <- (1/W) sum_r g_r for every parameter, in one all-reduce of the flattened grads."""
         if self.group.world_size == 1:
             return
@@ -263,7 +238,7 @@ def share_calibration_rows(sae: Any, group: BatchGroup) -> None:
     ranks' documents; the metadata keeps rank 0's description and adds the number of ranks."""
     want = math.ceil(sae.cfg.calibration_tokens / group.world_size)
     device = sae.W_enc.device
-    local = sae._default_calibration_rows()
+    local = sae.default_calibration_rows()
     if local is None:
         acts = torch.zeros(0, sae.cfg.d_in, device=device)
         documents = torch.zeros(0, dtype=torch.long, device=device)
@@ -338,28 +313,10 @@ def train_data_parallel(
 def _run(
     runner: Any, cfg: LanguageModelSAERunnerConfig[Any], group: BatchGroup
 ) -> TrainingSAE[Any]:
-    """LanguageModelSAETrainingRunner.run (sae-lens 6.54) with the data-parallel trainer and
-    rank-0 writes."""
-    import wandb
+    """SAELens' runner loop (`saelens_compat.run_language_model_runner`) with the data-parallel
+    trainer, calibration rows from every rank, and rank-0 writes."""
 
-    runner._set_sae_metadata()
-    if cfg.logger.log_to_wandb:
-        wandb.init(
-            project=cfg.logger.wandb_project,
-            entity=cfg.logger.wandb_entity,
-            config=cfg.to_dict(),
-            name=cfg.logger.run_name,
-            id=cfg.logger.wandb_id,
-        )
-    data_provider: Any = runner.activations_store
-    prefetching = None
-    if cfg.prefetch_llm_batches:
-        from sae_lens.training.prefetch import PrefetchingIterator
-
-        size = 1 if isinstance(cfg.prefetch_llm_batches, bool) else cfg.prefetch_llm_batches
-        prefetching = PrefetchingIterator(iter(runner.activations_store), prefetch=size)
-        data_provider = prefetching
-    try:
+    def make_trainer(data_provider: Any) -> DataParallelSAETrainer:
         trainer = DataParallelSAETrainer(
             cfg=cfg.to_sae_trainer_config(),
             sae=runner.sae,
@@ -368,31 +325,19 @@ def _run(
             evaluator=runner.evaluator,
             save_checkpoint_fn=runner.save_checkpoint,
         )
-        if cfg.resume_from_checkpoint is not None:
-            # Every rank reads the checkpoint rank 0 wrote: same weights, optimiser and
-            # statistics; the store skips as far as rank 0's had read of its own shard.
-            trainer.load_trainer_state(cfg.resume_from_checkpoint)
-            runner.sae.load_weights_from_checkpoint(cfg.resume_from_checkpoint)
-            runner.activations_store.load_from_checkpoint(cfg.resume_from_checkpoint)
         if group.rank != 0:
             # Only rank 0 writes checkpoints; the others must not manage (and clean up) its
-            # area for incomplete checkpoints (resume.py).
+            # area for incomplete checkpoints (resume.py). Every rank resumes from the
+            # checkpoint rank 0 wrote: same weights, optimiser and statistics.
             trainer.cfg.checkpoint_path = None
-        # The runner's step (resume.py): resume state, clean stops, checkpoints renamed into
-        # place when complete.
-        sae = runner.run_trainer_with_interruption_handling(trainer)
+        return trainer
+
+    def finish(sae: TrainingSAE[Any], trainer: Any) -> None:
         if hasattr(sae, "set_calibration_source"):
             share_calibration_rows(sae, group)
         if group.rank == 0 and cfg.output_path is not None:
-            runner.save_final_sae(
-                sae=sae,
-                output_path=cfg.output_path,
-                log_feature_sparsity=trainer.log_feature_sparsity,
-            )
+            runner.save_final_sae(sae=sae, output_path=cfg.output_path,
+                                  log_feature_sparsity=trainer.log_feature_sparsity)
         group.barrier()
-        if cfg.logger.log_to_wandb:
-            wandb.finish()
-        return sae
-    finally:
-        if prefetching is not None:
-            prefetching.close()
+
+    return run_language_model_runner(runner, make_trainer, finish)

@@ -26,17 +26,17 @@ from typing import Any
 
 import einops
 import torch
-from datasets import Array2D, Dataset, Features, Sequence, Value
+from datasets import Dataset
 from sae_lens.config import CacheActivationsRunnerConfig, HfDataset
 from sae_lens.training.activations_store import ActivationsStore
-from sae_lens.cache_activations_runner import CacheActivationsRunner
 
+from sae_lens_allocation.saelens_compat import PluginCacheRunnerBase
 from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule, gradient_column
 from sae_lens_allocation.training.sources import EMBEDDED, embedded_training_rows, load_lm
 from sae_lens_allocation.validation import field_error, reject_unknown_keys
 
 
-class GradientCacheActivationsRunner(CacheActivationsRunner):
+class GradientCacheActivationsRunner(PluginCacheRunnerBase):
     """SAELens' `CacheActivationsRunner` that also stores the gradient at the hook.
 
     `run()` is SAELens' own (shards, consolidation, shuffle, hub upload); this class supplies the
@@ -61,21 +61,19 @@ class GradientCacheActivationsRunner(CacheActivationsRunner):
                 f"({cfg.training_tokens} tokens, {cfg.training_tokens * cfg.bytes_per_token / 1e9:.3g}"
                 " GB) of activations; SAELens writes whole buffers",
             )
-        # Not CacheActivationsRunner.__init__: it always loads the model by its hub name.
-        self.cfg = cfg
         self.gradients = gradients
-        self.model = override_model if override_model is not None else load_lm(
+        model = override_model if override_model is not None else load_lm(
             cfg.model_name, device=cfg.device, model_class_name=cfg.model_class_name,
             model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
         )
         if cfg.compile_llm:
-            self.model = torch.compile(self.model, mode=cfg.llm_compilation_mode)  # type: ignore[assignment]
+            model = torch.compile(model, mode=cfg.llm_compilation_mode)
         if override_dataset is None and cfg.dataset_path == EMBEDDED:
-            override_dataset = embedded_training_rows(self.model, cfg.context_size, cfg.training_tokens, cfg.seed)
+            override_dataset = embedded_training_rows(model, cfg.context_size, cfg.training_tokens, cfg.seed)
         store_class = GradientActivationsStore if gradients else ActivationsStore
         # The arguments of SAELens' cache_activations_runner._mk_activations_store.
-        self.activations_store = store_class(
-            model=self.model,
+        store = store_class(
+            model=model,
             dataset=override_dataset if override_dataset is not None else cfg.dataset_path,
             streaming=cfg.streaming,
             hook_name=cfg.hook_name,
@@ -97,15 +95,10 @@ class GradientCacheActivationsRunner(CacheActivationsRunner):
             seqpos_slice=cfg.seqpos_slice,
             use_chat_formatting=cfg.use_chat_formatting,
         )
-        self.context_size = self._get_sliced_context_size(cfg.context_size, cfg.seqpos_slice)
-        array = Array2D(shape=(self.context_size, cfg.d_in), dtype=cfg.dtype)
-        features: dict[str, Any] = {cfg.hook_name: array}
-        if gradients:
-            features[gradient_column(cfg.hook_name)] = array
-        features["token_ids"] = Sequence(Value(dtype="int32"), length=self.context_size)
-        self.features = Features(features)
+        # SAELens' own __init__ would load the model by its hub name.
+        self.init_with(cfg, model, store, (gradient_column(cfg.hook_name),) if gradients else ())
 
-    def _create_shard(self, buffer: tuple[torch.Tensor, torch.Tensor | None]) -> Dataset:
+    def create_shard(self, buffer: tuple[torch.Tensor, torch.Tensor | None]) -> Dataset:
         """SAELens' shard layout; rows `[acts | grads]` are split into their two columns."""
         rows, token_ids = buffer
         d_in, hook = self.cfg.d_in, self.cfg.hook_name

@@ -217,12 +217,12 @@ class GradientActivationsStore(ResumableActivationsStore):
         )
         return dataset
 
-    def _load_raw_llm_batch_from_cached(
+    def cached_llm_batch(
         self, raise_on_epoch_end: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SAELens reads the activations of the next cached rows; their gradients are the same
         rows of the gradient column."""
-        acts, token_ids = super()._load_raw_llm_batch_from_cached(raise_on_epoch_end)
+        acts, token_ids = super().cached_llm_batch(raise_on_epoch_end)
         end = self.current_row_idx
         rows = self._cached_gradients[end - self.store_batch_size_prompts : end]
         grads = rows[gradient_column(self.hook_name)].reshape(-1, self.d_in)
@@ -247,7 +247,7 @@ class GradientActivationsStore(ResumableActivationsStore):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows `[acts | grads]` of shape [batch * context, 2 * d_in] and their token ids."""
         if self.cached_activation_dataset is not None:
-            return self._load_raw_llm_batch_from_cached(raise_on_epoch_end)
+            return self.cached_llm_batch(raise_on_epoch_end)
         batch_tokens = self.get_batch_tokens(raise_at_epoch_end=raise_on_epoch_end)
         acts, grads = activation_gradients(
             self.model, batch_tokens, self.hook_name, self.autocast_lm, self.model_kwargs

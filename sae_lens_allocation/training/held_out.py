@@ -35,6 +35,7 @@ import torch
 
 from sae_lens_allocation.saes.calibration import CalibrationRows
 from sae_lens_allocation.embedded.splits import embedded_calibration_tokens
+from sae_lens_allocation.saelens_compat import restart_tokenized_sequences
 from sae_lens_allocation.tokens import special_token_ids
 
 # A batch of token rows -> {hook: activations [rows, positions, d_in]}, positions sliced by the
@@ -110,7 +111,7 @@ def _last_rows(store: Any, n_tokens: int, keep_special: bool,
         tail = copy.copy(store)  # the store's tokenisation and slicing, its own position
         tail.dataset = dataset.select(range(length - rows, length))
         tail.n_dataset_processed = 0
-        tail.iterable_sequences = tail._iterate_tokenized_sequences()
+        restart_tokenized_sequences(tail)
         tokens = _read_tokens(tail, n_tokens, keep_special, special)
         if tokens is not None:
             break

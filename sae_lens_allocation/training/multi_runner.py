@@ -35,23 +35,20 @@ from typing import Any
 import torch
 from sae_lens import LoggingConfig
 from sae_lens.config import HfDataset
-from sae_lens.multi_sae_training_runner import (
-    MultiSAETrainingRunner,
-    MultiSAETrainingRunnerConfig,
-)
+from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE
-from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.mixing_buffer import multi_hook_concat_split_iter
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
+from sae_lens_allocation.saelens_compat import (
+    MULTI_RUNNER_DERIVED_FIELDS,
+    PluginActivationsStore,
+    PluginMultiRunnerBase,
+)
 from sae_lens_allocation.training.gradients import HookedRootModule, multi_hook_activation_gradients
 from sae_lens_allocation.training.held_out import attach_calibration
 from sae_lens_allocation.training.sources import EMBEDDED, runner_sources
-
-# Fields of MultiSAETrainingRunnerConfig that are derived or not serialisable, never given.
-INTERNAL_FIELDS = ("_hook_names_per_sae", "_hook_head_indices_per_sae", "evaluator")
-
 
 def gradient_rows_key(hook_name: str) -> str:
     """Key of the rows `[acts | grads]` at `hook_name` in a multi-hook batch."""
@@ -62,7 +59,7 @@ def sae_needs_gradients(sae_cfg: Any) -> bool:
     return bool(getattr(sae_cfg, "needs_activation_gradients", False))
 
 
-class MultiHookGradientActivationsStore(ActivationsStore):
+class MultiHookGradientActivationsStore(PluginActivationsStore):
     """SAELens' multi-hook store whose batches also carry LM-loss gradients at `gradient_hooks`.
 
     Per LM batch: one forward to the logits capturing every hook and one backward down to the
@@ -126,23 +123,22 @@ class MultiHookGradientActivationsStore(ActivationsStore):
 
     def _rows(self, t: torch.Tensor, hook: str) -> torch.Tensor:
         """[batch, pos, ...] at `hook` -> [batch * kept_pos, d_in] float32 rows (SAELens' slicing)."""
-        assert self._hook_d_ins is not None
         t = t[:, slice(*self.seqpos_slice)]
-        head = self._hook_head_indices.get(hook)
+        head = self.multi_hook_head_indices.get(hook)
         if head is not None:
             t = t[:, :, head]
-        return t.reshape(-1, self._hook_d_ins[hook]).to(device=self.device, dtype=torch.float32)
+        return t.reshape(-1, self.multi_hook_d_ins[hook]).to(device=self.device, dtype=torch.float32)
 
-    def _get_filtered_multi_hook_llm_batch(
+    def filtered_multi_hook_llm_batch(
         self, raise_on_epoch_end: bool = False
     ) -> dict[str, torch.Tensor]:
-        assert self._hook_names is not None
+        hooks = self.multi_hook_names
         batch_tokens = self.get_batch_tokens(raise_at_epoch_end=raise_on_epoch_end)
         acts, grads = multi_hook_activation_gradients(
             self.model, batch_tokens, self.gradient_hooks, self.autocast_lm, self.model_kwargs,
-            activation_hooks=self._hook_names,
+            activation_hooks=hooks,
         )
-        out = {h: self._rows(acts[h], h) for h in self._hook_names}
+        out = {h: self._rows(acts[h], h) for h in hooks}
         for h in self.gradient_hooks:
             out[gradient_rows_key(h)] = torch.cat([out[h], self._rows(grads[h], h)], dim=-1)
         if self.exclude_special_tokens is None:
@@ -153,17 +149,16 @@ class MultiHookGradientActivationsStore(ActivationsStore):
 
     def get_multi_hook_data_loader(self) -> Iterator[dict[str, torch.Tensor]]:
         """SAELens' multi-hook stream over the activation and `[acts | grads]` keys."""
-        assert self._hook_names is not None
         return multi_hook_concat_split_iter(
             buffer_size=self.n_batches_in_buffer * self.training_context_size,
             batch_size=self.train_batch_size_tokens,
-            activations_loader=self._iterate_filtered_multi_hook_activations(),
-            hook_names=list(self._hook_names) + [gradient_rows_key(h) for h in self.gradient_hooks],
+            activations_loader=self.filtered_multi_hook_activations(),
+            hook_names=self.multi_hook_names + [gradient_rows_key(h) for h in self.gradient_hooks],
             mix_fraction=self.activations_mixing_fraction,
         )
 
 
-class PluginMultiSAETrainingRunner(MultiSAETrainingRunner):
+class PluginMultiSAETrainingRunner(PluginMultiRunnerBase):
     """SAELens' `MultiSAETrainingRunner` with the plugin's sources, seeding, held-out
     calibration and gradient store (module docstring). `run()` is SAELens' own."""
 
@@ -206,14 +201,10 @@ class PluginMultiSAETrainingRunner(MultiSAETrainingRunner):
         # The shuffle order depends on the seed only, not on how many numbers the inits drew.
         torch.manual_seed(cfg.seed)
 
-    def _run_with_interruption_handling(
-        self, trainer: MultiSAETrainer
-    ) -> dict[str, TrainingSAE[Any]]:
-        # The one place SAELens hands over the trainer before `fit`: route the gradient SAEs to
-        # their [acts | grads] rows.
+    def before_fit(self, trainer: MultiSAETrainer) -> None:
+        # Route the gradient SAEs to their [acts | grads] rows.
         for name in self.gradient_saes:
             trainer.hook_names[name] = gradient_rows_key(self.cfg.hook_names_per_sae[name])
-        return super()._run_with_interruption_handling(trainer)
 
 
 def multi_runner_config_from_dict(cfg: Mapping[str, Any]) -> MultiSAETrainingRunnerConfig:
@@ -234,7 +225,7 @@ def multi_runner_config_from_dict(cfg: Mapping[str, Any]) -> MultiSAETrainingRun
 
 def multi_runner_fields() -> set[str]:
     """The `MultiSAETrainingRunnerConfig` fields a config may set."""
-    return {f.name for f in dataclasses.fields(MultiSAETrainingRunnerConfig)} - set(INTERNAL_FIELDS)
+    return {f.name for f in dataclasses.fields(MultiSAETrainingRunnerConfig)} - set(MULTI_RUNNER_DERIVED_FIELDS)
 
 
 def build_multi_runner(

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from sae_lens import LanguageModelSAETrainingRunner, logger
 from sae_lens.constants import SAE_CFG_FILENAME
-from sae_lens.training.activations_store import ActivationsStore
 
 from sae_lens_allocation.loading import INCOMPLETE_DIRNAME
+from sae_lens_allocation.saelens_compat import MixingBuffer, PluginActivationsStore
 
 RESUME_STATE_FILENAME = "resume_state.pt"
 STORE_STATE_FILENAME = "resume_store_state.pt"
@@ -99,62 +99,7 @@ class StopRequest:
 # The store
 
 
-class MixingBuffer:
-    """SAELens' `mixing_buffer` as an iterator whose state can be saved.
-
-    Rows accumulate until there are `buffer_size`; the rows are then permuted (`torch.randperm`
-    with `generator`, unless mix_fraction = 0), `int(buffer_size * mix_fraction)` are kept for
-    mixing and the largest multiple of `batch_size` of the rest is served in order.
-    """
-
-    def __init__(self, buffer_size: int, batch_size: int, loader: Iterator[torch.Tensor],
-                 mix_fraction: float, generator: torch.Generator) -> None:
-        if buffer_size < batch_size:
-            raise ValueError("Buffer size must be greater than or equal to batch size")
-        if not 0 <= mix_fraction <= 1:
-            raise ValueError("mix_fraction must be in [0, 1]")
-        self.buffer_size, self.batch_size, self.mix_fraction = buffer_size, batch_size, mix_fraction
-        self.loader, self.generator = loader, generator
-        self.storage: torch.Tensor | None = None
-        self.serving: torch.Tensor | None = None
-        self.served = 0
-
-    def __iter__(self) -> MixingBuffer:
-        return self
-
-    @torch.no_grad()
-    def __next__(self) -> torch.Tensor:
-        while self.serving is None or self.served * self.batch_size >= self.serving.shape[0]:
-            self._refill()
-        batch = self.serving[self.served * self.batch_size : (self.served + 1) * self.batch_size]
-        self.served += 1
-        return batch
-
-    def _refill(self) -> None:
-        while self.storage is None or self.storage.shape[0] < self.buffer_size:
-            new = next(self.loader)
-            self.storage = new if self.storage is None else torch.cat([self.storage, new])
-        storage = self.storage
-        if self.mix_fraction > 0:
-            perm = torch.randperm(storage.shape[0], generator=self.generator)
-            storage = storage[perm.to(storage.device)]
-        keep = int(self.buffer_size * self.mix_fraction)
-        n_batches = max(1, (storage.shape[0] - keep) // self.batch_size)
-        cut = n_batches * self.batch_size
-        self.serving, self.storage, self.served = storage[:cut], storage[cut:], 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"storage": self.storage, "serving": self.serving, "served": self.served,
-                "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.storage = None if state["storage"] is None else state["storage"].to(device)
-        self.serving = None if state["serving"] is None else state["serving"].to(device)
-        self.served = int(state["served"])
-        self.generator.set_state(state["generator"])
-
-
-class ResumableActivationsStore(ActivationsStore):
+class ResumableActivationsStore(PluginActivationsStore):
     """SAELens' `ActivationsStore` with a saved shuffle buffer, its own shuffle generator and an
     exact dataset position (see the module docstring)."""
 
@@ -168,8 +113,8 @@ class ResumableActivationsStore(ActivationsStore):
         store.mixing_seed = int(cfg.seed)
         return store
 
-    def _iterate_tokenized_sequences(self) -> Any:
-        for sequence in super()._iterate_tokenized_sequences():
+    def tokenized_sequences(self) -> Any:
+        for sequence in super().tokenized_sequences():
             self.sequences_pulled += 1
             yield sequence
 
@@ -177,7 +122,7 @@ class ResumableActivationsStore(ActivationsStore):
         return MixingBuffer(
             buffer_size=self.n_batches_in_buffer * self.training_context_size,
             batch_size=self.train_batch_size_tokens,
-            loader=self._iterate_filtered_activations(),
+            loader=self.filtered_activations(),
             mix_fraction=self.activations_mixing_fraction,
             generator=torch.Generator().manual_seed(self.mixing_seed),
         )
@@ -189,7 +134,7 @@ class ResumableActivationsStore(ActivationsStore):
 
     def save_to_checkpoint(self, checkpoint_path: str | Path) -> None:
         super().save_to_checkpoint(checkpoint_path)
-        loader = self._dataloader
+        loader = self.data_loader
         state = {
             "sequences_pulled": self.sequences_pulled,
             "current_row_idx": getattr(self, "current_row_idx", None),
@@ -211,19 +156,19 @@ class ResumableActivationsStore(ActivationsStore):
         if state["mixing"] is not None:
             loader = self.get_data_loader()
             loader.load_state_dict(state["mixing"], self.device)
-            self._dataloader = loader
+            self.data_loader = loader
 
     def _replay_sequences(self, target: int) -> None:
         """Pull `target` sequences from a fresh dataset iterator, restarting it at each epoch end
         as `get_batch_tokens` does."""
         self.sequences_pulled = 0
         self.n_dataset_processed = 0
-        self.iterable_sequences = self._iterate_tokenized_sequences()
+        self.iterable_sequences = self.tokenized_sequences()
         while self.sequences_pulled < target:
             try:
                 next(self.iterable_sequences)
             except StopIteration:
-                self.iterable_sequences = self._iterate_tokenized_sequences()
+                self.iterable_sequences = self.tokenized_sequences()
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def _probed_multi_runner(cfg: Any, dataset: Any, model: Any, probe: Callable[[di
     from sae_lens_allocation.training.multi_runner import PluginMultiSAETrainingRunner
 
     class ProbedMultiSAETrainingRunner(PluginMultiSAETrainingRunner):
-        def _save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:  # noqa: ARG002
+        def save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:  # noqa: ARG002
             probe(self.saes)
 
     return ProbedMultiSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
