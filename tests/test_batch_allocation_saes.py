@@ -361,8 +361,9 @@ def test_eval_before_calibration_warns_and_uses_the_running_estimate(arch):
     with pytest.warns(UserWarning, match="running estimate"):
         sae.eval()
     x = torch.randn(16, D_IN)
-    z = sae.hidden_pre(x)
+    codes, z = sae.encode_with_hidden_pre(x)
     torch.testing.assert_close(sae.encode(x), z.relu() * (z > 0.25))
+    torch.testing.assert_close(codes, z.relu() * (z > 0.25))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -68,7 +68,11 @@ def test_rank_statistic_is_the_mutual_choice_selection_rate_and_the_positive_mas
     sae = make_sae()
     x = torch.randn(8, N // 8, D_IN)  # 3-D: all leading dims are one batch
     with torch.no_grad():
-        z = sae.hidden_pre(x).reshape(-1, D_SAE)
+        # z as SAELens TopK computes it.
+        z = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
+        if sae.cfg.rescale_acts_by_decoder_norm:
+            z = z * sae.W_dec.norm(dim=-1)
+        z = z.reshape(-1, D_SAE)
     step(sae, x)
     # Reference: a full torch.topk over the batch's relu(z) (Mutual Choice's selection).
     m = budget(N, K)

@@ -41,6 +41,7 @@ from sae_lens_allocation.saes.calibration import (
     document_folds,
 )
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.saes.finite_loss import ACTIVATIONS_ADVICE, check_finite_loss
 from sae_lens_allocation.validation import field_error, is_finite_number
 
 RowSource = torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor]
@@ -151,27 +152,21 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         """Export thresholds [F] from z of the calibration rows (`z_block(latents)` gives those
         latents' z for all rows, ordered by fold) and the rows' folds; returns (theta, statistics)."""
 
-    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """z as SAELens TopK computes it (decoder-norm rescaled when configured)."""
-        sae_in = self.process_sae_in(x)
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
-        return hidden_pre
-
     @override
-    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training mode: the batch allocation rule. Eval mode: the export's JumpReLU,
-        relu(z) * [z > theta], which depends on no other token."""
-        hidden_pre = self.hidden_pre(x)
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        # SAELens' encode_with_hidden_pre computes z (decoder-norm rescaled when configured) and
+        # applies this to it, as for its own BatchTopK; the mode is read at each call.
+        return self.codes_from_hidden_pre
+
+    def codes_from_hidden_pre(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        """Training mode: the batch allocation rule over all leading dims. Eval mode: the
+        export's JumpReLU, relu(z) * [z > theta], which depends on no other token."""
         if self.training:
             allocation = _allocate_eagerly(self, hidden_pre)
             self._last_allocation = allocation
-            feature_acts = allocation.codes
-        else:
-            theta = self.threshold.to(hidden_pre.dtype)
-            feature_acts = hidden_pre.relu() * (hidden_pre > theta)
-        return self.hook_sae_acts_post(feature_acts), hidden_pre
+            return allocation.codes
+        theta = self.threshold.to(hidden_pre.dtype)
+        return hidden_pre.relu() * (hidden_pre > theta)
 
     @override
     def train(self, mode: bool = True) -> BatchAllocationTrainingSAE:
@@ -192,13 +187,8 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         output = super().training_forward_pass(step_input)
-        if not torch.isfinite(output.loss):
-            raise FloatingPointError(
-                f"{self.cfg.architecture()} training met a non-finite loss "
-                f"({output.loss.item()}) at step {step_input.n_training_steps}; stopping before "
-                "a broken checkpoint is written. Lower lr, check the activations for NaN/Inf, or "
-                "use normalize_activations='expected_average_only_in'."
-            )
+        check_finite_loss(output.loss, self.cfg.architecture(), step_input.n_training_steps,
+                          ACTIVATIONS_ADVICE)
         # Only rows of a finite step reach the reservoir.
         self.training_reservoir.add(step_input.sae_in)
         allocation = self._last_allocation

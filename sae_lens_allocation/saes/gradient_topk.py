@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +35,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingS
 from typing_extensions import override
 
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.saes.finite_loss import check_finite_loss
 from sae_lens_allocation.validation import field_error
 
 GRADIENT_STATE_BUFFERS = ("grad_rms", "grad_rms_updates")
@@ -163,6 +165,7 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         self.register_buffer("grad_rms", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("grad_rms_updates", torch.zeros((), dtype=torch.long, device=device))
         self._last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_gradients: tuple[torch.Tensor, bool] | None = None
         self.init_aux_loss_state()
 
     # -- encoding -----------------------------------------------------------------------------
@@ -177,14 +180,6 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
             f"gradient_topk expects inputs of width d_in={d_in} (activations) or 2*d_in={2 * d_in} "
             f"([activations | gradients]), got {x.shape[-1]}"
         )
-
-    def hidden_pre(self, acts: torch.Tensor) -> torch.Tensor:
-        """z as SAELens TopK computes it (decoder-norm rescaled when configured)."""
-        sae_in = self.process_sae_in(acts)
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
-        return hidden_pre
 
     @torch.no_grad()
     def _update_grad_rms(self, alignment: torch.Tensor) -> None:
@@ -218,12 +213,17 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
         return select_topk(hidden_pre, scores, self.cfg.k)
 
     @override
-    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [acts | grads]: the gradient selection (updating the running RMS in training
-        mode). Rows of width d_in: plain TopK in eval mode; an error in training mode."""
-        acts, grads = self.split_rows(x)
-        hidden_pre = self.hidden_pre(acts)
-        if grads is None:
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        # SAELens' encode_with_hidden_pre computes z (decoder-norm rescaled when configured) from
+        # the activation half and applies this to it; the gradient half waits in
+        # `_pending_gradients`, set by `encode_with_hidden_pre` and read once here.
+        return self.codes_from_hidden_pre
+
+    def codes_from_hidden_pre(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        """With pending gradients: the gradient selection (updating the running RMS when asked).
+        Without: plain TopK in eval mode; an error in training mode."""
+        pending, self._pending_gradients = self._pending_gradients, None
+        if pending is None:
             if self.training:
                 raise RuntimeError(
                     "gradient_topk got activations without gradients in training mode. It needs "
@@ -235,9 +235,27 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
                 )
             codes, indices = select_topk(hidden_pre, hidden_pre.detach(), self.cfg.k)
         else:
-            codes, indices = self._gradient_codes(hidden_pre, grads, update_rms=self.training)
+            grads, update_rms = pending
+            codes, indices = self._gradient_codes(hidden_pre, grads, update_rms)
         self._last_selection = (hidden_pre.detach(), indices)
-        return self.hook_sae_acts_post(codes), hidden_pre
+        return codes
+
+    def _encode_with_pending(
+        self, acts: torch.Tensor, pending: tuple[torch.Tensor, bool] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if pending is not None:
+            self._pending_gradients = pending
+        try:
+            return super().encode_with_hidden_pre(acts)
+        finally:
+            self._pending_gradients = None
+
+    @override
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [acts | grads]: the gradient selection (updating the running RMS in training
+        mode). Rows of width d_in: plain TopK in eval mode; an error in training mode."""
+        acts, grads = self.split_rows(x)
+        return self._encode_with_pending(acts, None if grads is None else (grads, self.training))
 
     def encode_with_gradients(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Codes chosen with the gradient g at x (analysis), whatever the mode; the running RMS
@@ -246,34 +264,22 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
             raise ValueError(
                 f"x and g must have the same shape, got {tuple(x.shape)} and {tuple(g.shape)}"
             )
-        hidden_pre = self.hidden_pre(x)
-        codes, _ = self._gradient_codes(hidden_pre, g, update_rms=False)
-        return self.hook_sae_acts_post(codes)
+        return self._encode_with_pending(x, (g, False))[0]
 
     # -- training step --------------------------------------------------------------------------
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        """Selection from [acts | grads]; MSE and auxiliary loss on the activation half only."""
-        feature_acts, hidden_pre = self.encode_with_hidden_pre(step_input.sae_in)
-        acts_input = replace(step_input, sae_in=self.split_rows(step_input.sae_in)[0])
-        sae_out = self.decode(feature_acts)
-        mse_loss = self.mse_loss_fn(sae_out, acts_input.sae_in).sum(dim=-1).mean()
-        aux_losses = self.calculate_aux_loss(acts_input, feature_acts, hidden_pre, sae_out)
-        loss = mse_loss + sum(aux_losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"gradient_topk training met a non-finite loss ({loss.item()}) at step "
-                f"{step_input.n_training_steps}; stopping before a broken checkpoint is written. "
-                "Lower lr or check the activations and gradients for NaN/Inf."
-            )
-        output = TrainStepOutput(
-            sae_in=acts_input.sae_in,
-            sae_out=sae_out,
-            feature_acts=feature_acts,
-            hidden_pre=hidden_pre,
-            loss=loss,
-            losses={"mse_loss": mse_loss, **aux_losses},
-        )
+        """SAELens' step on the activation half (MSE and auxiliary loss against it), the
+        selection made with the gradient half."""
+        acts, grads = self.split_rows(step_input.sae_in)
+        if grads is not None:
+            self._pending_gradients = (grads, self.training)
+        try:
+            output = super().training_forward_pass(replace(step_input, sae_in=acts))
+        finally:
+            self._pending_gradients = None
+        check_finite_loss(output.loss, "gradient_topk", step_input.n_training_steps,
+                          "Lower lr or check the activations and gradients for NaN/Inf.")
         output.metrics.update(self._step_metrics())
         output.metrics.update(self.aux_loss_metrics())
         return output

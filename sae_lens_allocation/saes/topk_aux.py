@@ -18,6 +18,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingS
 from typing_extensions import override
 
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
+from sae_lens_allocation.saes.finite_loss import ACTIVATIONS_ADVICE, check_finite_loss
 from sae_lens_allocation.validation import field_error, is_int
 
 
@@ -53,13 +54,7 @@ class TopKAuxTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         output = super().training_forward_pass(step_input)
-        if not torch.isfinite(output.loss):
-            raise FloatingPointError(
-                f"topk_aux training met a non-finite loss ({output.loss.item()}) at step "
-                f"{step_input.n_training_steps}; stopping before a broken checkpoint is written. "
-                "Lower lr, check the activations for NaN/Inf, or use "
-                "normalize_activations='expected_average_only_in'."
-            )
+        check_finite_loss(output.loss, "topk_aux", step_input.n_training_steps, ACTIVATIONS_ADVICE)
         output.metrics.update(self.aux_loss_metrics())
         return output
 
