@@ -56,16 +56,14 @@ BUNDLE_PY ?= 3.12
 BUNDLE_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 BUNDLE_MAX_MB ?= 48
 
-$(BUNDLE_VENV)/.installed:
-	$(MAKE) env VENV=$(BUNDLE_VENV) EXTRAS=test PACKAGE=.
-
-gpu-bundle: $(BUNDLE_VENV)/.installed
+gpu-bundle:
+	test -f $(BUNDLE_VENV)/.installed || $(MAKE) env VENV=$(BUNDLE_VENV) EXTRAS=test PACKAGE=.
 	rm -rf $(BUNDLE) && mkdir -p $(BUNDLE)
 	$(BUNDLE_VENV)/bin/python benchmarks/bundle_pins.py --pure $(BUNDLE)/pure.txt --binary $(BUNDLE)/binary.txt
 	# --no-deps: the pins are the whole closure already, and pip must never resolve torch.
 	$(BUNDLE_VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: -d $(BUNDLE) \
 	  --python-version $(BUNDLE_PY) $(addprefix --platform ,$(BUNDLE_PLATFORMS)) -r $(BUNDLE)/binary.txt
-	# Pure ones: their wheel, or one built here from an sdist (fits any Python 3).
+	# The others: their py3-none-any wheel, or one built here from an sdist.
 	$(BUNDLE_VENV)/bin/python -m pip wheel -q --no-deps -w $(BUNDLE) -r $(BUNDLE)/pure.txt
 	$(MAKE) gpu-bundle-wheel BUNDLE=$(BUNDLE) BUNDLE_VENV=$(BUNDLE_VENV)
 	@size=$$(du -sm $(BUNDLE) | cut -f1); tree=$$(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1); \

@@ -3,8 +3,8 @@
 Run by the python of the environment whose versions the bundle carries (CI's training-only stack
 for the device, any stack for the CPU rehearsal). Writes `name==version` lines of the closure, by
 declared requirements, of this package's runtime requirements, minus the closure of what the
-device image already has, split by whether a distribution has compiled parts (those need wheels
-for the device's Python and platform; pure ones fit any).
+device image already has, split by whether one wheel fits any Python 3 (the others need wheels for
+the device's Python and platform).
 
     python benchmarks/bundle_pins.py --pure pure.txt --binary binary.txt
 """
@@ -62,21 +62,22 @@ def bundle() -> dict[str, metadata.Distribution]:
     return {name: dist for name, dist in sorted(needed.items()) if name not in image}
 
 
-def has_compiled_parts(dist: metadata.Distribution) -> bool:
-    """Any wheel tag but `py3-none-any` (wandb ships a binary with a pure-looking layout)."""
-    tags = [line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
-            if line.startswith("Tag:")]
-    return any(not tag.endswith("-none-any") for tag in tags)
+def fits_any_python(dist: metadata.Distribution) -> bool:
+    """Tagged `py3-none-any`: one wheel fits every Python 3 and platform. Anything else needs the
+    device's own (compiled parts; wandb's bundled binary; multiprocess's per-version wheels)."""
+    wheel = dist.read_text("WHEEL") or ""
+    return any(line.split(":", 1)[1].strip() == "py3-none-any"
+               for line in wheel.splitlines() if line.startswith("Tag:"))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pure", required=True, help="file for the pure-Python pins")
-    parser.add_argument("--binary", required=True, help="file for the pins with compiled parts")
+    parser.add_argument("--pure", required=True, help="file for the pins whose wheel fits any Python 3")
+    parser.add_argument("--binary", required=True, help="file for the pins needing a wheel for the target Python")
     args = parser.parse_args(argv)
     pins: dict[bool, list[str]] = {False: [], True: []}
     for name, dist in bundle().items():
-        pins[has_compiled_parts(dist)].append(f"{name}=={dist.version}\n")
+        pins[not fits_any_python(dist)].append(f"{name}=={dist.version}\n")
     with open(args.pure, "w") as pure, open(args.binary, "w") as binary:
         pure.writelines(pins[False])
         binary.writelines(pins[True])
