@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 DASHBOARD := $(findstring dashboard,$(EXTRAS))
 
-.PHONY: test demo env bench gpu-check clean
+.PHONY: test demo env bench gpu-check gpu-bundle gpu-bundle-wheel clean
 
 env: $(STAMP)
 
@@ -45,10 +45,40 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python benchmarks/allocation.py --quick
 
-# One GPU, no model hub, under 8 minutes: kernels, training steps, host syncs, gradient store,
-# embedded training (docs/performance.md). Needs a CUDA build of torch in the venv.
-gpu-check: $(STAMP)
-	$(OFFLINE) $(BIN)/python benchmarks/gpu_check.py --device cuda --out benchmarks/results
+# The GPU machine has no network: everything a device run needs that its image lacks (torch, numpy,
+# transformers, pandas, pyarrow, safetensors are there) travels in $(BUNDLE) with this package's
+# wheel. Versions are the ones installed in $(BUNDLE_VENV): CI's training-only stack by default
+# (transformers 5 and numpy 2, as on the device). For the CPU rehearsal (tests/test_gpu_run.py):
+#   make gpu-bundle BUNDLE=gpu-bundle-local BUNDLE_VENV=.venv BUNDLE_PY=3.11
+BUNDLE ?= gpu-bundle
+BUNDLE_VENV ?= .venv-device
+BUNDLE_PY ?= 3.12
+BUNDLE_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+BUNDLE_MAX_MB ?= 48
+
+gpu-bundle:
+	test -f $(BUNDLE_VENV)/.installed || $(MAKE) env VENV=$(BUNDLE_VENV) EXTRAS=test PACKAGE=.
+	rm -rf $(BUNDLE) && mkdir -p $(BUNDLE)
+	$(BUNDLE_VENV)/bin/python benchmarks/bundle_pins.py --pure $(BUNDLE)/pure.txt --binary $(BUNDLE)/binary.txt
+	# --no-deps: the pins are the whole closure already, and pip must never resolve torch.
+	$(BUNDLE_VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: -d $(BUNDLE) \
+	  --python-version $(BUNDLE_PY) $(addprefix --platform ,$(BUNDLE_PLATFORMS)) -r $(BUNDLE)/binary.txt
+	# The others: their py3-none-any wheel, or one built here from an sdist.
+	$(BUNDLE_VENV)/bin/python -m pip wheel -q --no-deps -w $(BUNDLE) -r $(BUNDLE)/pure.txt
+	$(MAKE) gpu-bundle-wheel BUNDLE=$(BUNDLE) BUNDLE_VENV=$(BUNDLE_VENV)
+	@size=$$(du -sm $(BUNDLE) | cut -f1); tree=$$(git ls-files -z | du -cm --files0-from=- | tail -1 | cut -f1); \
+	  echo "$(BUNDLE): $$size MiB ($$(ls $(BUNDLE)/*.whl | wc -l) wheels), source tree $$tree MiB; carry limit 64 MiB"; \
+	  test $$size -le $(BUNDLE_MAX_MB) || { echo "$(BUNDLE) exceeds $(BUNDLE_MAX_MB) MiB"; exit 1; }
+
+# This package's wheel alone, rebuilt whenever the code changes (gpu_run.sh refuses a stale one).
+gpu-bundle-wheel:
+	rm -f $(BUNDLE)/sae_lens_allocation-*.whl
+	$(BUNDLE_VENV)/bin/python -m pip wheel -q --no-deps --no-build-isolation -w $(BUNDLE) .
+
+# The whole device command (docs/performance.md): the `run` tool's `bash benchmarks/gpu_run.sh`
+# with carry ["gpu-bundle"]. Here it needs a CUDA build of torch on $(PYTHON).
+gpu-check: gpu-bundle
+	OUT=$${OUT:-benchmarks/results} PYTHON=$(PYTHON) bash benchmarks/gpu_run.sh
 
 clean:
 	rm -rf $(VENV) out

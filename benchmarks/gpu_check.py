@@ -1,29 +1,36 @@
-"""One device check: kernels, training steps, host syncs, gradient store, embedded training.
+"""One device check, in order of value, every row saved to `<out>` as soon as it finishes.
 
-On one GPU with no model hub (`make gpu-check`, under 8 minutes at full size), it measures:
+On one GPU with no network (`bash benchmarks/gpu_run.sh`, docs/performance.md), within
+`--deadline-s` (checked before every section and row; what did not start is marked skipped):
 
-1. kernels: `mutual_choice` against SAELens' BatchTopK operator (relu, one `torch.topk` over the
-   flattened batch, scatter) and `feature_choice` against `torch.topk` down the batch, fp32 and
-   bf16, N 4096 x F 24576, k 32; medians of interleaved repeats, kept values checked equal;
-2. training steps: SAELens' `SAETrainer.step` of every plugin architecture and of SAELens `topk`
-   and `batchtopk` (d_in 768, d_sae 24576, k 32, 4096 tokens), fp32 and bf16 autocast, eager and
-   `torch.compile` (as `compile_sae: true` does); medians, ratio to `topk` in the same setting;
-3. host syncs per training step: counted at the ATen level on a fake device (`HostSyncCounter`,
+1. preflight: versions, GPU name, TF32 settings; the package and SAELens must import;
+2. exactness: the device kernels against the CPU path on the same data (random fp32 and bf16,
+   ties, a sampled-bound miss, buffer overflow, gradients);
+3. kernels: `mutual_choice` against SAELens' BatchTopK operator (relu, one `torch.topk` over the
+   flattened batch, scatter), `feature_choice` against `torch.topk` down the batch and, fairer on
+   a GPU, along rows of a contiguous transpose; fp32 and bf16, N 4096 and 16384 x F 24576, k 32;
+   medians of interleaved repeats (CUDA events on a GPU), also as multiples of one `z.clone()`;
+4. training steps: SAELens' `SAETrainer.step` of every plugin architecture and of SAELens `topk`
+   and `batchtopk` (d_in 768, d_sae 24576, k 32, 4096 tokens), eager, fp32 and bf16 autocast;
+   medians, ratio to `topk` in the same setting, peak memory of one step on a GPU;
+5. host syncs per training step: counted at the ATen level on a fake device (`HostSyncCounter`,
    the structural count) and, on CUDA, as CUDA's sync debug mode reports them;
-4. the gradient store against SAELens' ActivationsStore, GPT-2 small shapes, random weights;
-5. a short Mutual Choice training on the embedded model, its calibrated export and its eval.
+6. compiled: `torch.compile` of `--compiled` rows (as `compile_sae: true` does) against eager,
+   only while `--compile-min-s` seconds are left (compiling costs about a minute a row);
+7. a short Mutual Choice training on the embedded model, its calibrated export and its eval;
+8. the gradient store against SAELens' ActivationsStore, GPT-2 small shapes, random weights.
 
-It writes `<out>/gpu_check.json` and `<out>/gpu_check.md`. `--device cpu --small` runs the same
-sections at reduced sizes (the test suite does, to keep the script working without a GPU).
-Sections past `--budget-s` are skipped and say so.
+It writes `<out>/gpu_check.json` and `<out>/gpu_check.md` after every row and exits non-zero if
+any row failed. `--device cpu --sizes small` runs the same sections at reduced sizes.
 
     python benchmarks/gpu_check.py --out benchmarks/results
-    python benchmarks/gpu_check.py --device cpu --small --out /tmp/gpu-check
+    python benchmarks/gpu_check.py --device cpu --sizes small --out /tmp/gpu-check
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,8 +38,9 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +66,17 @@ STEP_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("feature_choice", "feature_choice", {"aux_loss": "aux_k"}),
     ("gradient_topk", "gradient_topk", {}),
 ]
-# Compiling costs about a minute per row on a GPU: the plugin's allocation SAEs and the baseline.
-COMPILED_ROWS = ("topk", "mutual_choice", "feature_choice")
+# Compiling costs about a minute per row on a GPU: one row by default.
+COMPILED_ROWS = ("mutual_choice",)
 
-FULL = dict(n=4096, d_in=768, d_sae=24576, k=32, repeats=7, store="gpt2", store_batches=6,
-            train_tokens=1_000_000, eval_batches=8)
+# kernel_ns: batch sizes of the kernel timings (F = d_sae).
+FULL = dict(n=4096, d_in=768, d_sae=24576, k=32, repeats=7, kernel_ns=(4096, 16384), store="gpt2",
+            store_batches=6, train_tokens=1_000_000, eval_batches=8)
 # A moderate CPU shape: compiled against eager steps without a GPU (`--sizes moderate`).
-MODERATE = dict(n=1024, d_in=256, d_sae=4096, k=16, repeats=5, store="tiny", store_batches=2,
-                train_tokens=16384, eval_batches=2)
-SMALL = dict(n=256, d_in=32, d_sae=512, k=8, repeats=1, store="tiny", store_batches=1,
-             train_tokens=4096, eval_batches=1)
+MODERATE = dict(n=1024, d_in=256, d_sae=4096, k=16, repeats=5, kernel_ns=(1024,), store="tiny",
+                store_batches=2, train_tokens=16384, eval_batches=2)
+SMALL = dict(n=256, d_in=32, d_sae=512, k=8, repeats=1, kernel_ns=(256,), store="tiny",
+             store_batches=1, train_tokens=4096, eval_batches=1)
 
 
 # --- host synchronisations ---------------------------------------------------------------------
@@ -140,19 +149,31 @@ def _sync(device: torch.device) -> None:
 
 
 def _interleaved_medians(
-    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1,
+    events: bool = False,
 ) -> dict[str, float]:
     """Median seconds of each function; every repeat runs all of them in turn, so drift in the
-    machine's load hits them alike."""
+    machine's load hits them alike. `events` on CUDA: timed by CUDA events, the device's own
+    time without the host's launch gaps between repeats."""
+    events = events and device.type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in fns}
     for rep in range(warmup + repeats):
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
+            if events:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                seconds = begin.elapsed_time(end) / 1000
+            else:
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                seconds = time.perf_counter() - start
             if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -166,10 +187,176 @@ def _machine(device: torch.device) -> dict[str, Any]:
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    # TF32 changes fp32 matmul results and speed on a GPU: the steps' figures depend on it.
+    info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
     return info
 
 
-# --- 1. kernels ---------------------------------------------------------------------------------
+# --- the report, saved after every row ----------------------------------------------------------
+
+
+def _error(error: BaseException) -> str:
+    """The exception and the innermost frame that raised it: one line to read in the report."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}".replace("\n", " ")
+
+
+class Run:
+    """Sections of rows with a global deadline. The JSON and Markdown are rewritten (atomically)
+    after every row, so a time-out, a kill or a crash leaves every finished row in `out`."""
+
+    def __init__(self, out: Path, deadline_s: float, header: dict[str, Any]) -> None:
+        self.out = out
+        self.start = time.perf_counter()
+        self.deadline = self.start + deadline_s
+        self.report: dict[str, Any] = {**header, "deadline_s": deadline_s, "sections": {},
+                                       "failed": 0, "seconds": 0.0, "finished": False}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def _rows(self, section: str) -> list[dict[str, Any]]:
+        return self.report["sections"].setdefault(section, [])
+
+    def skip(self, section: str, label: str, why: str) -> None:
+        self._rows(section).append({"row": label, "skipped": why})
+        self.save()
+
+    def row(self, section: str, label: str, fn: Callable[[], Any]) -> None:
+        """Runs one row unless the deadline has passed; its result (a dict, or a list of dicts)
+        or its error is recorded, then everything is saved."""
+        if self.seconds_left() <= 0:
+            self.skip(section, label, "deadline")
+            return
+        print(f"[gpu_check] {section}: {label}", flush=True)
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as error:  # one failing row must not hide the others' figures
+            result = {"error": _error(error)}
+        lines = result if isinstance(result, list) else [result]
+        seconds = time.perf_counter() - start
+        self._rows(section).extend({"row": label, **line, "seconds": seconds} for line in lines)
+        self.report["failed"] += sum("error" in line for line in lines)
+        self.save()
+
+    def save(self) -> None:
+        self.report["seconds"] = time.perf_counter() - self.start
+        for name, text in (("gpu_check.json", json.dumps(self.report, indent=2, default=str)),
+                           ("gpu_check.md", markdown(self.report))):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.out / name)
+
+
+# --- 1. preflight -------------------------------------------------------------------------------
+
+
+def check_preflight(run: Run, args: argparse.Namespace) -> None:
+    run.row("preflight", "machine", lambda: _machine(torch.device(args.device)))
+
+    def packages() -> dict[str, Any]:
+        from importlib import metadata
+
+        import sae_lens  # noqa: F401
+        import sae_lens_allocation
+
+        versions: dict[str, Any] = {"sae_lens_allocation_file": sae_lens_allocation.__file__}
+        for name in ("sae-lens-allocation", "sae-lens", "transformer-lens", "transformers",
+                     "datasets", "numpy", "safetensors"):
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                versions[name] = "absent"
+        return versions
+
+    run.row("preflight", "packages", packages)
+
+
+# --- 2. exactness on the device -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _device_path(device: torch.device) -> Iterator[None]:
+    """The kernels' device path. On a CPU (the rehearsal) it is forced, so that the comparison
+    with the CPU path is not one of a path with itself."""
+    from sae_lens_allocation import allocation
+
+    if device.type != "cpu":
+        yield
+        return
+    original = allocation._static_shapes
+    allocation._static_shapes = lambda _device: True
+    try:
+        yield
+    finally:
+        allocation._static_shapes = original
+
+
+def _compare(device: torch.device, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+             grad: bool = False) -> dict[str, Any]:
+    """`fn` on the device against `fn` on the CPU path, same input: codes (and input gradients
+    against random weights) equal bit for bit, the project's tie rule included."""
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype)
+    results = []
+    for where in (device, torch.device("cpu")):
+        leaf = x.to(where).requires_grad_(grad)
+        with _device_path(device) if where == device else contextlib.nullcontext():
+            codes = fn(leaf)
+            if grad:
+                (codes * weights.to(where)).sum().backward()
+        results.append((codes.detach().cpu(), leaf.grad.cpu() if grad else None))
+    (dev_codes, dev_grad), (cpu_codes, cpu_grad) = results
+    row: dict[str, Any] = {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch."),
+                           "kept": int(cpu_codes.count_nonzero()),
+                           "codes_equal": bool(torch.equal(dev_codes, cpu_codes))}
+    if grad:
+        row["grads_equal"] = bool(torch.equal(dev_grad, cpu_grad))
+    if not all(v for k, v in row.items() if k.endswith("_equal")):
+        raise AssertionError(f"device and CPU path differ: {row}")
+    return row
+
+
+def check_exactness(run: Run, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
+    from sae_lens_allocation import allocation
+    from sae_lens_allocation.allocation import feature_choice, mutual_choice, uniform_capacities
+
+    device = torch.device(args.device)
+    n, f, k = sizes["n"], sizes["d_sae"], sizes["k"]
+    caps = uniform_capacities(n, f, k, torch.Generator().manual_seed(1))
+    normal = torch.randn(n, f, generator=torch.Generator().manual_seed(0))
+    ties = torch.randint(-20, 60, (n, f), generator=torch.Generator().manual_seed(2)).float()
+    # The sampler's own draws made large: the bound then lies above all but 65536 entries, fewer
+    # than M, so the sampled path misses and the fallback must run (tests/test_device.py's case).
+    draws = torch.randint(0, 1024 * 1024, (allocation._MC_SAMPLE,),
+                          generator=torch.Generator().manual_seed(allocation._SEED))
+    miss = torch.rand(1024 * 1024, generator=torch.Generator().manual_seed(3))
+    miss[draws] += 10
+    constant = torch.full((n, f), 3.0)  # every entry tied: the candidate buffer overflows
+    constant_caps = torch.full((f,), 3, dtype=torch.long)
+    cases: list[tuple[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], bool]] = []
+    for name, x in (("fp32", normal), ("bf16", normal.bfloat16()), ("ties", ties)):
+        cases.append((f"mutual_choice {name}", x, lambda t: mutual_choice(t, k).codes, False))
+        cases.append((f"feature_choice {name}", x, lambda t: feature_choice(t, caps).codes, False))
+    cases += [
+        ("mutual_choice sample miss", miss.reshape(1024, 1024),
+         lambda t: mutual_choice(t, 128).codes, False),
+        ("mutual_choice overflow", constant, lambda t: mutual_choice(t, 4).codes, False),
+        ("feature_choice overflow", constant, lambda t: feature_choice(t, constant_caps).codes, False),
+        ("mutual_choice gradients", normal, lambda t: mutual_choice(t, k).codes, True),
+        ("feature_choice gradients", normal, lambda t: feature_choice(t, caps).codes, True),
+    ]
+    for label, x, fn, grad in cases:
+        run.row("exactness", label, lambda x=x, fn=fn, grad=grad: _compare(device, x, fn, grad))
+
+
+# --- 3. kernels ---------------------------------------------------------------------------------
 
 
 def _batchtopk(z: torch.Tensor, k: float) -> torch.Tensor:
@@ -185,6 +372,14 @@ def _topk_down_the_batch(z: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(z).scatter(0, indices, values.relu() * keep)
 
 
+def _topk_along_rows(zt: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """The same selection on `zt`, the contiguous F x N transpose (made outside the timing):
+    `torch.topk` along the last, contiguous dimension, its fastest case on a GPU."""
+    values, indices = torch.topk(zt, int(caps.max()), dim=1)
+    keep = torch.arange(values.shape[1], device=zt.device)[None, :] < caps[:, None]
+    return torch.zeros_like(zt).scatter(1, indices, values.relu() * keep)
+
+
 def _same_kept_values(a: torch.Tensor, b: torch.Tensor, per_latent: bool) -> bool:
     """Same multiset of kept values, over the batch (Mutual Choice) or per latent column (Feature
     Choice): among entries tied at the cut-off the two may keep different ones."""
@@ -193,44 +388,62 @@ def _same_kept_values(a: torch.Tensor, b: torch.Tensor, per_latent: bool) -> boo
     return bool(torch.equal(a.flatten().sort().values, b.flatten().sort().values))
 
 
-def check_kernels(args: argparse.Namespace, sizes: dict[str, Any]) -> list[dict[str, Any]]:
+def kernel_row(device: torch.device, n: int, f: int, k: int, dtype: torch.dtype,
+               repeats: int) -> dict[str, Any]:
     from sae_lens_allocation.allocation import feature_choice, mutual_choice, uniform_capacities
 
-    device = torch.device(args.device)
-    n, f, k = sizes["n"], sizes["d_sae"], sizes["k"]
-    rows = []
     generator = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        z = torch.randn(n, f, generator=generator).to(device=device, dtype=dtype)
-        host_caps = uniform_capacities(n, f, k, torch.Generator().manual_seed(1))
-        caps = host_caps.to(device)
-        medians = _interleaved_medians(
-            {
-                "batchtopk": lambda: _batchtopk(z, k),
-                "mutual_choice": lambda: mutual_choice(z, k).codes,
-                "topk_down_the_batch": lambda: _topk_down_the_batch(z, caps),
-                "feature_choice": lambda: feature_choice(z, host_caps).codes,
-            },
-            device,
-            sizes["repeats"],
-        )
-        rows.append({
-            "dtype": str(dtype).removeprefix("torch."), "n": n, "d_sae": f, "k": k,
-            **{f"{name}_ms": 1000 * seconds for name, seconds in medians.items()},
-            "mutual_choice_speedup": medians["batchtopk"] / medians["mutual_choice"],
-            "feature_choice_speedup": medians["topk_down_the_batch"] / medians["feature_choice"],
-            "mutual_choice_exact": _same_kept_values(
-                mutual_choice(z, k).codes, _batchtopk(z, k), per_latent=False
-            ),
-            "feature_choice_exact": _same_kept_values(
-                feature_choice(z, host_caps).codes, _topk_down_the_batch(z, caps), per_latent=True
-            ),
-        })
-        del z
-    return rows
+    z = torch.randn(n, f, generator=generator).to(device=device, dtype=dtype)
+    zt = z.t().contiguous()
+    host_caps = uniform_capacities(n, f, k, torch.Generator().manual_seed(1))
+    caps = host_caps.to(device)
+    medians = _interleaved_medians(
+        {
+            # One read and one write of N x F: the floor any allocation kernel is measured against.
+            "clone": lambda: z.clone(),
+            "batchtopk": lambda: _batchtopk(z, k),
+            "mutual_choice": lambda: mutual_choice(z, k).codes,
+            "topk_down_the_batch": lambda: _topk_down_the_batch(z, caps),
+            "topk_transposed": lambda: _topk_along_rows(zt, caps),
+            "feature_choice": lambda: feature_choice(z, host_caps).codes,
+        },
+        device,
+        repeats,
+        events=True,
+    )
+    clone = medians["clone"]
+    return {
+        "dtype": str(dtype).removeprefix("torch."), "n": n, "d_sae": f, "k": k,
+        **{f"{name}_ms": 1000 * seconds for name, seconds in medians.items()},
+        **{f"{name}_clones": seconds / clone for name, seconds in medians.items() if name != "clone"},
+        "mutual_choice_speedup": medians["batchtopk"] / medians["mutual_choice"],
+        "feature_choice_speedup": medians["topk_down_the_batch"] / medians["feature_choice"],
+        "feature_choice_speedup_transposed": medians["topk_transposed"] / medians["feature_choice"],
+        "mutual_choice_exact": _same_kept_values(
+            mutual_choice(z, k).codes, _batchtopk(z, k), per_latent=False
+        ),
+        "feature_choice_exact": _same_kept_values(
+            feature_choice(z, host_caps).codes, _topk_down_the_batch(z, caps), per_latent=True
+        ),
+    }
 
 
-# --- 2. training steps --------------------------------------------------------------------------
+def check_kernels(run: Run, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
+    device = torch.device(args.device)
+    for n in sizes["kernel_ns"]:
+        for dtype in (torch.float32, torch.bfloat16):
+            label = f"N {n} {str(dtype).removeprefix('torch.')}"
+            run.row("kernels", label, lambda n=n, dtype=dtype: kernel_row(
+                device, n, sizes["d_sae"], sizes["k"], dtype, sizes["repeats"]))
+            _free(device)
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- 4. training steps ---------------------------------------------------------------------------
 
 
 def build_trainer(
@@ -266,53 +479,89 @@ def _step(trainer: Any, batch: torch.Tensor) -> None:
     trainer.n_training_steps += 1
 
 
-def check_steps(
-    args: argparse.Namespace, sizes: dict[str, Any], deadline: float
-) -> list[dict[str, Any]]:
+def _peak_step_mib(trainer: Any, batch: torch.Tensor, device: torch.device) -> float | None:
+    """Memory one more step allocates above what is held before it (GPU only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    _step(trainer, batch)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - held) / 2**20
+
+
+def steps_row(args: argparse.Namespace, sizes: dict[str, Any], autocast: bool) -> list[dict[str, Any]]:
+    """Every architecture's eager step in one setting, interleaved; an architecture that fails
+    to build or step is an error line, the others are still timed."""
     device = torch.device(args.device)
-    rows = []
-    autocasts = (False, True) if args.autocast else (False,)
-    settings = [(autocast, compiled) for compiled in (False, True) for autocast in autocasts]
-    eager: dict[tuple[str, bool], float] = {}
-    for autocast, compiled in settings:
-        compiled_rows = args.compiled.split(",")
-        labels = [label for label, _, _ in STEP_ROWS if not compiled or label in compiled_rows]
-        setting = {"autocast": autocast, "compile": compiled}
-        if time.perf_counter() > deadline:
-            rows.extend({**setting, "architecture": label, "skipped": "time budget"} for label in labels)
-            continue
-        generator = torch.Generator().manual_seed(0)
-        trainers, batches = {}, {}
-        for label, arch, extra in STEP_ROWS:
-            if label not in labels:
-                continue
-            trainer = build_trainer(arch, extra, args.device, sizes, autocast)
-            if compiled:
-                sae = trainer.sae
-                sae.training_forward_pass = torch.compile(
-                    sae.training_forward_pass, backend=args.compile_backend
-                )
-            trainers[label] = trainer
+    setting = {"autocast": autocast, "compile": False}
+    generator = torch.Generator().manual_seed(0)
+    trainers, batches, lines = {}, {}, []
+    for label, arch, extra in STEP_ROWS:
+        try:
+            trainers[label] = build_trainer(arch, extra, args.device, sizes, autocast)
             batches[label] = _step_input(arch, sizes, args.device, generator)
-        fns = {label: (lambda t=t, b=batches[label]: _step(t, b)) for label, t in trainers.items()}
-        # Compiled rows compile in their first steps; two warm-up steps also pass any recompile.
-        medians = _interleaved_medians(fns, device, sizes["repeats"], warmup=2 if compiled else 1)
-        base = medians.get("topk")
-        for label in labels:
-            if not compiled:
-                eager[label, autocast] = medians[label]
-            rows.append({
-                **setting, "architecture": label, "median_ms": 1000 * medians[label],
-                "ratio_to_topk": medians[label] / base if base else None,
-                "ratio_to_eager": medians[label] / eager[label, autocast] if compiled else None,
-            })
-        del trainers, batches, fns
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+            _step(trainers[label], batches[label])
+        except Exception as error:
+            trainers.pop(label, None)
+            lines.append({**setting, "architecture": label, "error": _error(error)})
+    fns = {label: (lambda t=t, b=batches[label]: _step(t, b)) for label, t in trainers.items()}
+    medians = _interleaved_medians(fns, device, sizes["repeats"], warmup=0)
+    base = medians.get("topk")
+    for label, trainer in trainers.items():
+        lines.append({
+            **setting, "architecture": label, "median_ms": 1000 * medians[label],
+            "ratio_to_topk": medians[label] / base if base else None,
+            "peak_step_mib": _peak_step_mib(trainer, batches[label], device),
+        })
+    del trainers, batches, fns
+    _free(device)
+    return lines
 
 
-# --- 3. host syncs ------------------------------------------------------------------------------
+def check_steps(run: Run, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
+    for autocast in (False, True) if args.autocast else (False,):
+        label = "bf16 autocast eager" if autocast else "fp32 eager"
+        run.row("steps", label, lambda autocast=autocast: steps_row(args, sizes, autocast))
+
+
+def compiled_row(args: argparse.Namespace, sizes: dict[str, Any], label: str) -> dict[str, Any]:
+    """One architecture compiled (as `compile_sae: true` does) against itself eager, fp32."""
+    device = torch.device(args.device)
+    _, arch, extra = next(row for row in STEP_ROWS if row[0] == label)
+    generator = torch.Generator().manual_seed(0)
+    batch = _step_input(arch, sizes, args.device, generator)
+    eager = build_trainer(arch, extra, args.device, sizes, autocast=False)
+    compiled = build_trainer(arch, extra, args.device, sizes, autocast=False)
+    compiled.sae.training_forward_pass = torch.compile(
+        compiled.sae.training_forward_pass, backend=args.compile_backend
+    )
+    start = time.perf_counter()
+    _step(compiled, batch)
+    _sync(device)
+    compile_seconds = time.perf_counter() - start
+    # A second warm-up step also passes any recompile.
+    medians = _interleaved_medians({"eager": lambda: _step(eager, batch),
+                                    "compiled": lambda: _step(compiled, batch)},
+                                   device, sizes["repeats"], warmup=1)
+    del eager, compiled
+    _free(device)
+    return {"architecture": label, "autocast": False, "compile": True,
+            "first_step_s": compile_seconds, "eager_ms": 1000 * medians["eager"],
+            "median_ms": 1000 * medians["compiled"],
+            "ratio_to_eager": medians["compiled"] / medians["eager"]}
+
+
+def check_compiled(run: Run, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
+    for label in filter(None, args.compiled.split(",")):
+        if run.seconds_left() < args.compile_min_s:
+            run.skip("compiled", label, f"under {args.compile_min_s:.0f} s left")
+            continue
+        run.row("compiled", label, lambda label=label: compiled_row(args, sizes, label))
+
+
+# --- 5. host syncs ------------------------------------------------------------------------------
 
 
 def structural_syncs(
@@ -347,24 +596,27 @@ def cuda_syncs(arch: str, extra: dict[str, Any], sizes: dict[str, Any], device: 
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def check_syncs(args: argparse.Namespace, sizes: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
+def syncs_row(args: argparse.Namespace, sizes: dict[str, Any], label: str) -> dict[str, Any]:
+    _, arch, extra = next(row for row in STEP_ROWS if row[0] == label)
     # The structural count does not depend on sizes beyond the path taken (>= 65536 entries).
     fake_sizes = {**sizes, "n": max(sizes["n"], 256), "d_sae": max(sizes["d_sae"], 1024)}
-    for label, arch, extra in STEP_ROWS:
-        row: dict[str, Any] = {"architecture": label}
-        try:
-            events = structural_syncs(arch, extra, fake_sizes)
-            row.update(structural=len(events), events=events)
-        except RuntimeError as error:  # e.g. SAELens batchtopk enters autocast("meta")
-            row.update(structural="n/a", events=f"{type(error).__name__}: {error}")
-        if torch.device(args.device).type == "cuda":
-            row["cuda_debug_mode"] = cuda_syncs(arch, extra, sizes, args.device)
-        rows.append(row)
-    return rows
+    row: dict[str, Any] = {"architecture": label}
+    try:
+        events = structural_syncs(arch, extra, fake_sizes)
+        row.update(structural=len(events), events=events)
+    except RuntimeError as error:  # e.g. SAELens batchtopk enters autocast("meta")
+        row.update(structural="n/a", events=f"{type(error).__name__}: {error}")
+    if torch.device(args.device).type == "cuda":
+        row["cuda_debug_mode"] = cuda_syncs(arch, extra, sizes, args.device)
+    return row
 
 
-# --- 4. gradient store --------------------------------------------------------------------------
+def check_syncs(run: Run, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
+    for label, _, _ in STEP_ROWS:
+        run.row("syncs", label, lambda label=label: syncs_row(args, sizes, label))
+
+
+# --- 8. gradient store --------------------------------------------------------------------------
 
 
 def check_store(args: argparse.Namespace, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -399,7 +651,7 @@ def check_store(args: argparse.Namespace, sizes: dict[str, Any]) -> dict[str, An
     }
 
 
-# --- 5. embedded training -----------------------------------------------------------------------
+# --- 7. embedded training -----------------------------------------------------------------------
 
 
 def check_embedded(args: argparse.Namespace, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -438,104 +690,77 @@ def check_embedded(args: argparse.Namespace, sizes: dict[str, Any]) -> dict[str,
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
+    if isinstance(value, (list, dict)):  # the sync events: enough to see which, not all
+        text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return "" if value is None else str(value).replace("|", "/")
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    columns = list(dict.fromkeys(key for row in rows for key in row if key != "seconds"))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
-    machine = report["machine"]
-    lines = [f"# gpu_check on {machine.get('gpu', machine['device'])}", "",
-             f"torch {machine['torch']}, sizes: {report['sizes']}, load average at the start "
-             f"{machine.get('load_average')}, total {report['seconds']:.0f} s.", ""]
-    sections = report["sections"]
-    if "kernels" in sections:
-        lines += ["## Kernels (median ms; speed-up = reference / kernel)", ""]
-        lines += _table(sections["kernels"], [
-            "dtype", "batchtopk_ms", "mutual_choice_ms", "mutual_choice_speedup",
-            "topk_down_the_batch_ms", "feature_choice_ms", "feature_choice_speedup",
-            "mutual_choice_exact", "feature_choice_exact"]) + [""]
-    if "steps" in sections:
-        lines += ["## Training step (median ms; ratio to topk in the same setting)", ""]
-        lines += _table(sections["steps"], [
-            "architecture", "autocast", "compile", "median_ms", "ratio_to_topk",
-            "ratio_to_eager", "skipped"]) + [""]
-    if "syncs" in sections:
-        lines += ["## Host synchronisations per training step", ""]
-        lines += _table(sections["syncs"], [
-            "architecture", "structural", "cuda_debug_mode", "events"]) + [""]
-    if "store" in sections:
-        lines += ["## Gradient store (random weights)", ""]
-        lines += _table([sections["store"]], [
-            "preset", "hook", "plain_tokens_per_s", "gradient_tokens_per_s",
-            "ratio_gradient_to_plain"]) + [""]
-    if "embedded" in sections:
-        emb = sections["embedded"]
-        lines += ["## Embedded-model training, export and eval", "",
-                  f"{emb['architecture']} on {emb['trained_on']}, {emb['training_tokens']} tokens "
-                  f"in {emb['train_seconds']:.1f} s ({emb['tokens_per_s']:.0f} tokens/s); export "
-                  f"`{emb['export_architecture']}`; eval {emb['eval_seconds']:.1f} s: "
-                  f"{emb['summary']}", ""]
-    for name, error in report.get("errors", {}).items():
-        lines += [f"**{name} failed**: `{error}`", ""]
+    state = "finished" if report["finished"] else "not finished (yet, or cut off)"
+    lines = [f"# gpu_check on {report['device']}", "",
+             f"{report['failed']} failed rows, {report['seconds']:.0f} s of "
+             f"{report['deadline_s']:.0f} s, {state}; sizes {report['sizes']}.", ""]
+    for name, rows in report["sections"].items():
+        lines += [f"## {name}", ""] + _table(rows) + [""]
     return "\n".join(lines)
 
 
-SECTIONS = ("kernels", "steps", "syncs", "store", "embedded")
+SECTIONS = ("preflight", "exactness", "kernels", "steps", "syncs", "compiled", "embedded", "store")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--small", action="store_true", help="reduced sizes (CPU, tests)")
-    parser.add_argument("--sizes", choices=("full", "moderate", "small"), default=None,
-                        help="size preset (default full; --small means small)")
+    parser.add_argument("--sizes", choices=("full", "moderate", "small"), default="full")
     parser.add_argument("--no-autocast", dest="autocast", action="store_false",
                         help="time the steps in fp32 only")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--compile-backend", default="inductor", help="what compile_sae uses")
     parser.add_argument("--compiled", default=",".join(COMPILED_ROWS),
                         help="step rows also timed under torch.compile (comma-separated)")
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="skip the steps still to run past this many seconds")
+    parser.add_argument("--compile-min-s", type=float, default=150.0,
+                        help="compile a row only with this many seconds left")
+    parser.add_argument("--deadline-s", type=float, default=480.0,
+                        help="start no section or row past this many seconds")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    args.small = args.small or args.sizes == "small"
-    sizes = {"full": FULL, "moderate": MODERATE, "small": SMALL}[
-        args.sizes or ("small" if args.small else "full")
-    ]
-    device = torch.device(args.device)
-    start = time.perf_counter()
-    deadline = start + args.budget_s
-    report: dict[str, Any] = {"machine": _machine(device), "sizes": sizes, "sections": {},
-                              "errors": {}}
-    checks: dict[str, Callable[[], Any]] = {
-        "kernels": lambda: check_kernels(args, sizes),
-        "steps": lambda: check_steps(args, sizes, deadline),
-        "syncs": lambda: check_syncs(args, sizes),
-        "store": lambda: check_store(args, sizes),
-        "embedded": lambda: check_embedded(args, sizes),
+    args.small = args.sizes == "small"
+    sizes = {"full": FULL, "moderate": MODERATE, "small": SMALL}[args.sizes]
+    run = Run(Path(args.out), args.deadline_s, {"device": args.device, "sizes": sizes})
+    checks: dict[str, Callable[[], None]] = {
+        "preflight": lambda: check_preflight(run, args),
+        "exactness": lambda: check_exactness(run, args, sizes),
+        "kernels": lambda: check_kernels(run, args, sizes),
+        "steps": lambda: check_steps(run, args, sizes),
+        "syncs": lambda: check_syncs(run, args, sizes),
+        "compiled": lambda: check_compiled(run, args, sizes),
+        "embedded": lambda: run.row("embedded", "mutual_choice", lambda: check_embedded(args, sizes)),
+        "store": lambda: run.row("store", sizes["store"], lambda: check_store(args, sizes)),
     }
     for name in args.sections.split(","):
-        section_start = time.perf_counter()
-        print(f"[gpu_check] {name}", flush=True)
+        if run.seconds_left() <= 0:
+            run.skip(name, "all", "deadline")
+            continue
         try:
-            report["sections"][name] = checks[name]()
-        except Exception as error:  # a failing section must not hide the others' figures
-            report["errors"][name] = f"{type(error).__name__}: {error}"
-        report.setdefault("section_seconds", {})[name] = time.perf_counter() - section_start
-    report["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "gpu_check.md").write_text(markdown(report))
-    print(markdown(report), flush=True)
-    return report
+            checks[name]()
+        except Exception as error:  # a section's set-up (its imports, its inputs) failed
+            run.row(name, "set-up", lambda error=error: {"error": _error(error)})
+    run.report["finished"] = True
+    run.save()
+    print(markdown(run.report), flush=True)
+    return run.report
 
 
 if __name__ == "__main__":
-    main()
+    report = main()
+    # Non-zero when a row failed or the package never imported: no silent pass.
+    packages = [r for r in report["sections"].get("preflight", []) if r["row"] == "packages"]
+    sys.exit(1 if report["failed"] or not packages or "error" in packages[0] else 0)

@@ -289,24 +289,43 @@ def test_compiled_training_step_does_not_recompile(arch):
 
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     report = gpu_check.main([
-        "--device", "cpu", "--small", "--compile-backend", "eager",
-        "--compiled", "topk,mutual_choice", "--out", str(tmp_path),
+        "--device", "cpu", "--sizes", "small", "--compile-backend", "eager",
+        "--compiled", "topk,mutual_choice", "--compile-min-s", "0", "--out", str(tmp_path),
     ])
-    assert report["errors"] == {}
-    assert set(report["sections"]) == set(gpu_check.SECTIONS)
+    assert report["failed"] == 0 and report["finished"]
+    assert list(report["sections"]) == list(gpu_check.SECTIONS)
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert saved["sections"].keys() == report["sections"].keys()
-    assert "## Training step" in (tmp_path / "gpu_check.md").read_text()
+    assert saved["sections"] == json.loads(json.dumps(report["sections"], default=str))
+    assert "## steps" in (tmp_path / "gpu_check.md").read_text()
     kernels = report["sections"]["kernels"]
     assert [row["dtype"] for row in kernels] == ["float32", "bfloat16"]
     assert all(row["mutual_choice_exact"] and row["feature_choice_exact"] for row in kernels)
-    steps = report["sections"]["steps"]
+    steps = report["sections"]["steps"] + report["sections"]["compiled"]
     assert {(row["architecture"], row["autocast"], row["compile"]) for row in steps} >= {
-        ("mutual_choice", a, c) for a in (False, True) for c in (False, True)
+        ("mutual_choice", False, True), ("mutual_choice", False, False), ("mutual_choice", True, False)
     }
     syncs = {row["architecture"]: row for row in report["sections"]["syncs"]}
     for arch, reads in HOST_READS_PER_STEP.items():
         assert syncs[arch]["events"].count("host read") == reads
-    embedded = report["sections"]["embedded"]
+    (embedded,) = report["sections"]["embedded"]
     assert embedded["export_architecture"] == "jumprelu" and embedded["summary"]["l0"] > 0
-    assert report["sections"]["store"]["gradient_tokens_per_s"] > 0
+    assert report["sections"]["store"][0]["gradient_tokens_per_s"] > 0
+
+
+def test_gpu_check_records_a_failing_row_and_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("broken kernel")
+
+    monkeypatch.setattr(gpu_check, "kernel_row", broken)
+    report = gpu_check.main(["--device", "cpu", "--sizes", "small", "--sections",
+                             "kernels,preflight", "--out", str(tmp_path)])
+    assert report["failed"] == 2
+    assert report["sections"]["kernels"][0]["error"].startswith("ValueError: broken kernel")
+    assert [row["row"] for row in report["sections"]["preflight"]] == ["machine", "packages"]
+
+
+def test_gpu_check_starts_nothing_past_its_deadline(tmp_path):
+    report = gpu_check.main(["--device", "cpu", "--sizes", "small", "--deadline-s", "0",
+                             "--sections", "kernels,steps", "--out", str(tmp_path)])
+    assert report["sections"] == {"kernels": [{"row": "all", "skipped": "deadline"}],
+                                  "steps": [{"row": "all", "skipped": "deadline"}]}
