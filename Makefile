@@ -35,8 +35,17 @@ ifneq ($(DASHBOARD),)
 endif
 	touch $(STAMP)
 
+# The CPU rehearsal of the GPU command (tests/test_gpu_run.py) installs this stack's variant of
+# the GPU bundle: downloaded with the environment (an installed environment cannot be packed back
+# into wheels), so the tests themselves stay offline.
+REHEARSAL_BUNDLE := $(VENV)/gpu-bundle-local
+$(REHEARSAL_BUNDLE)/.built: $(STAMP) benchmarks/bundle_pins.py
+	$(MAKE) gpu-bundle BUNDLE=$(REHEARSAL_BUNDLE) BUNDLE_VENV=$(VENV) \
+	  BUNDLE_PY=$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+	touch $@
+
 # -P: the package is imported as installed (editable by default), never from the current folder.
-test: $(STAMP)
+test: $(STAMP) $(REHEARSAL_BUNDLE)/.built
 	$(OFFLINE) $(BIN)/python -P -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)

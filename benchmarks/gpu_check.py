@@ -286,17 +286,17 @@ def check_preflight(run: Run, args: argparse.Namespace) -> None:
 def _device_path(device: torch.device) -> Iterator[None]:
     """The kernels' device path. On a CPU (the rehearsal) it is forced, so that the comparison
     with the CPU path is not one of a path with itself."""
-    from sae_lens_allocation import allocation
+    from sae_lens_allocation.allocation import static
 
     if device.type != "cpu":
         yield
         return
-    original = allocation._static_shapes
-    allocation._static_shapes = lambda _device: True
+    original = static._static_shapes
+    static._static_shapes = lambda _device: True
     try:
         yield
     finally:
-        allocation._static_shapes = original
+        static._static_shapes = original
 
 
 def _compare(device: torch.device, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
@@ -324,8 +324,7 @@ def _compare(device: torch.device, x: torch.Tensor, fn: Callable[[torch.Tensor],
 
 
 def check_exactness(run: Run, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
-    from sae_lens_allocation import allocation
-    from sae_lens_allocation.allocation import feature_choice, mutual_choice, uniform_capacities
+    from sae_lens_allocation.allocation import cpu, feature_choice, mutual_choice, uniform_capacities
 
     device = torch.device(args.device)
     n, f, k = sizes["n"], sizes["d_sae"], sizes["k"]
@@ -334,8 +333,8 @@ def check_exactness(run: Run, args: argparse.Namespace, sizes: dict[str, Any]) -
     ties = torch.randint(-20, 60, (n, f), generator=torch.Generator().manual_seed(2)).float()
     # The sampler's own draws made large: the bound then lies above all but 65536 entries, fewer
     # than M, so the sampled path misses and the fallback must run (tests/test_device.py's case).
-    draws = torch.randint(0, 1024 * 1024, (allocation._MC_SAMPLE,),
-                          generator=torch.Generator().manual_seed(allocation._SEED))
+    draws = torch.randint(0, 1024 * 1024, (cpu._MC_SAMPLE,),
+                          generator=torch.Generator().manual_seed(cpu._SEED))
     miss = torch.rand(1024 * 1024, generator=torch.Generator().manual_seed(3))
     miss[draws] += 10
     constant = torch.full((n, f), 3.0)  # every entry tied: the candidate buffer overflows

@@ -4,9 +4,10 @@ transformers, pandas, pyarrow, safetensors and their requirements, linked from t
 plus the bundle installed with --no-index --no-deps. Nothing else of this environment is on the
 path, so a package missing from the bundle fails here as it would on the device.
 
-The bundle is this Python's variant of `make gpu-bundle` in gpu-bundle-local/: downloaded once
-(about 40 MB from PyPI; an installed environment cannot be packed back into wheels), rebuilt
-when this environment's pins change; this package's wheel is rebuilt on every run.
+The bundle is this environment's variant of `make gpu-bundle`, in <venv>/gpu-bundle-local: `make
+test` downloads it with the environment (about 40 MB from PyPI; an installed environment cannot
+be packed back into wheels), so these tests stay offline; this package's wheel is rebuilt from
+the working tree on every run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bundle_pins  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
 
-BUNDLE = ROOT / "gpu-bundle-local"
+BUNDLE = Path(sys.prefix) / "gpu-bundle-local"
 # The sections that need the bundle's packages, at their smallest; the embedded training is
 # left to tests/test_device.py (in process), it adds most of a minute here.
 SECTIONS = "preflight,exactness,kernels,syncs,store"
@@ -45,7 +46,10 @@ def bundle(tmp_path_factory) -> Path:
     bundle_pins.main(["--pure", str(pins / "pure.txt"), "--binary", str(pins / "binary.txt")])
     current = all((BUNDLE / name).is_file() and (BUNDLE / name).read_text() == (pins / name).read_text()
                   for name in ("pure.txt", "binary.txt"))
-    _make("gpu-bundle-wheel" if current else "gpu-bundle")
+    if not current:
+        pytest.fail(f"{BUNDLE} is missing or was built for other versions: `make test` (or "
+                    f"`make gpu-bundle BUNDLE={BUNDLE} BUNDLE_VENV={sys.prefix}`) downloads it")
+    _make("gpu-bundle-wheel")
     return BUNDLE
 
 
