@@ -107,7 +107,7 @@ class HostSyncCounter(TorchDispatchMode):
         self.answer = answer
         self.events: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         on_device = bool(tensors) and tensors[0].device.type != "cpu"

@@ -222,7 +222,7 @@ def _token_rows(stream: list[int], context_size: int, n_rows: int, bos: int | No
     """Cut a token stream into at most `n_rows` rows: `[BOS] + context_size - 1` stream tokens
     when `bos` is given (SAELens' pretokenisation convention), else `context_size` tokens."""
     body = context_size - 1 if bos is not None else context_size
-    rows = []
+    rows: list[list[int]] = []
     for start in range(0, len(stream) - body + 1, body):
         if len(rows) == n_rows:
             break

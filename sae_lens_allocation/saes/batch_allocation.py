@@ -66,7 +66,7 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     Inherited from SAELens TopK: rescale_acts_by_decoder_norm (default True), decoder_init_norm.
     """
 
-    k: float = 32.0  # type: ignore[assignment]
+    k: float = 32.0
     calibration_tokens: int = 32768
     calibration_chunk_tokens: int = 4096
     calibration_folds: int = 5
@@ -116,11 +116,11 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     `calibrated_thresholds(z_block, folds)`.
     """
 
-    cfg: BatchAllocationTrainingSAEConfig  # type: ignore[assignment]
+    cfg: BatchAllocationTrainingSAEConfig
     threshold: torch.Tensor
 
     def __init__(self, cfg: BatchAllocationTrainingSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
+        super().__init__(cfg, use_error_term)
         device = self.W_dec.device
         # The export threshold (JumpReLU's parameter name), in units of z.
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, device=device))
@@ -186,7 +186,7 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
                 "sae_lens_allocation.calibrate) to encode as the export will",
                 stacklevel=2,
             )
-        return super().train(mode)  # type: ignore[return-value]
+        return super().train(mode)
 
     # -- training step ----------------------------------------------------------------------
     @override

@@ -93,7 +93,7 @@ class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
 class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
     """Feature Choice: latent j picks its top-m_j tokens of the batch."""
 
-    cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
+    cfg: FeatureChoiceTrainingSAEConfig
 
     def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -112,7 +112,7 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
             "capacity_ranks", torch.arange(1, d_sae + 1, dtype=torch.long, device=device)
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the rank buffers existed ranked by the firing EMA: keep that
         # ranking and the step count, so their export calibrates to the capacities they trained
         # with; a resumed run then re-ranks from a rank statistic that starts at zero.

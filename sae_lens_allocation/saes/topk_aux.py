@@ -44,7 +44,7 @@ class TopKAuxTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
 class TopKAuxTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     """SAELens `TopKTrainingSAE` whose auxiliary loss is chosen by `cfg.aux_loss`."""
 
-    cfg: TopKAuxTrainingSAEConfig  # type: ignore[assignment]
+    cfg: TopKAuxTrainingSAEConfig
 
     def __init__(self, cfg: TopKAuxTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)

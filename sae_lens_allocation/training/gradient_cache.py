@@ -69,7 +69,7 @@ class GradientCacheActivationsRunner(CacheActivationsRunner):
             model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
         )
         if cfg.compile_llm:
-            self.model = torch.compile(self.model, mode=cfg.llm_compilation_mode)  # type: ignore[assignment]
+            self.model = torch.compile(self.model, mode=cfg.llm_compilation_mode)
         if override_dataset is None and cfg.dataset_path == EMBEDDED:
             override_dataset = embedded_training_rows(self.model, cfg.context_size, cfg.training_tokens, cfg.seed)
         store_class = GradientActivationsStore if gradients else ActivationsStore

@@ -109,7 +109,7 @@ class MultiHookGradientActivationsStore(ActivationsStore):
             train_batch_size_tokens=cfg.train_batch_size_tokens,
             prepend_bos=cfg.prepend_bos,
             normalize_activations="none",
-            device=torch.device(cfg.act_store_device),  # type: ignore[arg-type]
+            device=torch.device(cfg.act_store_device),
             dtype=cfg.dtype,
             model_kwargs=cfg.model_kwargs,
             autocast_lm=cfg.autocast_lm,
@@ -167,6 +167,8 @@ class PluginMultiSAETrainingRunner(MultiSAETrainingRunner):
     """SAELens' `MultiSAETrainingRunner` with the plugin's sources, seeding, held-out
     calibration and gradient store (module docstring). `run()` is SAELens' own."""
 
+    activations_store: ActivationsStore
+
     def __init__(
         self,
         cfg: MultiSAETrainingRunnerConfig,
@@ -190,7 +192,7 @@ class PluginMultiSAETrainingRunner(MultiSAETrainingRunner):
         self.gradient_saes = [n for n, c in cfg.saes.items() if sae_needs_gradients(c)]
         if self.gradient_saes:
             store = MultiHookGradientActivationsStore.from_runner_config(
-                self.model, cfg, self.activations_store.dataset,  # type: ignore[arg-type]
+                self.model, cfg, self.activations_store.dataset,
                 self.activations_store.exclude_special_tokens,
                 [cfg.hook_names_per_sae[n] for n in self.gradient_saes],
             )

@@ -163,7 +163,7 @@ class ResumableActivationsStore(ActivationsStore):
     stop_check: Callable[[], None] | None = None
 
     @classmethod
-    def from_config(cls, model: Any, cfg: Any, override_dataset: Any = None) -> Any:  # type: ignore[override]
+    def from_config(cls, model: Any, cfg: Any, override_dataset: Any = None) -> Any:
         store = super().from_config(model, cfg, override_dataset=override_dataset)
         store.mixing_seed = int(cfg.seed)
         return store
@@ -173,7 +173,7 @@ class ResumableActivationsStore(ActivationsStore):
             self.sequences_pulled += 1
             yield sequence
 
-    def get_data_loader(self) -> MixingBuffer:  # type: ignore[override]
+    def get_data_loader(self) -> MixingBuffer:
         return MixingBuffer(
             buffer_size=self.n_batches_in_buffer * self.training_context_size,
             batch_size=self.train_batch_size_tokens,
@@ -304,6 +304,8 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
     data and evaluator store.
     """
 
+    activations_store: ResumableActivationsStore
+
     def __init__(self, cfg: Any, override_dataset: Any = None, override_model: Any = None,
                  override_sae: Any = None,
                  store_class: type[ResumableActivationsStore] = ResumableActivationsStore) -> None:
@@ -391,7 +393,7 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
             "sae_generators": generator_states(trainer.sae),
         }
         torch.save(state, Path(checkpoint_path) / RESUME_STATE_FILENAME)
-        final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name  # type: ignore[arg-type]
+        final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name
         if final.exists():
             _remove(final)
         final.parent.mkdir(parents=True, exist_ok=True)

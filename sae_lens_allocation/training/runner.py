@@ -127,7 +127,7 @@ def check_resume_checkpoint(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
 
     from sae_lens_allocation.loading import check_sae_weights, read_sae_cfg
 
-    path = Path(cfg.resume_from_checkpoint)  # type: ignore[arg-type]
+    path = Path(cfg.resume_from_checkpoint)
     if not path.is_dir():
         raise field_error("resume_from_checkpoint", str(path), "an existing checkpoint folder")
     saved = read_sae_cfg(path)

@@ -167,8 +167,8 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "output_dir": str(cfg.get("output_dir") or "runs/compare"),
     }
     for entry in entries:
-        for lr in lr_values or [None]:
-            for k in k_values or [None]:
+        for lr in lr_values or (None,):
+            for k in k_values or (None,):
                 run_config(out, make_run(out, entry, seeds[0], lr, k), Path(out["output_dir"]))
         if length:
             run_config(out, make_run(out, entry, seeds[0], None, None, length), Path(out["output_dir"]))
