@@ -40,12 +40,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sae_lens_allocation.allocation import (
+    BatchGroup,
     budget,
     feature_choice,
     mutual_choice,
     uniform_capacities,
 )
-from sae_lens_allocation.allocation import BatchGroup
 
 _SEED = 0
 

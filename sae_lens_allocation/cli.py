@@ -214,7 +214,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_fetch_assets(args: argparse.Namespace) -> int:  # noqa: ARG001
+def _cmd_fetch_assets(args: argparse.Namespace) -> int:
     from sae_lens_allocation.analysis.dashboard_assets import D3_TARBALL_URL, fetch_d3
 
     try:

@@ -30,7 +30,6 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
 from sae_lens_allocation.analysis import dashboard, dashboard_assets
-from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.analysis.dashboard import (
     DashboardError,
     compute_vis_data,
@@ -41,6 +40,7 @@ from sae_lens_allocation.analysis.dashboard import (
 )
 from sae_lens_allocation.analysis.dashboard_assets import make_offline_html
 from sae_lens_allocation.cli import build_parser, main
+from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.training.runner import train
 
 import support

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
+from safetensors.torch import load_file
 
 from sae_lens_allocation import register_architecture
 from sae_lens_allocation.allocation import ranks_from_frequency
@@ -24,6 +24,7 @@ from sae_lens_allocation.saes.aux_losses import (
     reconstruct_residual_loss,
     register_aux_loss,
 )
+from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 from sae_lens_allocation.saes.zipf import (
     ema_warmup_steps,
     expected_frequency,
@@ -31,7 +32,6 @@ from sae_lens_allocation.saes.zipf import (
     update_firing_ema,
     zipf_underuse,
 )
-from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 
 register_architecture("topk_aux", TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig)
 

@@ -30,7 +30,7 @@ Reconstruct = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor
 
 def export_reconstruct(sae: Any) -> Reconstruct:
     """Encode and decode with a SAELens inference SAE (the export)."""
-    def run(x: torch.Tensor, g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ARG001
+    def run(x: torch.Tensor, g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         codes = sae.encode(x)
         return codes, sae.decode(codes)
     return run
@@ -48,7 +48,7 @@ def gradient_reconstruct(sae: Any) -> Reconstruct:
 
 
 def _splice(model: Any, tokens: torch.Tensor, hook_name: str, replacement: torch.Tensor) -> torch.Tensor:
-    def put(act: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
+    def put(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return replacement.to(act.dtype)
     return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, put)])
 

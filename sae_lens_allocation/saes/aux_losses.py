@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import act_times_W_dec
 
@@ -178,7 +177,7 @@ def reconstruct_residual_loss(
 
 
 @register_aux_loss("none")
-def no_aux_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:  # noqa: ARG001
+def no_aux_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:
     """No auxiliary loss (0)."""
     return ctx.sae_out.new_zeros(()), {}
 

@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from sae_lens_allocation.allocation import Allocation
 from sae_lens_allocation.loading import load_sae
+from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.saes.calibration import (
     CalibrationRows,
     RowReservoir,
@@ -40,7 +41,6 @@ from sae_lens_allocation.saes.calibration import (
     collect_rows,
     document_folds,
 )
-from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.validation import field_error, is_finite_number
 
 RowSource = torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor]

@@ -27,9 +27,9 @@ from typing import Any
 import einops
 import torch
 from datasets import Array2D, Dataset, Features, Sequence, Value
+from sae_lens.cache_activations_runner import CacheActivationsRunner
 from sae_lens.config import CacheActivationsRunnerConfig, HfDataset
 from sae_lens.training.activations_store import ActivationsStore
-from sae_lens.cache_activations_runner import CacheActivationsRunner
 
 from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule, gradient_column
 from sae_lens_allocation.training.sources import EMBEDDED, embedded_training_rows, load_lm

@@ -74,7 +74,7 @@ def loss_at_hook(
     whose autograd graph starts at `acts`."""
     captured: list[torch.Tensor] = []
 
-    def substitute(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
+    def substitute(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         leaf = act.detach().requires_grad_(True)
         captured.append(leaf)
         return leaf

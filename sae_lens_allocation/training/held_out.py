@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from sae_lens_allocation.saes.calibration import CalibrationRows
 from sae_lens_allocation.embedded.splits import embedded_calibration_tokens
+from sae_lens_allocation.saes.calibration import CalibrationRows
 from sae_lens_allocation.tokens import special_token_ids
 
 # A batch of token rows -> {hook: activations [rows, positions, d_in]}, positions sliced by the

@@ -50,7 +50,7 @@ STORE_STATE_FILENAME = "resume_store_state.pt"
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-class TrainingInterrupted(Exception):  # noqa: N818 (a stop the user asked for, not an error)
+class TrainingInterrupted(Exception):
     """Training stopped by SIGINT or SIGTERM. `checkpoint` is the folder to resume from, if one
     was written; `exit_code` is 128 + the signal number."""
 
@@ -61,7 +61,7 @@ class TrainingInterrupted(Exception):  # noqa: N818 (a stop the user asked for, 
         self.exit_code = _SIGNAL_EXIT.get(signal.Signals(signum), 128 + int(signum))
 
 
-class _StopAtStepBoundary(Exception):  # noqa: N818
+class _StopAtStepBoundary(Exception):
     """Raised by the store instead of handing out the next training batch."""
 
 
@@ -71,7 +71,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    def __call__(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+    def __call__(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise TrainingInterrupted(
                 signum, f"stopped at once by a second {signal.Signals(signum).name}; no checkpoint "

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
