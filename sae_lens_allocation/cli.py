@@ -138,7 +138,8 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
     parser.add_argument(
         "--dataset",
-        help="save_to_disk folder or dataset name with tokens/input_ids or text (default: the local corpus' held-out split)",
+        help="save_to_disk folder or dataset name with tokens/input_ids or text "
+        "(default: the local corpus' held-out split)",
     )
     parser.add_argument("--context-size", type=_positive_int, help="tokens per row (default: the SAE's, else 128)")
     parser.add_argument(

@@ -185,4 +185,5 @@ def test_files_written_by_the_previous_flat_layout_still_load(arch):
 
     export = load_sae(PREVIOUS_LAYOUT / arch / "export")
     assert isinstance(export, SAE) and export.cfg.architecture() == "jumprelu"
-    assert torch.equal(export.threshold, load_file(PREVIOUS_LAYOUT / arch / "export" / "sae_weights.safetensors")["threshold"])
+    previous = load_file(PREVIOUS_LAYOUT / arch / "export" / "sae_weights.safetensors")
+    assert torch.equal(export.threshold, previous["threshold"])

@@ -66,7 +66,8 @@ def _record(run: dict[str, Any], trained: dict[str, Any], evaluated: dict[str, A
     if run["k"]:
         metrics["l0_relative_error"] = metrics["l0"] / run["k"] - 1
     if "steering_values" in evaluated:
-        metrics["steering"] = float(evaluated["steering_values"].mean()) if evaluated["steering_values"].numel() else None
+        values = evaluated["steering_values"]
+        metrics["steering"] = float(values.mean()) if values.numel() else None
     return {
         "label": run["label"], "arm": run["arm"], "architecture": run["architecture"],
         "export_architecture": evaluated["export_architecture"], "seed": run["seed"], "lr": run["lr"],
