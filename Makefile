@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 DASHBOARD := $(findstring dashboard,$(EXTRAS))
 
-.PHONY: test demo env bench gpu-check gpu-bundle gpu-bundle-wheel clean
+.PHONY: test lint demo env bench gpu-check gpu-bundle gpu-bundle-wheel clean
 
 env: $(STAMP)
 
@@ -44,8 +44,14 @@ $(REHEARSAL_BUNDLE)/.built: $(STAMP) benchmarks/bundle_pins.py
 	  BUNDLE_PY=$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 	touch $@
 
+# Static checks (configured in pyproject.toml); `make test` runs them before the suite. One mypy
+# cache per venv: the stacks in .ci/run resolve different dependency versions.
+lint: $(STAMP)
+	$(BIN)/ruff check sae_lens_allocation tests benchmarks
+	$(BIN)/mypy --cache-dir $(VENV)/.mypy_cache sae_lens_allocation
+
 # -P: the package is imported as installed (editable by default), never from the current folder.
-test: $(STAMP) $(REHEARSAL_BUNDLE)/.built
+test: $(STAMP) lint $(REHEARSAL_BUNDLE)/.built
 	$(OFFLINE) $(BIN)/python -P -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)

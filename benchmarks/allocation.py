@@ -162,13 +162,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                 x = torch.randn(n, f, generator=generator).to(device=device, dtype=dtype)
                 caps = uniform_capacities(n, f, k, generator).to(device)
                 batchtopk = BatchTopK(k)
+                # x is bound as a default: ruff (F821) misreads a closure over a name deleted below.
                 mc = _compare(
-                    f"mutual_choice N={n} F={f} k={k}", lambda: batchtopk(x),
-                    lambda: mutual_choice(x, k).codes, False, device, args.repeats, args.warmup,
+                    f"mutual_choice N={n} F={f} k={k}", lambda x=x: batchtopk(x),
+                    lambda x=x: mutual_choice(x, k).codes, False, device, args.repeats, args.warmup,
                 )
                 fc = _compare(
-                    f"feature_choice N={n} F={f} k={k}", lambda: feature_choice_topk(x, caps),
-                    lambda: feature_choice(x, caps).codes, True, device, args.repeats, args.warmup,
+                    f"feature_choice N={n} F={f} k={k}", lambda x=x: feature_choice_topk(x, caps),
+                    lambda x=x: feature_choice(x, caps).codes, True, device, args.repeats, args.warmup,
                 )
                 del x
                 rows.append({"n": n, "f": f, "k": k, "mutual_choice": mc, "feature_choice": fc})

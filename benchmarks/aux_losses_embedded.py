@@ -181,7 +181,8 @@ def main() -> None:
           f"{args.d_sae}, {args.training_tokens:,} training tokens, batch {args.batch_tokens}, lr {args.lr}",
           flush=True)
     log = (out / "results.jsonl").open("a")
-    header = f"{'run':28} {'seed':>4} {'dead':>6} {'underused':>9} {'EV':>7} {'EV train':>8} {'L0':>6} {'tok/s':>6} {'sec':>5}"
+    header = (f"{'run':28} {'seed':>4} {'dead':>6} {'underused':>9} {'EV':>7} {'EV train':>8} {'L0':>6} "
+              f"{'tok/s':>6} {'sec':>5}")
 
     def report(name: str, row: dict[str, Any]) -> None:
         print(f"{name:28} {row['seed']:4d} {row['dead']:6.3f} {row['underused']:9.3f} {row['ev']:7.4f} "
@@ -214,7 +215,8 @@ def main() -> None:
         seed = args.seeds[0]
         fields = {"architecture": "feature_choice", "capacity": "zipf",
                   "capacity_warmup_steps": warmup, "capacity_rerank_steps": rerank}
-        row, sae = train_and_evaluate(args, seed, fields, out / f"fc-zipf-{warmup}-{rerank}-seed{seed}", model, x_heldout)
+        run_dir = out / f"fc-zipf-{warmup}-{rerank}-seed{seed}"
+        row, sae = train_and_evaluate(args, seed, fields, run_dir, model, x_heldout)
         index = torch.arange(1, args.d_sae + 1)
         ranks = sae.capacity_ranks.cpu()
         current = ranks_from_frequency(sae.rank_selection_ema.cpu(), sae.rank_mass_ema.cpu())

@@ -43,8 +43,8 @@ from sae_lens.synthetic.synthetic_sae_runner import (  # noqa: E402
 )
 
 from sae_lens_allocation.allocation import ranks_from_frequency  # noqa: E402
-from sae_lens_allocation.saes.zipf import expected_frequency, fit_zipf  # noqa: E402
 from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAEConfig  # noqa: E402
+from sae_lens_allocation.saes.zipf import expected_frequency, fit_zipf  # noqa: E402
 
 LOSSES = ("none", "aux_k", "aux_zipf")
 

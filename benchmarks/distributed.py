@@ -40,12 +40,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sae_lens_allocation.allocation import (
+    BatchGroup,
     budget,
     feature_choice,
     mutual_choice,
     uniform_capacities,
 )
-from sae_lens_allocation.allocation import BatchGroup
 
 _SEED = 0
 
@@ -66,7 +66,9 @@ def _timed(group: BatchGroup, fn: Callable[[], Any]) -> float:
     return _max(group, time.perf_counter() - start)
 
 
-def _all_gather_then(group: BatchGroup, z: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _all_gather_then(
+    group: BatchGroup, z: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     full = torch.cat(group.all_gather(z))
     rows = z.shape[0]
     return kernel(full)[group.rank * rows : (group.rank + 1) * rows]
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             )
         if "SAELens BatchTopK (W=1)" in med:
             ref = med["SAELens BatchTopK (W=1)"]
-            print(f"  SAELens BatchTopK {ref * 1e3:8.1f} ms (mutual_choice ours: {ref / med['mutual_choice ours']:.2f}x faster)")
+            print(f"  SAELens BatchTopK {ref * 1e3:8.1f} ms "
+                  f"(mutual_choice ours: {ref / med['mutual_choice ours']:.2f}x faster)")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results,
                                          "machine": _machine(), "load": [load_before, load_after]}, indent=2))

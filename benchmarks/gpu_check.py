@@ -116,7 +116,7 @@ class HostSyncCounter(TorchDispatchMode):
         self.answer = answer
         self.events: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         on_device = bool(tensors) and tensors[0].device.type != "cpu"
@@ -265,6 +265,7 @@ def check_preflight(run: Run, args: argparse.Namespace) -> None:
         from importlib import metadata
 
         import sae_lens  # noqa: F401
+
         import sae_lens_allocation
 
         versions: dict[str, Any] = {"sae_lens_allocation_file": sae_lens_allocation.__file__}
@@ -541,8 +542,9 @@ def compiled_row(args: argparse.Namespace, sizes: dict[str, Any], label: str) ->
     _sync(device)
     compile_seconds = time.perf_counter() - start
     # A second warm-up step also passes any recompile.
-    medians = _interleaved_medians({"eager": lambda: _step(eager, batch),
-                                    "compiled": lambda: _step(compiled, batch)},
+    # Bound as defaults: ruff (F821) misreads a closure over names deleted below.
+    medians = _interleaved_medians({"eager": lambda eager=eager: _step(eager, batch),
+                                    "compiled": lambda compiled=compiled: _step(compiled, batch)},
                                    device, sizes["repeats"], warmup=1)
     del eager, compiled
     _free(device)

@@ -71,7 +71,7 @@ class TimedStore:
     producer_seconds: float = 0.0
     producer_calls: int = 0
 
-    def get_raw_llm_batch(self, raise_on_epoch_end: bool = False):  # type: ignore[no-untyped-def]
+    def get_raw_llm_batch(self, raise_on_epoch_end: bool = False):
         start = time.perf_counter()
         out = super().get_raw_llm_batch(raise_on_epoch_end)  # type: ignore[misc]
         self.producer_seconds += time.perf_counter() - start

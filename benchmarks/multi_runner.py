@@ -98,6 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
     from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner
+
     from sae_lens_allocation.training.multi_runner import multi_runner_config_from_dict
 
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "

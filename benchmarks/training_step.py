@@ -84,7 +84,8 @@ def main() -> None:
                 times[label].append(time.perf_counter() - start)
 
     base = statistics.median(times["topk"])
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    cuda = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} device={args.device} "
           f"({device}, {torch.get_num_threads()} threads) autocast={args.autocast} repeats={args.repeats}")
     print(f"{'architecture':<26}{'median ms':>12}{'ratio to topk':>16}")

@@ -6,14 +6,14 @@ Importing this package registers every plugin architecture with SAELens' registr
 
 from sae_lens_allocation.loading import load_sae
 from sae_lens_allocation.registration import register_architecture, registered_architectures
+from sae_lens_allocation.saes.aux_losses import AUX_LOSSES, register_aux_loss
 from sae_lens_allocation.saes.batch_allocation import calibrate
 from sae_lens_allocation.saes.feature_choice import FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig
 from sae_lens_allocation.saes.gradient_topk import GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig
 from sae_lens_allocation.saes.mutual_choice import MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig
 from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
-from sae_lens_allocation.training.gradients import GradientActivationsStore, activation_gradients
-from sae_lens_allocation.saes.aux_losses import AUX_LOSSES, register_aux_loss
 from sae_lens_allocation.training.distributed import train_data_parallel
+from sae_lens_allocation.training.gradients import GradientActivationsStore, activation_gradients
 from sae_lens_allocation.training.multi_runner import build_multi_runner, train_multi
 from sae_lens_allocation.training.runner import build_runner, train
 

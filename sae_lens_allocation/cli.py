@@ -138,7 +138,8 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
     parser.add_argument(
         "--dataset",
-        help="save_to_disk folder or dataset name with tokens/input_ids or text (default: the local corpus' held-out split)",
+        help="save_to_disk folder or dataset name with tokens/input_ids or text "
+        "(default: the local corpus' held-out split)",
     )
     parser.add_argument("--context-size", type=_positive_int, help="tokens per row (default: the SAE's, else 128)")
     parser.add_argument(
@@ -214,7 +215,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_fetch_assets(args: argparse.Namespace) -> int:  # noqa: ARG001
+def _cmd_fetch_assets(args: argparse.Namespace) -> int:
     from sae_lens_allocation.analysis.dashboard_assets import D3_TARBALL_URL, fetch_d3
 
     try:

@@ -50,7 +50,8 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, fetch_d3: bool
         if fetch_d3 and dashboard_assets.cached_d3() is None:
             try:
                 path = dashboard_assets.fetch_d3()
-                print(f"[demo] fetched d3 {dashboard_assets.D3_VERSION} from the npm registry (once) into {path}", flush=True)
+                print(f"[demo] fetched d3 {dashboard_assets.D3_VERSION} from the npm registry (once) into {path}",
+                      flush=True)
             except OSError as err:  # urllib's errors (no network, HTTP) and a checksum mismatch
                 print(f"[demo] could not fetch d3 ({err})", flush=True)
         print("[demo] writing the feature dashboard", flush=True)

@@ -77,7 +77,8 @@ def read_sae_cfg(path: str | Path) -> dict[str, Any]:
 def check_sae_weights(path: str | Path, cfg: dict[str, Any]) -> None:
     """The weights file exists, parses as safetensors, and its W_enc / W_dec shapes are
     [d_in, d_sae] / [d_sae, d_in] as cfg.json says."""
-    from safetensors import SafetensorError, safe_open
+    # Older safetensors stubs lack SafetensorError and the context manager; newer ones have both.
+    from safetensors import SafetensorError, safe_open  # type: ignore[attr-defined, unused-ignore]
 
     weights = Path(path) / SAE_WEIGHTS_FILENAME
     if not weights.is_file():
@@ -85,8 +86,8 @@ def check_sae_weights(path: str | Path, cfg: dict[str, Any]) -> None:
     if weights.stat().st_size == 0:
         raise UsageError(f"{weights} is empty: the SAE was not written completely")
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+        with safe_open(str(weights), framework="pt") as f:  # type: ignore[attr-defined, unused-ignore]
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise UsageError(
             f"{weights} is not a readable safetensors file ({one_line(err)}): truncated or corrupted"

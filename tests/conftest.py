@@ -3,8 +3,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest  # noqa: E402
-import support  # noqa: E402,F401  (sets the offline environment before HF libraries load)
+import pytest
+
+import support  # sets the offline environment before HF libraries load
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sae_lens.saes.batchtopk_sae import BatchTopK
 
-from sae_lens_allocation.allocation import cpu as alloc
 from sae_lens_allocation.allocation import (
     budget,
     feature_choice,
@@ -28,6 +27,7 @@ from sae_lens_allocation.allocation import (
     zipf_capacities,
     zipf_targets,
 )
+from sae_lens_allocation.allocation import cpu as alloc
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 

@@ -332,10 +332,11 @@ def test_topk_aux_stops_on_a_non_finite_loss():
 def test_per_token_l0_on_a_hook_z_sae_without_reshaping():
     """hook_z activations are [batch, pos, heads, d_head]; an SAE trained on them flattened
     (reshape_activations 'none') must get them flattened, as SAELens' run_evals does."""
-    import support
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 
     from sae_lens_allocation.analysis.evaluation import per_token_l0
+
+    import support
 
     model = support.tiny_model()
     cfg = JumpReLUSAEConfig(d_in=support.D_MODEL, d_sae=16)

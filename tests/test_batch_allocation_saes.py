@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from sae_lens import SAE, LanguageModelSAETrainingRunner, TrainingSAE
 from safetensors.torch import load_file
-from sae_lens import LanguageModelSAETrainingRunner, SAE, TrainingSAE
 
 import sae_lens_allocation
-from sae_lens_allocation import FeatureChoiceTrainingSAEConfig, MutualChoiceTrainingSAEConfig
-from sae_lens_allocation import calibrate
+from sae_lens_allocation import FeatureChoiceTrainingSAEConfig, MutualChoiceTrainingSAEConfig, calibrate
 from sae_lens_allocation.training.runner import build_runner
 
 import support

@@ -129,7 +129,8 @@ def test_cross_fit_sees_the_overshoot_of_a_plain_quantile_on_new_documents():
 
 
 def test_document_folds_keep_documents_whole_and_balanced():
-    docs = torch.repeat_interleave(torch.arange(50), torch.randint(1, 30, (50,), generator=torch.Generator().manual_seed(0)))
+    lengths = torch.randint(1, 30, (50,), generator=torch.Generator().manual_seed(0))
+    docs = torch.repeat_interleave(torch.arange(50), lengths)
     folds = document_folds(docs, 5, seed=3)
     for d in docs.unique():
         assert folds[docs == d].unique().numel() == 1

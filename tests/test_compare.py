@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import support
 import torch
 
 from sae_lens_allocation.analysis.compare import (
@@ -20,6 +19,8 @@ from sae_lens_allocation.analysis.compare import (
 from sae_lens_allocation.analysis.compare.report import write_report
 from sae_lens_allocation.analysis.statistics import CONSISTENT, CONTRADICTS, NO_DIFFERENCE
 from sae_lens_allocation.yaml_config import ConfigError
+
+import support
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 VERDICTS = {CONSISTENT, CONTRADICTS, NO_DIFFERENCE}

@@ -7,7 +7,6 @@ import yaml
 from sae_lens import LanguageModelSAERunnerConfig
 
 import sae_lens_allocation  # noqa: F401
-
 from sae_lens_allocation.yaml_config import load_runner_config
 
 # Single-SAE runner configs; compare-*.yaml are comparison configs (tests/test_compare.py builds

@@ -30,7 +30,6 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
 from sae_lens_allocation.analysis import dashboard, dashboard_assets
-from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.analysis.dashboard import (
     DashboardError,
     compute_vis_data,
@@ -41,6 +40,7 @@ from sae_lens_allocation.analysis.dashboard import (
 )
 from sae_lens_allocation.analysis.dashboard_assets import make_offline_html
 from sae_lens_allocation.cli import build_parser, main
+from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.training.runner import train
 
 import support
@@ -217,7 +217,8 @@ def test_dashboard_is_self_contained_and_neuronpedia_json_records_the_architectu
         assert not re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=", page), "page loads an external resource"
         assert "d3js.org v6.7.0" in page
     else:  # no cached d3: the d3 CDN link is the page's only remote resource
-        assert re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=[^>]*>", page) == [dashboard_assets.D3_CDN_TAG[:-9]]
+        remote = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=[^>]*>", page)
+        assert remote == [dashboard_assets.D3_CDN_TAG[:-9]]
     assert len(result.features) == 8 + 8 + 4  # the default selection, not range(d_sae)
     batch = json.loads(result.neuronpedia.read_text())
     assert [f["feature_index"] for f in batch["features"]] == result.features
@@ -428,7 +429,8 @@ class Chromium:
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         for domain in ("Runtime", "Log", "Network", "Page"):
             self.call(f"{domain}.enable")
-        self.call("Network.emulateNetworkConditions", offline=True, latency=0, downloadThroughput=-1, uploadThroughput=-1)
+        self.call("Network.emulateNetworkConditions", offline=True, latency=0, downloadThroughput=-1,
+                  uploadThroughput=-1)
         self.call("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:

@@ -31,25 +31,26 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
-import gpu_check  # noqa: E402
-import test_allocation  # noqa: E402
-from gpu_check import HostSyncCounter  # noqa: E402
-from test_allocation import (  # noqa: E402
+from sae_lens_allocation.allocation import (
+    budget,
+    cpu,
+    feature_choice,
+    mutual_choice,
+    static,
+    uniform_capacities,
+    zipf_capacities,
+)
+
+import gpu_check
+import test_allocation
+from gpu_check import HostSyncCounter
+from test_allocation import (
     batches,
     capacities_for,
     check_feature_choice,
     check_mutual_choice,
     fc_tie_rule,
     mc_tie_rule,
-)
-
-from sae_lens_allocation.allocation import cpu, static  # noqa: E402
-from sae_lens_allocation.allocation import (  # noqa: E402
-    budget,
-    feature_choice,
-    mutual_choice,
-    uniform_capacities,
-    zipf_capacities,
 )
 
 PLUGIN_ARCHITECTURES = ["mutual_choice", "feature_choice", "gradient_topk", "topk_aux"]

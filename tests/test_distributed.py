@@ -313,9 +313,9 @@ def test_torchrun_trains_on_the_embedded_model_and_rank_0_writes(tmp_path):
 
 
 def test_configs_that_data_parallel_cannot_honour_name_the_field(tmp_path):
-    from support import runner_cfg
-
     from sae_lens_allocation.training.distributed import check_data_parallel_config
+
+    from support import runner_cfg
 
     with pytest.raises(ValueError, match="train_batch_size_tokens.*multiple of the number of processes \\(3\\)"):
         check_data_parallel_config(runner_cfg("mutual_choice", tmp_path), 3)

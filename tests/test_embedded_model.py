@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import support
 import torch
 
 from sae_lens_allocation.embedded import (
@@ -21,6 +20,8 @@ from sae_lens_allocation.embedded import (
 )
 from sae_lens_allocation.embedded.corpus import EXCLUDED_DIRS, split_of, stdlib_root
 from sae_lens_allocation.embedded.model import mean_token_loss, tokens_sha256
+
+import support
 
 
 @pytest.fixture(scope="module")

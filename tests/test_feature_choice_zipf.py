@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.sae import TrainStepInput
+from safetensors.torch import load_file
 
 import sae_lens_allocation  # noqa: F401  (registers the architectures)
 from sae_lens_allocation import FeatureChoiceTrainingSAEConfig

@@ -17,6 +17,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from safetensors.torch import load_file, save_file
 
+from sae_lens_allocation.registration import register_architecture
 from sae_lens_allocation.saes.gradient_topk import (
     GradientTopKTrainingSAE,
     GradientTopKTrainingSAEConfig,
@@ -26,10 +27,7 @@ from sae_lens_allocation.saes.gradient_topk import (
     select_topk,
 )
 from sae_lens_allocation.training.gradients import GradientActivationsStore
-from sae_lens_allocation.registration import register_architecture
 from sae_lens_allocation.training.runner import build_runner, train
-
-import support
 
 register_architecture("gradient_topk", GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig)
 

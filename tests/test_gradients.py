@@ -7,9 +7,9 @@ import torch
 from datasets import Array2D, Dataset, Features
 from sae_lens.training.activations_store import ActivationsStore
 
+from sae_lens_allocation.registration import register_architecture
 from sae_lens_allocation.saes.gradient_topk import GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig
 from sae_lens_allocation.training.gradients import GradientActivationsStore, activation_gradients
-from sae_lens_allocation.registration import register_architecture
 
 import support
 

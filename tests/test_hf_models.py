@@ -46,7 +46,7 @@ def test_gradients_at_a_hugging_face_module_equal_autograd(hf_folder, tiny_datas
 
     kept = {}
 
-    def keep(module, inputs, output):  # noqa: ARG001
+    def keep(module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         hidden.retain_grad()
         kept["act"] = hidden

@@ -168,8 +168,8 @@ PREVIOUS_LAYOUT = Path(__file__).parent / "data" / "previous-layout"
 def test_files_written_by_the_previous_flat_layout_still_load(arch):
     """Checkpoints and exports hold no class paths (cfg.json names the architecture, the weights
     are safetensors), so folders written before the move load unchanged."""
-    from safetensors.torch import load_file
     from sae_lens import SAE
+    from safetensors.torch import load_file
 
     from sae_lens_allocation import load_sae
 
@@ -185,4 +185,5 @@ def test_files_written_by_the_previous_flat_layout_still_load(arch):
 
     export = load_sae(PREVIOUS_LAYOUT / arch / "export")
     assert isinstance(export, SAE) and export.cfg.architecture() == "jumprelu"
-    assert torch.equal(export.threshold, load_file(PREVIOUS_LAYOUT / arch / "export" / "sae_weights.safetensors")["threshold"])
+    previous = load_file(PREVIOUS_LAYOUT / arch / "export" / "sae_weights.safetensors")
+    assert torch.equal(export.threshold, previous["threshold"])

@@ -1,5 +1,6 @@
 """Auxiliary losses (losses.py): registry, validation, aux_k = SAELens aux-k, aux_zipf's
-reduction to aux_k, dead latents first, weights on gradients, the Zipf fit and underused set, the firing EMA, and the buffers."""
+reduction to aux_k, dead latents first, weights on gradients, the Zipf fit and underused set, the
+firing EMA, and the buffers."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
+from safetensors.torch import load_file
 
 from sae_lens_allocation import register_architecture
 from sae_lens_allocation.allocation import ranks_from_frequency
@@ -24,6 +25,7 @@ from sae_lens_allocation.saes.aux_losses import (
     reconstruct_residual_loss,
     register_aux_loss,
 )
+from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 from sae_lens_allocation.saes.zipf import (
     ema_warmup_steps,
     expected_frequency,
@@ -31,7 +33,6 @@ from sae_lens_allocation.saes.zipf import (
     update_firing_ema,
     zipf_underuse,
 )
-from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 
 register_architecture("topk_aux", TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig)
 
@@ -284,7 +285,8 @@ def test_aux_zipf_is_aux_k_plus_the_alive_underused_latents_in_the_free_slots():
 
     many_dead = torch.zeros(D_SAE, dtype=torch.bool)
     many_dead[-12:] = True  # at least k_aux dead latents: every slot is a dead latent's
-    torch.testing.assert_close(aux_loss_of(sae, x, many_dead), saelens_aux_k(sae, x, many_dead)[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(aux_loss_of(sae, x, many_dead), saelens_aux_k(sae, x, many_dead)[0],
+                               rtol=1e-6, atol=1e-7)
 
 
 def aux_context(sae: TopKAuxTrainingSAE, x: torch.Tensor) -> AuxLossContext:
@@ -437,12 +439,12 @@ def test_firing_ema_is_the_running_mean_until_warm_then_an_ema():
     fractions = [torch.rand(5) for _ in range(10)]
     ema = torch.zeros(5)
     for t, f in enumerate(fractions, start=1):
-        ema = update_firing_ema(ema, f, torch.tensor(t), decay)
+        previous = ema
+        ema = update_firing_ema(previous, f, torch.tensor(t), decay)
         if t <= ema_warmup_steps(decay):
             torch.testing.assert_close(ema, torch.stack(fractions[:t]).mean(0))
         else:
             torch.testing.assert_close(ema, previous + 0.25 * (f - previous))
-        previous = ema
 
 
 def test_firing_ema_counts_over_all_leading_dims_and_only_in_training():

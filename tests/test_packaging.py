@@ -64,7 +64,7 @@ def fake_registry(monkeypatch, tmp_path):
     )
     urls: list[str] = []
 
-    def urlopen(url, timeout):  # noqa: ARG001
+    def urlopen(url, timeout):
         urls.append(url)
         return io.BytesIO(served["tarball"])
 
@@ -96,7 +96,7 @@ def test_fetch_assets_command_says_where_or_why_not(fake_registry, capsys, monke
     assert main(["fetch-assets"]) == 0
     assert str(dashboard_assets.d3_cache_path()) in capsys.readouterr().out
 
-    def offline(url, timeout):  # noqa: ARG001
+    def offline(url, timeout):
         raise urllib.error.URLError("no network")
 
     dashboard_assets.d3_cache_path().unlink()

@@ -16,7 +16,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import support
 import torch
 from safetensors.torch import load_file
 
@@ -27,6 +26,8 @@ from sae_lens_allocation.training.resume import (
     TrainingInterrupted,
 )
 from sae_lens_allocation.training.runner import build_runner
+
+import support
 
 ARCHS = {
     "mutual_choice": {"sae_k": 4, "sae_calibration_tokens": 512},

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import support
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +14,8 @@ from sae_lens_allocation.analysis import row_metrics as rm
 from sae_lens_allocation.analysis import statistics as stats
 from sae_lens_allocation.analysis.steering import pick_latents, steering_effects
 from sae_lens_allocation.tokens import keep_mask
+
+import support
 
 
 def test_summarize_matches_the_textbook_t_interval():
@@ -105,11 +106,11 @@ def test_latent_bootstrap_and_seed_differences():
         stats.paired_seed_difference([1.0], [1.0, 2.0])
 
 
-def _identity(x, g):  # noqa: ARG001
+def _identity(x, g):
     return torch.ones(*x.shape[:-1], 3), x
 
 
-def _zero(x, g):  # noqa: ARG001
+def _zero(x, g):
     return torch.zeros(*x.shape[:-1], 3), torch.zeros_like(x)
 
 

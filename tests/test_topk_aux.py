@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, SAE
+from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file
 
 from sae_lens_allocation import register_architecture
 from sae_lens_allocation.saes.aux_losses import AUX_LOSS_KEY

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -138,7 +138,7 @@ def _first_ties(z: torch.Tensor, cutoff: torch.Tensor, need: torch.Tensor | int)
     taken = torch.zeros(width, dtype=torch.long, device=z.device) if per_column else 0
     found = [_empty_index(z)]
     for start in range(0, n_rows, step):
-        satisfied = bool((taken >= need).all()) if per_column else taken >= need
+        satisfied = bool((taken >= need).all()) if isinstance(taken, torch.Tensor) else taken >= need
         if satisfied:
             break
         equal = z[start : start + step] == cutoff
@@ -225,6 +225,15 @@ def _mutual_choice_plain(
     del acts
     above = _entries_above(z, cutoff)
     return torch.cat([above, _first_ties(z, cutoff, m - above.numel())]), None, cutoff
+
+
+def _mutual_choice_pick(
+    z: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(index, keep, cutoff) for `_codes`: the candidate path when it applies and its bound
+    holds, the plain path otherwise."""
+    picked = _mutual_choice_sampled(z, m) if m > 0 and z.numel() >= _FAST_MIN_NUMEL else None
+    return _mutual_choice_plain(z, m) if picked is None else picked
 
 
 # --- Feature Choice ----------------------------------------------------------------------------
@@ -318,3 +327,12 @@ def _feature_choice_plain(
     count = torch.zeros(n_latents, dtype=torch.long, device=z.device)
     count.index_add_(0, above.remainder(n_latents), torch.ones_like(above))
     return torch.cat([above, _first_ties(z, cutoff, caps - count)]), None, cutoff
+
+
+def _feature_choice_pick(
+    z: torch.Tensor, caps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(index, keep, cutoff) for `_codes`: the candidate path when it applies and passes few
+    enough blocks, the plain path otherwise."""
+    picked = _feature_choice_grouped(z, caps) if z.numel() >= _FAST_MIN_NUMEL else None
+    return _feature_choice_plain(z, caps) if picked is None else picked

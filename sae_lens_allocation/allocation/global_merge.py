@@ -35,18 +35,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 
 from sae_lens_allocation.allocation.cpu import (
-    _FAST_MIN_NUMEL,
     _codes,
     _column_value_order,
     _exact_float,
-    _feature_choice_grouped,
-    _feature_choice_plain,
-    _mutual_choice_plain,
-    _mutual_choice_sampled,
+    _feature_choice_pick,
+    _mutual_choice_pick,
 )
 from sae_lens_allocation.allocation.rules import Allocation, budget, feature_choice, mutual_choice
 from sae_lens_allocation.validation import one_line
@@ -92,12 +90,7 @@ def local_mutual_choice(pre_acts: torch.Tensor, m: int) -> Candidates:
     with torch.no_grad():
         z = pre_acts.detach().reshape(-1, pre_acts.shape[-1]).contiguous()
         m = min(m, z.numel())
-        picked = None
-        if m > 0 and z.numel() >= _FAST_MIN_NUMEL:
-            picked = _mutual_choice_sampled(z, m)
-        if picked is None:
-            picked = _mutual_choice_plain(z, m)
-        index, keep, _ = picked
+        index, keep, _ = _mutual_choice_pick(z, m)
         if keep is not None:
             index = index.index_select(0, keep.nonzero().squeeze(1))
         index = torch.sort(index).values
@@ -146,12 +139,7 @@ def local_feature_choice(pre_acts: torch.Tensor, capacities: torch.Tensor) -> Ca
         n_latents = pre_acts.shape[-1]
         z = pre_acts.detach().reshape(-1, n_latents).contiguous()
         caps = capacities.to(device=z.device, dtype=torch.long).clamp(max=z.shape[0])
-        picked = None
-        if z.numel() >= _FAST_MIN_NUMEL:
-            picked = _feature_choice_grouped(z, caps)
-        if picked is None:
-            picked = _feature_choice_plain(z, caps)
-        index, keep, _ = picked
+        index, keep, _ = _feature_choice_pick(z, caps)
         if keep is not None:
             index = index.index_select(0, keep.nonzero().squeeze(1))
         index = torch.sort(index).values

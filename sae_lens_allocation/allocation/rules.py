@@ -9,12 +9,9 @@ import torch
 
 from sae_lens_allocation.allocation import static as device_path
 from sae_lens_allocation.allocation.cpu import (
-    _FAST_MIN_NUMEL,
     _codes,
-    _feature_choice_grouped,
-    _feature_choice_plain,
-    _mutual_choice_plain,
-    _mutual_choice_sampled,
+    _feature_choice_pick,
+    _mutual_choice_pick,
 )
 
 
@@ -55,14 +52,10 @@ def mutual_choice(pre_acts: torch.Tensor, k: float) -> Allocation:
             static = device_path._mutual_choice_static(z, m)
         else:
             static = None
-            picked = None
-            if m > 0 and z.numel() >= _FAST_MIN_NUMEL:
-                picked = _mutual_choice_sampled(z, m)
-            if picked is None:
-                picked = _mutual_choice_plain(z, m)
+            picked = _mutual_choice_pick(z, m)
     if static is not None:
-        index, keep, cutoff = static
-        return Allocation(device_path._codes_static(flat, index, keep).view(pre_acts.shape), cutoff)
+        static_index, static_keep, cutoff = static
+        return Allocation(device_path._codes_static(flat, static_index, static_keep).view(pre_acts.shape), cutoff)
     index, keep, cutoff = picked
     return Allocation(codes=_codes(flat, index, keep).reshape(pre_acts.shape), cutoff=cutoff)
 
@@ -94,13 +87,9 @@ def feature_choice(pre_acts: torch.Tensor, capacities: torch.Tensor) -> Allocati
             static = device_path._feature_choice_static(z, caps)
         else:
             static = None
-            picked = None
-            if z.numel() >= _FAST_MIN_NUMEL:
-                picked = _feature_choice_grouped(z, caps)
-            if picked is None:
-                picked = _feature_choice_plain(z, caps)
+            picked = _feature_choice_pick(z, caps)
     if static is not None:
-        index, keep, cutoff = static
-        return Allocation(device_path._codes_static(flat, index, keep).view(pre_acts.shape), cutoff)
+        static_index, static_keep, cutoff = static
+        return Allocation(device_path._codes_static(flat, static_index, static_keep).view(pre_acts.shape), cutoff)
     index, keep, cutoff = picked
     return Allocation(codes=_codes(flat, index, keep).reshape(pre_acts.shape), cutoff=cutoff)

@@ -67,6 +67,8 @@ DEFAULT_OUT = "out/dashboard"
 
 # Architectures sae-dashboard 0.8.0 computes dashboards for (FeatureMaskingContext, plus TopK).
 SUPPORTED_ARCHITECTURES = ("standard", "jumprelu", "gated", "topk")
+# SAELens' advice on loading the model from its hub name; resolve_model follows it.
+_MODEL_KWARGS_ADVICE = r"\s*This SAE has non-empty model_from_pretrained_kwargs"
 
 
 class DashboardError(UsageError):
@@ -154,8 +156,7 @@ def load_dashboard_sae(sae: str | Path | Any, device: str = "cpu") -> Any:
             )
         try:
             with warnings.catch_warnings():
-                # SAELens' advice on loading the model from its hub name; resolve_model follows it.
-                warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs", category=UserWarning)
+                warnings.filterwarnings("ignore", message=_MODEL_KWARGS_ADVICE, category=UserWarning)
                 loaded = load_sae(path, device=device)
         except ValueError as err:
             raise DashboardError(str(err)) from err
@@ -168,7 +169,7 @@ def load_dashboard_sae(sae: str | Path | Any, device: str = "cpu") -> Any:
                 f"export: call `sae.save_inference_model(folder)` and pass the folder"
             )
         with tempfile.TemporaryDirectory(prefix="sae-dashboard-") as tmp, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs", category=UserWarning)
+            warnings.filterwarnings("ignore", message=_MODEL_KWARGS_ADVICE, category=UserWarning)
             loaded.save_inference_model(tmp)
             loaded = SAE.load_from_disk(tmp, device=device)
     arch = sae_architecture(loaded)
@@ -222,7 +223,7 @@ def _token_rows(stream: list[int], context_size: int, n_rows: int, bos: int | No
     """Cut a token stream into at most `n_rows` rows: `[BOS] + context_size - 1` stream tokens
     when `bos` is given (SAELens' pretokenisation convention), else `context_size` tokens."""
     body = context_size - 1 if bos is not None else context_size
-    rows = []
+    rows: list[list[int]] = []
     for start in range(0, len(stream) - body + 1, body):
         if len(rows) == n_rows:
             break
@@ -534,7 +535,8 @@ def make_dashboard(
         f"SAE {sae_dir}: {sae_architecture(sae)} (trained as {training_architecture(sae)}), d_sae {sae.cfg.d_sae}, "
         f"hook {sae.cfg.metadata.hook_name}"
     )
-    report(f"loading model {'embedded' if model is None else model if isinstance(model, str) else type(model).__name__}")
+    model_name = "embedded" if model is None else model if isinstance(model, str) else type(model).__name__
+    report(f"loading model {model_name}")
     model = resolve_model(model, sae, device=device)
 
     ctx = context_size or sae.cfg.metadata.context_size or DEFAULT_CONTEXT_SIZE

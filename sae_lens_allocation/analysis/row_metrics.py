@@ -5,7 +5,8 @@ A row is one held-out sequence (language model) or one block of samples (synthet
 tokens (BOS/EOS/PAD) are left out as SAELens' `run_evals(exclude_special_tokens=True)` leaves
 them out: their activations are neither encoded nor replaced, and predictions of them are not
 scored. Activation-level sums (EV, L0, firing) cover every held-out row; the language-model
-sums (CE, KL) may cover fewer rows, since each needs full forward passes. Definitions (project; docs/results.md "Metrics"):
+sums (CE, KL) may cover fewer rows, since each needs full forward passes. Definitions (project;
+docs/results.md "Metrics"):
     EV        = 1 - sum ||x - x_hat||^2 / (sum ||x||^2 - ||sum x||^2 / n)
     CE        = mean next-token cross-entropy with the reconstruction spliced in at the hook
     CE rec.   = (CE_zero - CE_sae) / (CE_zero - CE_clean), CE_zero with zeros spliced in
@@ -30,7 +31,7 @@ Reconstruct = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor
 
 def export_reconstruct(sae: Any) -> Reconstruct:
     """Encode and decode with a SAELens inference SAE (the export)."""
-    def run(x: torch.Tensor, g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ARG001
+    def run(x: torch.Tensor, g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         codes = sae.encode(x)
         return codes, sae.decode(codes)
     return run
@@ -48,7 +49,7 @@ def gradient_reconstruct(sae: Any) -> Reconstruct:
 
 
 def _splice(model: Any, tokens: torch.Tensor, hook_name: str, replacement: torch.Tensor) -> torch.Tensor:
-    def put(act: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
+    def put(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return replacement.to(act.dtype)
     return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, put)])
 
@@ -172,6 +173,7 @@ def density_stats(fired: torch.Tensor, n_tokens: float) -> dict[str, Any]:
     alive = p[p > 0]
     log_p = alive.log10()
     edges = torch.arange(-8.0, 0.25, 0.25, dtype=torch.float64)
-    hist = torch.histc(log_p.clamp(-8, 0), bins=len(edges) - 1, min=-8, max=0) if alive.numel() else torch.zeros(len(edges) - 1)
+    bins = len(edges) - 1
+    hist = torch.histc(log_p.clamp(-8, 0), bins=bins, min=-8, max=0) if alive.numel() else torch.zeros(bins)
     return {"tokens": int(n_tokens), "dead_share": float((p == 0).double().mean()),
             "log10_density_edges": edges.tolist(), "log10_density_hist": hist.tolist()}

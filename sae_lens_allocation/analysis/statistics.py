@@ -39,7 +39,7 @@ NO_DIFFERENCE = "no detectable difference"
 CONTRADICTS = "contradicts"
 
 RowSums = Mapping[str, torch.Tensor]  # name -> [seeds, rows, ...] per-row sums of one arm
-RowMetric = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]  # summed rows [..., *] -> [...]
+RowMetric = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # summed rows [..., *] -> [...]
 
 
 def t_quantile(df: int) -> float:

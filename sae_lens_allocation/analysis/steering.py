@@ -44,7 +44,7 @@ def steering_effects(model: Any, contexts: torch.Tensor, hook_name: str, W_dec: 
     for u in units:
         shift = (alpha * u).to(contexts.device)
 
-        def add(act: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
+        def add(act: torch.Tensor, hook: Any) -> torch.Tensor:
             return act + (keep[..., None] * shift).to(act.dtype)
 
         steered = F.log_softmax(model.run_with_hooks(contexts, fwd_hooks=[(hook_name, add)])[:, :-1].float(), -1)

@@ -11,8 +11,9 @@ its auxiliary loss by name (`aux_loss` config field) from `AUX_LOSSES`:
   latents; the formula is not public, the one here is this project's definition, see
   docs/losses.md): aux_k on the dead latents, which take the k_aux slots first, plus the alive
   underused latents (below tau times their Zipf-expected firing frequency) reconstructing the
-  residual with the slots left free, each latent's gradient weighted by how far below it is. Both share one normalisation (`aux_loss_normalization`,
-  default SAELens' "none"), so aux_zipf with U = dead and unit weights is aux_k exactly.
+  residual with the slots left free, each latent's gradient weighted by how far below it is.
+  Both share one normalisation (`aux_loss_normalization`, default SAELens' "none"), so aux_zipf
+  with U = dead and unit weights is aux_k exactly.
 
 A new loss is a function `fn(sae, ctx: AuxLossContext) -> (loss, metrics)` decorated with
 `@register_aux_loss("name")`; it becomes a valid `aux_loss` value at once.
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import act_times_W_dec
 
@@ -178,7 +178,7 @@ def reconstruct_residual_loss(
 
 
 @register_aux_loss("none")
-def no_aux_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:  # noqa: ARG001
+def no_aux_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetrics]:
     """No auxiliary loss (0)."""
     return ctx.sae_out.new_zeros(()), {}
 

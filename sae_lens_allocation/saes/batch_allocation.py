@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from sae_lens_allocation.allocation import Allocation
 from sae_lens_allocation.loading import load_sae
+from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.saes.calibration import (
     CalibrationRows,
     RowReservoir,
@@ -40,7 +41,6 @@ from sae_lens_allocation.saes.calibration import (
     collect_rows,
     document_folds,
 )
-from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.saes.finite_loss import ACTIVATIONS_ADVICE, check_finite_loss
 from sae_lens_allocation.validation import field_error, is_finite_number
 
@@ -67,7 +67,7 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     Inherited from SAELens TopK: rescale_acts_by_decoder_norm (default True), decoder_init_norm.
     """
 
-    k: float = 32.0  # type: ignore[assignment]
+    k: float = 32.0
     calibration_tokens: int = 32768
     calibration_chunk_tokens: int = 4096
     calibration_folds: int = 5
@@ -117,11 +117,11 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     `calibrated_thresholds(z_block, folds)`.
     """
 
-    cfg: BatchAllocationTrainingSAEConfig  # type: ignore[assignment]
+    cfg: BatchAllocationTrainingSAEConfig
     threshold: torch.Tensor
 
     def __init__(self, cfg: BatchAllocationTrainingSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
+        super().__init__(cfg, use_error_term)
         device = self.W_dec.device
         # The export threshold (JumpReLU's parameter name), in units of z.
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, device=device))
@@ -181,7 +181,7 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
                 "sae_lens_allocation.calibrate) to encode as the export will",
                 stacklevel=2,
             )
-        return super().train(mode)  # type: ignore[return-value]
+        return super().train(mode)
 
     # -- training step ----------------------------------------------------------------------
     @override

@@ -3,9 +3,9 @@
 Training: each latent j keeps the m_j tokens of the batch with the largest z_j, then relu
 ("each feature matches with at most m tokens"; paper). Capacities (project definition,
 docs/architectures.md#feature-choice-capacities): `capacity="uniform"` gives m_j = M/F with
-randomised rounding, sum_j m_j = M = floor(k * N); `capacity="zipf"` gives m_j proportional to rank_j^(-s), s = `zipf_exponent`,
-floored at 1, capped at N, renormalised to sum M. Every latent gets m_j >= 1 tokens per batch, so
-none is dead by construction.
+randomised rounding, sum_j m_j = M = floor(k * N); `capacity="zipf"` gives m_j proportional to
+rank_j^(-s), s = `zipf_exponent`, floored at 1, capped at N, renormalised to sum M. Every latent
+gets m_j >= 1 tokens per batch, so none is dead by construction.
 Zipf ranking (project definition, docs/architectures.md#zipf-ranking): not by the latent's own firing rate,
 which under Feature Choice is mostly its capacity (ranking by it froze the initial order, the
 latent index), but by how often z_j would be selected by Mutual Choice on the same batch:
@@ -93,7 +93,7 @@ class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
 class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
     """Feature Choice: latent j picks its top-m_j tokens of the batch."""
 
-    cfg: FeatureChoiceTrainingSAEConfig  # type: ignore[assignment]
+    cfg: FeatureChoiceTrainingSAEConfig
 
     def __init__(self, cfg: FeatureChoiceTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -112,7 +112,7 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
             "capacity_ranks", torch.arange(1, d_sae + 1, dtype=torch.long, device=device)
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the rank buffers existed ranked by the firing EMA: keep that
         # ranking and the step count, so their export calibrates to the capacities they trained
         # with; a resumed run then re-ranks from a rank statistic that starts at zero.

@@ -25,8 +25,8 @@ does, plugin buffers dropped, so the export loads without this package.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -155,12 +155,12 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     grad_rms_updates, how many batches it has seen.
     """
 
-    cfg: GradientTopKTrainingSAEConfig  # type: ignore[assignment]
+    cfg: GradientTopKTrainingSAEConfig
     grad_rms: torch.Tensor
     grad_rms_updates: torch.Tensor
 
     def __init__(self, cfg: GradientTopKTrainingSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
+        super().__init__(cfg, use_error_term)
         device = self.W_dec.device
         self.register_buffer("grad_rms", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("grad_rms_updates", torch.zeros((), dtype=torch.long, device=device))

@@ -50,7 +50,7 @@ class MutualChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
 class MutualChoiceTrainingSAE(BatchAllocationTrainingSAE):
     """Mutual Choice: one global top-(k*N) over the batch x latents matrix."""
 
-    cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
+    cfg: MutualChoiceTrainingSAEConfig
 
     @override
     def allocate(self, hidden_pre: torch.Tensor) -> Allocation:

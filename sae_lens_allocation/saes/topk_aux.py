@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
@@ -45,7 +44,7 @@ class TopKAuxTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
 class TopKAuxTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     """SAELens `TopKTrainingSAE` whose auxiliary loss is chosen by `cfg.aux_loss`."""
 
-    cfg: TopKAuxTrainingSAEConfig  # type: ignore[assignment]
+    cfg: TopKAuxTrainingSAEConfig
 
     def __init__(self, cfg: TopKAuxTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)

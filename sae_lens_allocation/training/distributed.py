@@ -38,9 +38,9 @@ from sae_lens.training.sae_trainer import Evaluator, SaveCheckpointFn
 from sae_lens.training.types import DataProvider
 
 from sae_lens_allocation.allocation import BatchGroup, DataParallelError
+from sae_lens_allocation.saelens_compat import SeamedSAETrainer, run_language_model_runner
 from sae_lens_allocation.saes.batch_group import BatchGroupMixin
 from sae_lens_allocation.saes.calibration import CalibrationRows
-from sae_lens_allocation.saelens_compat import SeamedSAETrainer, run_language_model_runner
 from sae_lens_allocation.training.gradients import HookedRootModule
 from sae_lens_allocation.training.runner import build_runner
 from sae_lens_allocation.training.sources import runner_sources

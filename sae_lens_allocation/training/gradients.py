@@ -74,7 +74,7 @@ def loss_at_hook(
     whose autograd graph starts at `acts`."""
     captured: list[torch.Tensor] = []
 
-    def substitute(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
+    def substitute(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         leaf = act.detach().requires_grad_(True)
         captured.append(leaf)
         return leaf
@@ -141,12 +141,12 @@ def multi_hook_activation_gradients(
 
     def capture(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if hook.name not in grad_names:
-            captured[hook.name].append(act.detach())  # type: ignore[index]
+            captured[hook.name].append(act.detach())
             return act
         # With the parameters frozen, an activation requires grad only if an earlier gradient
         # hook lies upstream of it.
         kept = act if act.requires_grad else act.detach().requires_grad_(True)
-        captured[hook.name].append(kept)  # type: ignore[index]
+        captured[hook.name].append(kept)
         return kept
 
     with (

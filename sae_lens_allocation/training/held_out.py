@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from sae_lens_allocation.saes.calibration import CalibrationRows
 from sae_lens_allocation.embedded.splits import embedded_calibration_tokens
 from sae_lens_allocation.saelens_compat import restart_tokenized_sequences
+from sae_lens_allocation.saes.calibration import CalibrationRows
 from sae_lens_allocation.tokens import special_token_ids
 
 # A batch of token rows -> {hook: activations [rows, positions, d_in]}, positions sliced by the
@@ -166,9 +166,9 @@ def attach_calibration(saes: Mapping[str, Any], hooks: Mapping[str, str], model:
                 found = embedded_calibration_tokens(model, embedded_dataset, context_size, key[0],
                                                     training_seed, key[1], key[2])
                 by_settings[key] = None if found is None else CalibrationTokens(
-                    found[0], found[1], lambda i=found[2]: dict(i), store, activations, special)
-            if by_settings[key] is not None:
-                reserved[name] = by_settings[key]  # type: ignore[assignment]
+                    found[0], found[1], found[2].copy, store, activations, special)
+            if (shared_rows := by_settings[key]) is not None:
+                reserved[name] = shared_rows
     else:
         n_tokens = max(s.cfg.calibration_tokens for s in saes.values())
         keep_all = all(s.cfg.calibration_include_special_tokens for s in saes.values())
@@ -185,10 +185,10 @@ def attach_calibration(saes: Mapping[str, Any], hooks: Mapping[str, str], model:
         documents = torch.arange(tokens.shape[0])[:, None].expand_as(tokens)
         shared = CalibrationTokens(tokens, documents, info, store, activations, special)
         reserved = dict.fromkeys(saes, shared)
-    for name, tokens in reserved.items():
-        tokens.readers.add(name)
+    for name, source in reserved.items():
+        source.readers.add(name)
         c = saes[name].cfg
         saes[name].set_calibration_source(
-            lambda t=tokens, n=name, h=hooks[name], k=c.calibration_tokens,
+            lambda t=source, n=name, h=hooks[name], k=c.calibration_tokens,
             keep=c.calibration_include_special_tokens: t.rows(n, h, k, keep))
     return reserved

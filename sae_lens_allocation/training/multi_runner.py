@@ -38,6 +38,7 @@ from sae_lens.config import HfDataset
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.training.mixing_buffer import multi_hook_concat_split_iter
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
@@ -49,6 +50,7 @@ from sae_lens_allocation.saelens_compat import (
 from sae_lens_allocation.training.gradients import HookedRootModule, multi_hook_activation_gradients
 from sae_lens_allocation.training.held_out import attach_calibration
 from sae_lens_allocation.training.sources import EMBEDDED, runner_sources
+
 
 def gradient_rows_key(hook_name: str) -> str:
     """Key of the rows `[acts | grads]` at `hook_name` in a multi-hook batch."""
@@ -106,7 +108,7 @@ class MultiHookGradientActivationsStore(PluginActivationsStore):
             train_batch_size_tokens=cfg.train_batch_size_tokens,
             prepend_bos=cfg.prepend_bos,
             normalize_activations="none",
-            device=torch.device(cfg.act_store_device),  # type: ignore[arg-type]
+            device=torch.device(cfg.act_store_device),
             dtype=cfg.dtype,
             model_kwargs=cfg.model_kwargs,
             autocast_lm=cfg.autocast_lm,
@@ -162,6 +164,8 @@ class PluginMultiSAETrainingRunner(PluginMultiRunnerBase):
     """SAELens' `MultiSAETrainingRunner` with the plugin's sources, seeding, held-out
     calibration and gradient store (module docstring). `run()` is SAELens' own."""
 
+    activations_store: ActivationsStore
+
     def __init__(
         self,
         cfg: MultiSAETrainingRunnerConfig,
@@ -185,7 +189,7 @@ class PluginMultiSAETrainingRunner(PluginMultiRunnerBase):
         self.gradient_saes = [n for n, c in cfg.saes.items() if sae_needs_gradients(c)]
         if self.gradient_saes:
             store = MultiHookGradientActivationsStore.from_runner_config(
-                self.model, cfg, self.activations_store.dataset,  # type: ignore[arg-type]
+                self.model, cfg, self.activations_store.dataset,
                 self.activations_store.exclude_special_tokens,
                 [cfg.hook_names_per_sae[n] for n in self.gradient_saes],
             )

@@ -50,7 +50,7 @@ STORE_STATE_FILENAME = "resume_store_state.pt"
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-class TrainingInterrupted(Exception):  # noqa: N818 (a stop the user asked for, not an error)
+class TrainingInterrupted(Exception):
     """Training stopped by SIGINT or SIGTERM. `checkpoint` is the folder to resume from, if one
     was written; `exit_code` is 128 + the signal number."""
 
@@ -61,7 +61,7 @@ class TrainingInterrupted(Exception):  # noqa: N818 (a stop the user asked for, 
         self.exit_code = _SIGNAL_EXIT.get(signal.Signals(signum), 128 + int(signum))
 
 
-class _StopAtStepBoundary(Exception):  # noqa: N818
+class _StopAtStepBoundary(Exception):
     """Raised by the store instead of handing out the next training batch."""
 
 
@@ -71,7 +71,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    def __call__(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+    def __call__(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise TrainingInterrupted(
                 signum, f"stopped at once by a second {signal.Signals(signum).name}; no checkpoint "
@@ -108,7 +108,7 @@ class ResumableActivationsStore(PluginActivationsStore):
     stop_check: Callable[[], None] | None = None
 
     @classmethod
-    def from_config(cls, model: Any, cfg: Any, override_dataset: Any = None) -> Any:  # type: ignore[override]
+    def from_config(cls, model: Any, cfg: Any, override_dataset: Any = None) -> Any:
         store = super().from_config(model, cfg, override_dataset=override_dataset)
         store.mixing_seed = int(cfg.seed)
         return store
@@ -118,7 +118,7 @@ class ResumableActivationsStore(PluginActivationsStore):
             self.sequences_pulled += 1
             yield sequence
 
-    def get_data_loader(self) -> MixingBuffer:  # type: ignore[override]
+    def get_data_loader(self) -> MixingBuffer:
         return MixingBuffer(
             buffer_size=self.n_batches_in_buffer * self.training_context_size,
             batch_size=self.train_batch_size_tokens,
@@ -249,6 +249,8 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
     data and evaluator store.
     """
 
+    activations_store: ResumableActivationsStore
+
     def __init__(self, cfg: Any, override_dataset: Any = None, override_model: Any = None,
                  override_sae: Any = None,
                  store_class: type[ResumableActivationsStore] = ResumableActivationsStore) -> None:
@@ -336,7 +338,7 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
             "sae_generators": generator_states(trainer.sae),
         }
         torch.save(state, Path(checkpoint_path) / RESUME_STATE_FILENAME)
-        final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name  # type: ignore[arg-type]
+        final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name
         if final.exists():
             _remove(final)
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
@@ -127,7 +126,7 @@ def check_resume_checkpoint(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
 
     from sae_lens_allocation.loading import check_sae_weights, read_sae_cfg
 
-    path = Path(cfg.resume_from_checkpoint)  # type: ignore[arg-type]
+    path = Path(cfg.resume_from_checkpoint)
     if not path.is_dir():
         raise field_error("resume_from_checkpoint", str(path), "an existing checkpoint folder")
     saved = read_sae_cfg(path)

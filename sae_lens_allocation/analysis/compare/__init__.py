@@ -30,14 +30,14 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
 Protocol (docs/results.md "Protocol"): (1) the lr sweep, one seed, main k; the best lr of an arm
 has the lowest held-out CE with the SAE spliced in (language model) or the highest explained
 variance (synthetic); (2) every arm at its best lr and the main k for every seed (the sweep's
-run at seeds[0] is reused); (3) the k sweep on seeds[0]; (4) the length check on seeds[0]. Main-k results are reported as
-mean +- sd over seeds with paired intervals against the baseline (statistics.py) and a verdict
-per metric; convergence is checked on every main run: the training rule's held-out EV and dead
-share at the last two of `eval.convergence_points` evenly spaced evaluations must move less
-than their sd over seeds. Under a schedule that decays the lr to 0 that check measures the
-anneal, so the length check asks the question the verdicts need: with D_1 and D_f the
-differences arm - against on seeds[0] at the main length and at `length_check` times it, is the
-main verdict unchanged when its difference and interval move by D_f - D_1
+run at seeds[0] is reused); (3) the k sweep on seeds[0]; (4) the length check on seeds[0].
+Main-k results are reported as mean +- sd over seeds with paired intervals against the baseline
+(statistics.py) and a verdict per metric; convergence is checked on every main run: the training
+rule's held-out EV and dead share at the last two of `eval.convergence_points` evenly spaced
+evaluations must move less than their sd over seeds. Under a schedule that decays the lr to 0
+that check measures the anneal, so the length check asks the question the verdicts need: with
+D_1 and D_f the differences arm - against on seeds[0] at the main length and at `length_check`
+times it, is the main verdict unchanged when its difference and interval move by D_f - D_1
 (`statistics.shifted_verdict`)?
 
 Same data: every run of a seed reads the same rows in the same order. Language model: each run is

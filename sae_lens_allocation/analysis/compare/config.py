@@ -34,9 +34,9 @@ _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_split": "train",
     "heldout_skip_rows": 0,
 }
-_EVAL_INT_MIN = {"batch_rows": 1, "ce_rows": 1, "samples": 1, "block_samples": 1, "density_samples": 1, "bootstrap": 100,
-                 "steering_latents": 1, "steering_contexts": 1, "convergence_points": 2, "probe_rows": 1,
-                 "heldout_skip_rows": 0}
+_EVAL_INT_MIN = {"batch_rows": 1, "ce_rows": 1, "samples": 1, "block_samples": 1, "density_samples": 1,
+                 "bootstrap": 100, "steering_latents": 1, "steering_contexts": 1, "convergence_points": 2,
+                 "probe_rows": 1, "heldout_skip_rows": 0}
 _LM_ONLY = ("gradient_topk",)
 
 
@@ -147,7 +147,8 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("contrasts must be a list of {arm, against}")
     for i, c in enumerate(raw):
         c = _mapping(c, f"contrasts[{i}]")
-        if set(c) != {"arm", "against"} or c["arm"] not in names or c["against"] not in names or c["arm"] == c["against"]:
+        if (set(c) != {"arm", "against"} or c["arm"] not in names or c["against"] not in names
+                or c["arm"] == c["against"]):
             raise ConfigError(f"contrasts[{i}]={c!r} is not allowed; use {{arm: NAME, against: OTHER_NAME}} "
                               f"with two different arms of: {', '.join(names)}")
         if (c["arm"], c["against"]) not in contrasts:
@@ -167,8 +168,8 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "output_dir": str(cfg.get("output_dir") or "runs/compare"),
     }
     for entry in entries:
-        for lr in lr_values or [None]:
-            for k in k_values or [None]:
+        for lr in lr_values or (None,):
+            for k in k_values or (None,):
                 run_config(out, make_run(out, entry, seeds[0], lr, k), Path(out["output_dir"]))
         if length:
             run_config(out, make_run(out, entry, seeds[0], None, None, length), Path(out["output_dir"]))

@@ -23,6 +23,7 @@ from sae_lens_allocation.analysis.compare.heldout import (
 from sae_lens_allocation.tokens import keep_mask, special_token_ids
 from sae_lens_allocation.yaml_config import ConfigError
 
+
 def lm_activations(model: Any, dataset: Any, hook: str, n_rows: int, batch_prompts: int) -> torch.Tensor:
     """Activations at `hook` of the first `n_rows` rows of a pretokenized dataset, special
     tokens (BOS/EOS/PAD) removed, as [tokens, d_in]."""
@@ -93,7 +94,7 @@ def _probed_multi_runner(cfg: Any, dataset: Any, model: Any, probe: Callable[[di
     from sae_lens_allocation.training.multi_runner import PluginMultiSAETrainingRunner
 
     class ProbedMultiSAETrainingRunner(PluginMultiSAETrainingRunner):
-        def save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:  # noqa: ARG002
+        def save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:
             probe(self.saes)
 
     return ProbedMultiSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)

@@ -60,13 +60,14 @@ def _scalar_metrics(rows: dict[str, dict[str, torch.Tensor]]) -> dict[str, float
 def _record(run: dict[str, Any], trained: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
     from sae_lens_allocation.analysis.evaluation import l0_distribution
 
-    metrics = _scalar_metrics(evaluated["rows"])
+    metrics: dict[str, Any] = _scalar_metrics(evaluated["rows"])
     metrics.update(dead_share=evaluated["density"]["dead_share"], underused_share=evaluated["underused_share"],
                    **evaluated.get("scalars", {}))
     if run["k"]:
         metrics["l0_relative_error"] = metrics["l0"] / run["k"] - 1
     if "steering_values" in evaluated:
-        metrics["steering"] = float(evaluated["steering_values"].mean()) if evaluated["steering_values"].numel() else None
+        values = evaluated["steering_values"]
+        metrics["steering"] = float(values.mean()) if values.numel() else None
     return {
         "label": run["label"], "arm": run["arm"], "architecture": run["architecture"],
         "export_architecture": evaluated["export_architecture"], "seed": run["seed"], "lr": run["lr"],
@@ -111,6 +112,7 @@ def contrast(cfg: dict[str, Any], arm: list[dict[str, Any]], base: list[dict[str
 
     n_boot = cfg["eval"]["bootstrap"]
     if kind == "rows":
+        assert protocol is not None, f"row metric {metric} names no protocol"
         if any(protocol not in r["_rows"] for r in arm):
             return None
         name = metric.removesuffix(f"_{protocol}") if protocol != "export" else metric
@@ -175,12 +177,12 @@ def length_check(cfg: dict[str, Any], records: dict[str, dict[str, Any]], main: 
         rows = []
         for m in c["metrics"]:
             kind, protocol = how[m["metric"]]
-            diffs = [contrast(cfg, [records[arm]], [records[against]], m["metric"], m["better"], m["noise"],
-                              kind, protocol)
-                     for arm, against in ((main[c["arm"]][0], main[c["against"]][0]),
-                                          (longer[c["arm"]], longer[c["against"]]))]
-            if None not in diffs:
-                rows.append({"metric": m["metric"], **st.shifted_verdict(m, diffs[0]["diff"], diffs[1]["diff"])})
+            short, long = [contrast(cfg, [records[arm]], [records[against]], m["metric"], m["better"], m["noise"],
+                                    kind, protocol)
+                           for arm, against in ((main[c["arm"]][0], main[c["against"]][0]),
+                                                (longer[c["arm"]], longer[c["against"]]))]
+            if short is not None and long is not None:
+                rows.append({"metric": m["metric"], **st.shifted_verdict(m, short["diff"], long["diff"])})
         contrasts.append({"arm": c["arm"], "against": c["against"], "metrics": rows})
     return {"factor": cfg["length_check"], "seed": cfg["seeds"][0], "runs": longer, "contrasts": contrasts}
 

@@ -57,7 +57,8 @@ def verdict_table(result: dict[str, Any]) -> str:
 
 
 def convergence_table(result: dict[str, Any]) -> str:
-    lines = ["| arm | tokens (last two) | EV change per seed | EV seed sd | dead change per seed | dead seed sd | converged |",
+    lines = ["| arm | tokens (last two) | EV change per seed | EV seed sd | dead change per seed | dead seed sd "
+             "| converged |",
              "|---|---|---|---|---|---|---|"]
     for arm, s in result["summary"]["arms"].items():
         ev, dead = s["convergence"]["explained_variance"], s["convergence"]["dead_share"]
@@ -78,7 +79,8 @@ def length_tables(result: dict[str, Any]) -> str:
         return ""
     f, seed = check["factor"], check["seed"]
     cols = [c for c in _MAIN_COLUMNS[result["source"]] if c[0] != "steering"]
-    head = ["arm"] + [f"{name} {size}" for _, name, _ in cols for size in ("x1", f"x{f:g}")] + ["tokens x1", f"tokens x{f:g}"]
+    head = (["arm"] + [f"{name} {size}" for _, name, _ in cols for size in ("x1", f"x{f:g}")]
+            + ["tokens x1", f"tokens x{f:g}"])
     lines = [f"Seed {seed}, every arm at its best lr, trained for 1 and {f:g} times the main length "
              "(lr decay scaled with it); dead shares over the tokens given.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -96,7 +98,8 @@ def length_tables(result: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for c, m in rows:
         lines.append(f"| {c['arm']} | {c['against']} | {m['metric']} | {m['short']:+.4f} | {m['long']:+.4f} | "
-                     f"{m['shift']:+.4f} | {m['verdict']} | {m['shifted_verdict']} | {'yes' if m['stable'] else 'no'} |")
+                     f"{m['shift']:+.4f} | {m['verdict']} | {m['shifted_verdict']} | "
+                     f"{'yes' if m['stable'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -131,7 +134,8 @@ def k_table(result: dict[str, Any]) -> str:
 
 
 def gradient_table(result: dict[str, Any]) -> str:
-    rows = [(arm, s) for arm, s in result["summary"]["arms"].items() if "ce_with_sae_gradient_selection" in s["metrics"]]
+    rows = [(arm, s) for arm, s in result["summary"]["arms"].items()
+            if "ce_with_sae_gradient_selection" in s["metrics"]]
     if not rows:
         return ""
     lines = ["| arm | CE plain export | CE gradient selection | CE rec. plain | CE rec. gradient selection |",

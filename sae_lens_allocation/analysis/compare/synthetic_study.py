@@ -22,6 +22,7 @@ from sae_lens_allocation.analysis.compare.heldout import (
     underused_share,
 )
 
+
 def synthetic_batches(model: Any, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Batch i drawn under its own seed `seed * 1_000_003 + i`: the stream does not depend on
     how many random numbers the SAE draws in between."""
@@ -71,9 +72,9 @@ class SyntheticStudy:
     def train(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         import dataclasses
 
-        from safetensors.torch import save_file
         from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
         from sae_lens.training.sae_trainer import SAETrainer
+        from safetensors.torch import save_file
 
         n_points = self.cfg["eval"]["convergence_points"]
         probe_x = self.x[: self.cfg["eval"]["probe_rows"]]
@@ -89,7 +90,7 @@ class SyntheticStudy:
             points: list[dict[str, float]] = []
 
             def probe(checkpoint_path: Path | None, sae: Any = sae, arch: str = run["architecture"],
-                      bs: int = rcfg.batch_size) -> None:  # noqa: ARG001
+                      bs: int = rcfg.batch_size) -> None:
                 points.append(training_rule_stats(sae, probe_x, bs, arch))
 
             tcfg = dataclasses.replace(rcfg.to_sae_trainer_config(), n_checkpoints=n_points - 1, checkpoint_path=None)
