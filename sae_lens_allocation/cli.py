@@ -43,6 +43,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sae_lens_allocation.yaml_config import load_runner_config, read_yaml
 
     if "saes" in read_yaml(args.config):
+        if distributed.launched_by_torchrun():
+            # Checked on every rank before anything trains: otherwise each rank would train all
+            # the SAEs alone and write the same output paths.
+            raise UsageError(
+                "a multi-SAE config (saes:) cannot be trained under torchrun: data parallel trains "
+                "one SAE (sae:) per run; train this config in one process"
+            )
         return _cmd_train_multi(args)
     cfg = load_runner_config(args.config, args.set)
     if not distributed.launched_by_torchrun():

@@ -44,6 +44,8 @@ PRIVATE_NAMES: tuple[tuple[Any, str], ...] = (
     (ActivationsStore, "_iterate_filtered_activations"),
     (ActivationsStore, "_iterate_filtered_multi_hook_activations"),
     (ActivationsStore, "_dataloader"),
+    (ActivationsStore, "_hook_names"),
+    (ActivationsStore, "_hook_d_ins"),
     (CacheActivationsRunner, "_create_shard"),
     (CacheActivationsRunner, "_get_sliced_context_size"),
     (LanguageModelSAETrainingRunner, "_set_sae_metadata"),
@@ -53,26 +55,32 @@ PRIVATE_NAMES: tuple[tuple[Any, str], ...] = (
     (SAETrainer, "_is_logging_step"),
 )
 
-#: Instance attributes set in `ActivationsStore.__init__` / `from_config_multi_hook` (the canary
-#: builds a store to check them).
-PRIVATE_STORE_ATTRIBUTES = ("_hook_names", "_hook_d_ins", "_hook_head_indices")
+#: Instance attributes `ActivationsStore.__init__` sets (the canary reads its source for them).
+PRIVATE_STORE_ATTRIBUTES = ("_hook_head_indices",)
 
 #: Fields of `MultiSAETrainingRunnerConfig` that SAELens derives (private) or that cannot be
 #: serialised: never given in a config.
 MULTI_RUNNER_DERIVED_FIELDS = ("_hook_names_per_sae", "_hook_head_indices_per_sae", "evaluator")
 
-#: Upstream functions whose bodies are copied here, as (qualified name, sha256 of
-#: `inspect.getsource` at sae-lens 6.54.12). The canary recomputes them; a changed hash means the
-#: copy must be compared with the new upstream code and the hash updated.
-COPIED_BODIES = {
-    "sae_lens.training.mixing_buffer.mixing_buffer":
-        "mixing_buffer",
-    "sae_lens.llm_sae_training_runner.LanguageModelSAETrainingRunner.run":
-        "LanguageModelSAETrainingRunner.run",
-    "sae_lens.training.sae_trainer.SAETrainer._train_step":
-        "SAETrainer._train_step",
-    "sae_lens.cache_activations_runner.CacheActivationsRunner.__init__":
-        "CacheActivationsRunner.__init__",
+#: Upstream functions whose bodies are copied here: qualified name -> {sha256 of the dedented
+#: `inspect.getsource`: the sae-lens versions it was read from}. Each copy here was compared with
+#: those sources; the canary recomputes the hash of the installed one, and a new hash means the
+#: copy must be compared with the new upstream code and the hash added.
+COPIED_BODIES: dict[str, dict[str, str]] = {
+    "sae_lens.training.mixing_buffer:mixing_buffer": {
+        "99383289c29786dcd21bb16cc03e91e1668266de4d18e651bcf412faa5d92d5d": "6.49.2, 6.54.12",
+    },
+    "sae_lens.llm_sae_training_runner:LanguageModelSAETrainingRunner.run": {
+        "56f8ab38f692647e74d11e4c47e063d136d4c9927bfd548f293c6a0faf818405": "6.54.12",
+        # 6.49.2 does not close a prefetching iterator; the copy (6.54's) does.
+        "51d3f2049558c9552dc8970b12eb9fd5b5b0b2739b5c26f6b9c6c2db2d0c8f74": "6.49.2",
+    },
+    "sae_lens.training.sae_trainer:SAETrainer._train_step": {
+        "880080b4646e3dd0010ef4a1d21da9e5ce7f11d407906a7af8ed0d1dbd45f846": "6.49.2, 6.54.12",
+    },
+    "sae_lens.cache_activations_runner:CacheActivationsRunner.__init__": {
+        "bcea4f07f67b8c8d2c837cbc4d104f638eda90a3cfdc83e52e5be73765b7f239": "6.49.2, 6.54.12",
+    },
 }
 
 

@@ -322,3 +322,41 @@ def test_configs_that_data_parallel_cannot_honour_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="compile_sae"):
         check_data_parallel_config(runner_cfg("mutual_choice", tmp_path, compile_sae=True), 2)
     check_data_parallel_config(runner_cfg("mutual_choice", tmp_path), 2)
+
+
+def test_a_multi_sae_config_under_torchrun_is_refused_in_one_line_before_training(tmp_path, monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE > 1) every rank would otherwise train every SAE alone and write
+    the same output paths."""
+    from sae_lens_allocation.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code = main(["train", "configs/embedded-multi.yaml", "--set", f"output_path={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "cannot be trained under torchrun" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_with_a_multi_sae_config_refuses_on_every_rank(tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        torchrun = shutil.which("torchrun")
+    assert torchrun, "torchrun is installed with torch"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "sae_lens_allocation",
+         "train", "configs/embedded-multi.yaml", "--set", f"output_path={tmp_path / 'out'}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0
+    assert done.stderr.count("cannot be trained under torchrun") == 2
+    assert not (tmp_path / "out").exists()

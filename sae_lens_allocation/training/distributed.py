@@ -304,13 +304,13 @@ def train_data_parallel(
     # This rank's share of each global batch; read lazily when the store starts its loader.
     store.train_batch_size_tokens = cfg.train_batch_size_tokens // group.world_size
     try:
-        return _run(runner, cfg, group)
+        return _run_on_ranks(runner, cfg, group)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(
+def _run_on_ranks(
     runner: Any, cfg: LanguageModelSAERunnerConfig[Any], group: BatchGroup
 ) -> TrainingSAE[Any]:
     """SAELens' runner loop (`saelens_compat.run_language_model_runner`) with the data-parallel
