@@ -64,6 +64,7 @@ STEP_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("topk_aux", "topk_aux", {}),
     ("mutual_choice", "mutual_choice", {"aux_loss": "aux_k"}),
     ("feature_choice", "feature_choice", {"aux_loss": "aux_k"}),
+    ("feature_choice_zipf", "feature_choice", {"aux_loss": "aux_k", "capacity": "zipf"}),
     ("gradient_topk", "gradient_topk", {}),
 ]
 # Compiling costs about a minute per row on a GPU: one row by default.
@@ -104,8 +105,11 @@ def default_answer(tensor: torch.Tensor) -> bool | int | float:
 class HostSyncCounter(TorchDispatchMode):
     """Records every ATen call that makes the host wait for a device: reading a device value
     (`item`, `bool`, `int`: aten._local_scalar_dense), an op whose output size depends on
-    device data (nonzero, masked_select, unique, bincount, boolean indexing, equal) and a copy
-    from a device to the host. Tensors on the CPU are not counted.
+    device data (nonzero, masked_select, unique, bincount, boolean indexing, equal), a copy
+    from a device to the host, and a copy from host memory to a device (from pageable memory it
+    blocks the host as well). Non-blocking copies are not counted: the plugin makes them from or
+    to pinned memory on CUDA (`allocation.transfer`), where they are queued like kernels.
+    Tensors on the CPU are not counted.
 
     Under FakeTensorMode nothing has a value; a host read then returns `answer(tensor)` (default
     `default_answer`), and the size-from-data ops raise in FakeTensorMode itself, so a run that
@@ -115,6 +119,14 @@ class HostSyncCounter(TorchDispatchMode):
         super().__init__()
         self.answer = answer
         self.events: list[str] = []
+        # file:line of the innermost frame outside torch, one per event.
+        self.where: list[str] = []
+
+    def _record(self, event: str) -> None:
+        self.events.append(event)
+        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
+        frame = frames[-1] if frames else None
+        self.where.append(f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -122,21 +134,32 @@ class HostSyncCounter(TorchDispatchMode):
         on_device = bool(tensors) and tensors[0].device.type != "cpu"
         if func is aten._local_scalar_dense.default:
             if on_device:
-                self.events.append("host read")
+                self._record("host read")
             if self.answer is not None and isinstance(args[0], FakeTensor):
                 return self.answer(args[0])
         elif func in _SIZE_FROM_DATA and on_device:
-            self.events.append(str(func.overloadpacket.__name__))
+            self._record(str(func.overloadpacket.__name__))
         elif func in _INDEXING and on_device:
             indices = args[1] if len(args) > 1 else ()
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
-                self.events.append("boolean indexing")
-        elif func is aten._to_copy.default and on_device:
-            if torch.device(kwargs.get("device") or tensors[0].device).type == "cpu":
-                self.events.append("copy to host")
+                self._record("boolean indexing")
+        elif func is aten._to_copy.default and tensors:
+            target = torch.device(kwargs.get("device") or tensors[0].device).type
+            if on_device and target == "cpu" and not kwargs.get("non_blocking"):
+                self._record("copy to host")
+            elif not on_device and target != "cpu" and not kwargs.get("non_blocking"):
+                # From pageable host memory a copy to the device blocks the host too; the
+                # plugin's non-blocking copies come from pinned memory on CUDA.
+                self._record("copy to device")
         elif func is aten.copy_.default and len(tensors) == 2:
-            if tensors[0].device.type == "cpu" and tensors[1].device.type != "cpu":
-                self.events.append("copy to host")
+            if tensors[0].device.type == "cpu" and tensors[1].device.type != "cpu" and not (
+                len(args) > 2 and args[2]
+            ):
+                self._record("copy to host")
+            elif tensors[0].device.type != "cpu" and tensors[1].device.type == "cpu" and not (
+                len(args) > 2 and args[2]
+            ):
+                self._record("copy to device")
         return func(*args, **kwargs)
 
 
@@ -568,23 +591,35 @@ def check_compiled(run: Run, args: argparse.Namespace, sizes: dict[str, Any]) ->
 def structural_syncs(
     arch: str, extra: dict[str, Any], sizes: dict[str, Any], device: str = "meta"
 ) -> list[str]:
-    """Host synchronisations of one training step (the second; the first may initialise state),
-    counted on fake device tensors: no data, every size-from-data op raises. `meta` by default:
-    on a CPU-only torch build fake `cuda` tensors cannot go through autograd."""
+    """Host synchronisations of one training step at steady state (the third: the first
+    initialises state, the Zipf warm-up ends after it), counted on fake device tensors: no data,
+    every size-from-data op raises. `meta` by default: on a CPU-only torch build fake `cuda`
+    tensors cannot go through autograd. The batches are made before counting."""
+    return structural_sync_sites(arch, extra, sizes, device)[0]
+
+
+def structural_sync_sites(
+    arch: str, extra: dict[str, Any], sizes: dict[str, Any], device: str = "meta"
+) -> tuple[list[str], list[str]]:
+    """`structural_syncs` with the file:line of each event."""
     with FakeTensorMode(allow_non_fake_inputs=True), HostSyncCounter() as counter:
         trainer = build_trainer(arch, extra, device, sizes, autocast=False)
         generator = torch.Generator().manual_seed(0)
-        _step(trainer, _step_input(arch, sizes, device, generator))
-        counter.events.clear()
-        _step(trainer, _step_input(arch, sizes, device, generator))
-    return counter.events
+        for _ in range(3):
+            batch = _step_input(arch, sizes, device, generator)
+            counter.events.clear()
+            counter.where.clear()
+            _step(trainer, batch)
+    return counter.events, counter.where
 
 
 def cuda_syncs(arch: str, extra: dict[str, Any], sizes: dict[str, Any], device: str) -> int:
-    """Synchronisations of one training step as CUDA's sync debug mode reports them."""
+    """Synchronisations of one steady-state training step (the third) as CUDA's sync debug mode
+    reports them."""
     trainer = build_trainer(arch, extra, device, sizes, autocast=False)
     generator = torch.Generator().manual_seed(0)
-    _step(trainer, _step_input(arch, sizes, device, generator))
+    for _ in range(2):
+        _step(trainer, _step_input(arch, sizes, device, generator))
     batch = _step_input(arch, sizes, device, generator)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
@@ -603,8 +638,8 @@ def syncs_row(args: argparse.Namespace, sizes: dict[str, Any], label: str) -> di
     fake_sizes = {**sizes, "n": max(sizes["n"], 256), "d_sae": max(sizes["d_sae"], 1024)}
     row: dict[str, Any] = {"architecture": label}
     try:
-        events = structural_syncs(arch, extra, fake_sizes)
-        row.update(structural=len(events), events=events)
+        events, where = structural_sync_sites(arch, extra, fake_sizes)
+        row.update(structural=len(events), events=events, where=where)
     except RuntimeError as error:  # e.g. SAELens batchtopk enters autocast("meta")
         row.update(structural="n/a", events=f"{type(error).__name__}: {error}")
     if torch.device(args.device).type == "cuda":

@@ -105,6 +105,28 @@ def test_non_finite_loss_stops_training(arch):
         sae.training_forward_pass(step)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_off_the_cpu_a_non_finite_loss_stops_the_next_save(arch, tmp_path, monkeypatch):
+    """On an accelerator the step does not read the loss back (a host sync per step); the first
+    bad step is kept on the device and the next save, checkpoint or export, raises before
+    writing anything."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    from sae_lens_allocation.saes import finite_loss
+
+    monkeypatch.setattr(finite_loss, "reads_are_free", lambda device: False)
+    sae = _sae(arch)
+    for n_step in (5, 6, 7):
+        x = torch.randn(64, D_IN)
+        if n_step >= 6:
+            x[3, 2] = float("nan")
+        sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                 n_training_steps=n_step, is_logging_step=False))
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 6"):
+        sae.save_model(tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint" / "sae_weights.safetensors").exists()
+
+
 def _train(arch, tmp_path, **overrides):
     cfg = support.runner_cfg(arch, tmp_path, **overrides)
     runner = LanguageModelSAETrainingRunner(

@@ -1,9 +1,12 @@
 """The static-shape path, used on every device but the CPU (package docstring, "Devices"):
 candidates in a buffer of fixed capacity, exactly one host synchronisation per call, and a dense
-fallback with none."""
+fallback with none. Nothing else blocks the host: Mutual Choice's sampled positions are drawn
+once per (T, device) and kept there, and Feature Choice's capacities go to the device by a
+non-blocking copy (from pinned memory on CUDA)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,6 +23,7 @@ from sae_lens_allocation.allocation.cpu import (
     _column_value_order,
     _exact_float,
 )
+from sae_lens_allocation.allocation.transfer import to_device_async
 
 # Candidate capacity C = (expected count) * (1 + slack) + extra, see `_mutual_choice_static` and
 # `_feature_choice_static`.
@@ -31,6 +35,16 @@ def _static_shapes(device: torch.device) -> bool:
     """Whether the static-shape path runs: on every device but the CPU, where data-dependent
     sizes cost nothing and the candidate path above is measured fastest."""
     return device.type != "cpu"
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_positions(numel: int, device: torch.device) -> torch.Tensor:
+    """The `_MC_SAMPLE` positions of Mutual Choice's sampled bound for T = numel: drawn on the
+    host from the fixed seed (so they equal the CPU path's) and copied to the device once, without
+    blocking."""
+    generator = torch.Generator()
+    generator.manual_seed(_SEED)
+    return to_device_async(torch.randint(0, numel, (_MC_SAMPLE,), generator=generator), device)
 
 
 def _host_bool(flag: torch.Tensor) -> bool:
@@ -86,11 +100,7 @@ def _mutual_choice_static(
             numel // _MAX_BLOCK_DIVISOR,  # room for ties at the bound, as on the CPU path
         ),
     )
-    generator = torch.Generator()
-    generator.manual_seed(_SEED)
-    # Drawn on the host (the draws depend on T only) and copied over: no device generator needed.
-    draws = torch.randint(0, numel, (_MC_SAMPLE,), generator=generator).to(z.device)
-    sample = _exact_float(z.view(-1).index_select(0, draws))
+    sample = _exact_float(z.view(-1).index_select(0, _sample_positions(numel, z.device)))
     bound = torch.kthvalue(sample, _MC_SAMPLE - rank + 1).values.to(z.dtype)
     flat = z.view(-1)
     mask = (flat >= bound) & (flat > 0)
@@ -150,13 +160,13 @@ def _feature_choice_static(
         + math.ceil((1 + _FC_CAPACITY_SLACK) * int(torch.where(bounded, caps, 0).sum()))
         + _FC_CAPACITY_EXTRA,
     )
-    dev_caps = caps.to(device)
+    dev_caps = to_device_async(caps, device)
     bound = torch.full((n_latents,), float("-inf"), dtype=z.dtype, device=device)
     if depth:
         group_maxima = maxima[: n_blocks // groups * groups].view(-1, groups, n_latents).amax(0)
         top = torch.topk(group_maxima.t().contiguous(), depth, dim=1).values
         from_groups = top.gather(1, (dev_caps.clamp(1, depth) - 1)[:, None]).squeeze(1)
-        bound = torch.where(bounded.to(device) & (dev_caps >= 1), from_groups, bound)
+        bound = torch.where((dev_caps <= groups) & (dev_caps >= 1), from_groups, bound)
     bound = torch.where(dev_caps == 0, torch.full_like(bound, float("inf")), bound)
     del maxima
     mask = z >= bound
@@ -194,7 +204,7 @@ def _feature_choice_dense(
     depth = int(caps.max()) if caps.numel() else 0
     if depth == 0:
         return None, torch.zeros(z.numel(), dtype=torch.bool, device=z.device), inf
-    dev_caps = caps.to(z.device)
+    dev_caps = to_device_async(caps, z.device)
     top = torch.topk(z, depth, dim=0).values
     last = top.gather(0, (dev_caps.clamp(min=1) - 1)[None, :]).squeeze(0)
     cutoff = torch.where(dev_caps > 0, last, inf)

@@ -201,9 +201,8 @@ def aux_zipf_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossM
     on their own with the slots D leaves free, s_A = min(k_aux, |U|) - min(k_aux, |D|), values
     relu(z), latent j's gradient weighted by w_j; the normalisation aux_k uses. With U = dead
     and w = 1 (tau = 0, or during the EMA warm-up) the second term is 0: aux_k exactly."""
-    # Host syncs for the slot sizes (aux_k has the dead count too).
-    n_dead = int(ctx.dead_mask.sum())
-    n_underused = int(ctx.underused.sum())
+    # One host read for both slot sizes (aux_k reads the dead count too).
+    n_dead, n_underused = torch.stack([ctx.dead_mask.sum(), ctx.underused.sum()]).cpu().tolist()
     loss = reconstruct_residual_loss(sae, ctx, ctx.dead_mask, n_dead)
     free = min(ctx.k_aux, n_underused) - min(ctx.k_aux, n_dead)
     if free > 0:

@@ -41,7 +41,7 @@ from sae_lens_allocation.saes.calibration import (
     collect_rows,
     document_folds,
 )
-from sae_lens_allocation.saes.finite_loss import ACTIVATIONS_ADVICE, check_finite_loss
+from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
 from sae_lens_allocation.validation import field_error, is_finite_number
 
 RowSource = torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor]
@@ -110,7 +110,7 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
             raise field_error("threshold_ema_rate", self.threshold_ema_rate, "0 < rate <= 1")
 
 
-class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE):
     """Training SAE whose codes come from a batch allocation rule and whose export is `jumprelu`.
 
     Subclasses implement `allocate(hidden_pre)`, `update_running_threshold(allocation)` and
@@ -187,10 +187,11 @@ class BatchAllocationTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         output = super().training_forward_pass(step_input)
-        check_finite_loss(output.loss, self.cfg.architecture(), step_input.n_training_steps,
-                          ACTIVATIONS_ADVICE)
-        # Only rows of a finite step reach the reservoir.
-        self.training_reservoir.add(step_input.sae_in)
+        self.guard_loss(output.loss, step_input.n_training_steps)
+        # The reservoir is the calibration data of last resort: not kept while held-out rows are
+        # attached (once full, each update costs two host-to-device copies).
+        if self._calibration_source is None:
+            self.training_reservoir.add(step_input.sae_in)
         allocation = self._last_allocation
         self.update_running_threshold(allocation)
         self.calibrated.fill_(False)

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from sae_lens_allocation.allocation.transfer import to_device_async
+
 # Cross-fitted quantile levels a: a log grid 1/4 .. 2 with ratio 2^(1/64) (1.1% apart).
 LEVELS = 2.0 ** torch.linspace(-2.0, 1.0, 193, dtype=torch.float64)
 
@@ -378,7 +380,8 @@ class RowReservoir:
         last = torch.full((slots.numel(),), -1, dtype=torch.long).scatter_reduce(
             0, inverse, keep, reduce="amax"
         )
-        self.rows[slots.to(rows.device)] = rows[last.to(rows.device)]
+        # Indices drawn on the host go over without blocking it.
+        self.rows[to_device_async(slots, rows.device)] = rows[to_device_async(last, rows.device)]
 
     def scale_(self, factor: float) -> None:
         if self.rows is not None:

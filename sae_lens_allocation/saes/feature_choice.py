@@ -35,6 +35,7 @@ from sae_lens_allocation.allocation import (
     zipf_capacities,
     zipf_targets,
 )
+from sae_lens_allocation.allocation.transfer import copy_to_host, wait_for_host_copy
 from sae_lens_allocation.saes.batch_allocation import (
     BatchAllocationTrainingSAE,
     BatchAllocationTrainingSAEConfig,
@@ -111,6 +112,11 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         self.register_buffer(
             "capacity_ranks", torch.arange(1, d_sae + 1, dtype=torch.long, device=device)
         )
+        # Host mirrors, so a training step reads nothing from the device for them: the update
+        # count, and the ranks as of the last re-ranking, copied without blocking when they
+        # change and waited for (an event long complete by then) at the next step.
+        self._rank_updates_seen = 0
+        self._host_ranks: tuple[torch.Tensor, Any] | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the rank buffers existed ranked by the firing EMA: keep that
@@ -125,10 +131,13 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
             state_dict[prefix + "rank_selection_ema"] = torch.zeros_like(firing)
             state_dict[prefix + "rank_mass_ema"] = torch.zeros_like(firing)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "rank_updates" in state_dict:
+            self._rank_updates_seen = int(state_dict[prefix + "rank_updates"])
+        self._host_ranks = None
 
     def zipf_ranked(self) -> bool:
         """True once Zipf capacities are in use: capacity="zipf" and the warm-up is over."""
-        return self.cfg.capacity == "zipf" and int(self.rank_updates) >= self.cfg.capacity_warmup_steps
+        return self.cfg.capacity == "zipf" and self._rank_updates_seen >= self.cfg.capacity_warmup_steps
 
     def capacities(self, n_tokens: int) -> torch.Tensor:
         """m_j for a batch of n_tokens tokens ([F], long, sums to floor(k * N)): uniform, or Zipf
@@ -136,7 +145,7 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         self.cfg.check_batch_tokens(n_tokens)
         if not self.zipf_ranked():
             return uniform_capacities(n_tokens, self.cfg.d_sae, self.cfg.k, self._generator)
-        ranks = self.capacity_ranks.cpu()
+        ranks = self.host_capacity_ranks()
         return zipf_capacities(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent, self._generator)
 
     @torch.no_grad()
@@ -156,14 +165,23 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         selected = group.sum((group.mutual_choice(z, self.cfg.k).codes != 0).float().sum(0)) / n_tokens
         mass = group.sum(z.relu().float().sum(0)) / n_tokens
         self.rank_updates += 1
+        self._rank_updates_seen += 1
         decay = self.cfg.firing_ema_decay
         self.rank_selection_ema.copy_(
             update_firing_ema(self.rank_selection_ema, selected, self.rank_updates, decay)
         )
         self.rank_mass_ema.copy_(update_firing_ema(self.rank_mass_ema, mass, self.rank_updates, decay))
-        since_warmup = int(self.rank_updates) - self.cfg.capacity_warmup_steps
+        since_warmup = self._rank_updates_seen - self.cfg.capacity_warmup_steps
         if since_warmup >= 0 and since_warmup % self.cfg.capacity_rerank_steps == 0:
             self.capacity_ranks.copy_(ranks_from_frequency(self.rank_selection_ema, self.rank_mass_ema))
+            self._host_ranks = copy_to_host(self.capacity_ranks)
+
+    def host_capacity_ranks(self) -> torch.Tensor:
+        """`capacity_ranks` on the host: the copy started at the last re-ranking (waiting for it
+        if it has not landed), or a blocking copy after a load."""
+        if self._host_ranks is None:
+            self._host_ranks = copy_to_host(self.capacity_ranks)
+        return wait_for_host_copy(self._host_ranks)
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:

@@ -35,7 +35,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingS
 from typing_extensions import override
 
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
-from sae_lens_allocation.saes.finite_loss import check_finite_loss
+from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
 from sae_lens_allocation.validation import field_error
 
 GRADIENT_STATE_BUFFERS = ("grad_rms", "grad_rms_updates")
@@ -148,7 +148,7 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
             )
 
 
-class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE):
     """Gradient TopK training SAE; see the module docstring for the rule.
 
     Buffers (training checkpoints only, dropped on export): grad_rms, the running RMS of a;
@@ -156,6 +156,7 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     """
 
     cfg: GradientTopKTrainingSAEConfig
+    NONFINITE_ADVICE = "Lower lr or check the activations and gradients for NaN/Inf."
     grad_rms: torch.Tensor
     grad_rms_updates: torch.Tensor
 
@@ -278,8 +279,7 @@ class GradientTopKTrainingSAE(AuxLossMixin, TopKTrainingSAE):
             output = super().training_forward_pass(replace(step_input, sae_in=acts))
         finally:
             self._pending_gradients = None
-        check_finite_loss(output.loss, "gradient_topk", step_input.n_training_steps,
-                          "Lower lr or check the activations and gradients for NaN/Inf.")
+        self.guard_loss(output.loss, step_input.n_training_steps)
         output.metrics.update(self._step_metrics())
         output.metrics.update(self.aux_loss_metrics())
         return output

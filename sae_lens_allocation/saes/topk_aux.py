@@ -17,7 +17,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingS
 from typing_extensions import override
 
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
-from sae_lens_allocation.saes.finite_loss import ACTIVATIONS_ADVICE, check_finite_loss
+from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
 from sae_lens_allocation.validation import field_error, is_int
 
 
@@ -41,7 +41,7 @@ class TopKAuxTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
             raise field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
 
 
-class TopKAuxTrainingSAE(AuxLossMixin, TopKTrainingSAE):
+class TopKAuxTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE):
     """SAELens `TopKTrainingSAE` whose auxiliary loss is chosen by `cfg.aux_loss`."""
 
     cfg: TopKAuxTrainingSAEConfig
@@ -53,7 +53,7 @@ class TopKAuxTrainingSAE(AuxLossMixin, TopKTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         output = super().training_forward_pass(step_input)
-        check_finite_loss(output.loss, "topk_aux", step_input.n_training_steps, ACTIVATIONS_ADVICE)
+        self.guard_loss(output.loss, step_input.n_training_steps)
         output.metrics.update(self.aux_loss_metrics())
         return output
 
