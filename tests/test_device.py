@@ -347,3 +347,22 @@ def test_gpu_check_starts_nothing_past_its_deadline(tmp_path):
                              "--sections", "kernels,steps", "--out", str(tmp_path)])
     assert report["sections"] == {"kernels": [{"row": "all", "skipped": "deadline"}],
                                   "steps": [{"row": "all", "skipped": "deadline"}]}
+
+
+@settings(max_examples=200, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       bound=st.floats(allow_nan=True, allow_infinity=True, width=32),
+       seed=st.integers(0, 2**16))
+def test_one_comparison_selects_what_two_did(dtype, bound, seed):
+    """The static Mutual Choice candidates `z > _just_below(b)` are exactly `z >= b and z > 0`,
+    subnormals, zeros, infinities and NaN included."""
+    from sae_lens_allocation.allocation.static import _just_below
+
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), bound])
+    z = torch.cat([torch.randn(200, generator=g) * 10.0 ** torch.randint(-45, 5, (200,), generator=g),
+                   special]).to(dtype)
+    small = torch.finfo(dtype).smallest_normal
+    z = torch.cat([z, torch.tensor([small / 2, small / 1024, small], dtype=dtype)])
+    b = torch.tensor(bound).to(dtype)
+    assert torch.equal(z > _just_below(b), (z >= b) & (z > 0))

@@ -65,6 +65,18 @@ def _codes_static(
     return flat.new_zeros(numel + 1).scatter_(0, index, values)[:numel]
 
 
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
+                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _just_below(bound: torch.Tensor) -> torch.Tensor:
+    """t with (z > t) == (z >= b and z > 0) for every z of b's dtype (0-dim b): the largest value
+    below b when b > 0 (one less in the bit pattern, exact for positive IEEE floats), 0 when
+    b <= 0, b itself when b is NaN (nothing passes, as z >= NaN)."""
+    previous = (bound.view(_SAME_WIDTH_INT[bound.dtype]) - 1).view(bound.dtype)
+    return torch.where(bound > 0, previous, torch.where(bound <= 0, torch.zeros_like(bound), bound))
+
+
 def _first_count(tied: torch.Tensor, need: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """tied & (running count of tied entries along `dim`, in index order, <= need): the first
     `need` tied entries (need 0-dim, or one per column), with no data-dependent size."""
@@ -103,20 +115,22 @@ def _mutual_choice_static(
     sample = _exact_float(z.view(-1).index_select(0, _sample_positions(numel, z.device)))
     bound = torch.kthvalue(sample, _MC_SAMPLE - rank + 1).values.to(z.dtype)
     flat = z.view(-1)
-    mask = (flat >= bound) & (flat > 0)
-    count = mask.sum()
-    index = torch.nonzero_static(mask, size=capacity, fill_value=numel).squeeze(1)
-    del mask
+    # z >= b and z > 0 in one comparison; one slot more than C shows an overflow without a
+    # separate count of the candidates (the list is in flat order, padding last).
+    listed = torch.nonzero_static(flat > _just_below(bound), size=capacity + 1, fill_value=numel)
+    overflow = listed[capacity, 0] < numel
+    index = listed[:capacity, 0]
     real = index < numel
     values = _exact_float(flat.index_select(0, index.clamp(max=numel - 1)))
     values = torch.where(real, values, torch.full_like(values, float("-inf")))
-    enough = count >= m
+    # At least m candidates: the m-th slot holds one (1 <= m <= C: C >= T r / s >= m).
+    enough = index[m - 1] < numel
     # Fewer than m candidates with b <= 0: fewer than m positive entries, all kept (cut-off 0).
     top = torch.topk(values, min(m, capacity), sorted=False).values.min()
     cutoff = torch.where(enough, top, torch.zeros_like(top))
     above = values > cutoff
     keep = above | _first_count(values == cutoff, m - above.sum())
-    complete = (count <= capacity) & (enough | (bound <= 0))
+    complete = ~overflow & (enough | (bound <= 0))
     if not _host_bool(complete):
         return _mutual_choice_dense(z, m)
     return index, keep, cutoff.to(z.dtype)
@@ -169,11 +183,11 @@ def _feature_choice_static(
         bound = torch.where((dev_caps <= groups) & (dev_caps >= 1), from_groups, bound)
     bound = torch.where(dev_caps == 0, torch.full_like(bound, float("inf")), bound)
     del maxima
-    mask = z >= bound
-    count = mask.sum()
     numel = z.numel()
-    index = torch.nonzero_static(mask.view(-1), size=capacity, fill_value=numel).squeeze(1)
-    del mask
+    # One slot more than C shows an overflow without a separate count of the candidates.
+    listed = torch.nonzero_static((z >= bound).view(-1), size=capacity + 1, fill_value=numel)
+    overflow = listed[capacity, 0] < numel
+    index = listed[:capacity, 0]
     real = index < numel
     values = z.view(-1).index_select(0, index.clamp(max=numel - 1))
     # Padding sorts after every real column.
@@ -189,7 +203,7 @@ def _feature_choice_static(
     last = order.index_select(0, (starts + dev_caps - 1).clamp(0, capacity - 1))
     inf = torch.full((n_latents,), float("inf"), dtype=z.dtype, device=device)
     cutoff = torch.where(dev_caps > 0, values.index_select(0, last), inf)
-    if not _host_bool(count <= capacity):
+    if not _host_bool(~overflow):
         return _feature_choice_dense(z, caps)
     return index.index_select(0, order), keep, cutoff
 
