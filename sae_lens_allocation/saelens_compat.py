@@ -10,7 +10,8 @@ docs/saelens-internals.md lists the same needs as a proposal for public hooks up
 Three kinds of need:
 - Private steps the plugin extends. Each class below overrides SAELens' private method once and
   forwards it to a public method of the same meaning (`tokenized_sequences`, `cached_llm_batch`,
-  `filtered_multi_hook_llm_batch`, `create_shard`, `before_fit`, `save_runner_checkpoint_files`);
+  `filtered_multi_hook_llm_batch`, `create_shard`, `before_fit` / `after_fit`,
+  `save_runner_checkpoint_files`);
   plugin classes override the public one and call `super()`.
 - Private state the plugin reads or sets: functions and properties with public names.
 - Bodies copied because SAELens has no seam where the plugin needs one: SAELens' mixing buffer
@@ -222,13 +223,18 @@ class PluginMultiRunnerBase(MultiSAETrainingRunner):
 
     def _run_with_interruption_handling(self, trainer: MultiSAETrainer) -> dict[str, TrainingSAE[Any]]:
         self.before_fit(trainer)
-        return super()._run_with_interruption_handling(trainer)
+        saes = super()._run_with_interruption_handling(trainer)
+        self.after_fit(trainer, saes)
+        return saes
 
     def _save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:
         self.save_runner_checkpoint_files(checkpoint_path)
 
     def before_fit(self, trainer: MultiSAETrainer) -> None:
         """Called with the trainer just before `fit` (the one place SAELens hands it over)."""
+
+    def after_fit(self, trainer: MultiSAETrainer, saes: dict[str, TrainingSAE[Any]]) -> None:
+        """Called with the trainer and the trained SAEs when `fit` returns, before the export."""
 
     def save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:
         """Runner-level files of a checkpoint (SAELens': the store state and runner config)."""

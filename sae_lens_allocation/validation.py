@@ -74,11 +74,13 @@ def _get(section: Any, name: str, default: Any = None) -> Any:
     return getattr(section, name, default)
 
 
-def check_runner_fields(cfg: Any) -> None:
+def check_runner_fields(cfg: Any, dataset_given: bool = False) -> None:
     """Raise `UsageError` for the first runner field with a wrong type or range.
 
     `cfg` is a runner config dict (before `from_dict`) or a `LanguageModelSAERunnerConfig`.
-    Absent keys keep SAELens' defaults and are not checked.
+    Absent keys keep SAELens' defaults and are not checked. With `dataset_given` (the caller
+    passes `override_dataset`, as to SAELens' runner) `dataset_path` may be SAELens' default
+    `''`: nothing is read from it.
     """
     missing = object()
 
@@ -98,8 +100,13 @@ def check_runner_fields(cfg: Any) -> None:
         raise field_error("seed", seed, "an integer")
     for name in _STRINGS:
         v = value(name)
+        if name == "dataset_path" and dataset_given and v == "":
+            continue
         if v is not missing and not (isinstance(v, str) and v):
-            raise field_error(name, v, "a non-empty string")
+            allowed = "a non-empty string"
+            if name == "dataset_path":
+                allowed += " (or '' with an override_dataset)"
+            raise field_error(name, v, allowed)
     lr = value("lr")
     if lr is not missing and not (is_finite_number(lr) and lr > 0):
         raise field_error("lr", lr, "a finite number > 0, e.g. 3e-4")

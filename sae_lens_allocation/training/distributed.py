@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -42,9 +43,10 @@ from sae_lens_allocation.saelens_compat import SeamedSAETrainer, run_language_mo
 from sae_lens_allocation.saes.batch_group import BatchGroupMixin
 from sae_lens_allocation.saes.calibration import CalibrationRows
 from sae_lens_allocation.training.gradients import HookedRootModule
+from sae_lens_allocation.training.output_lock import RunLock
 from sae_lens_allocation.training.runner import build_runner
 from sae_lens_allocation.training.sources import runner_sources
-from sae_lens_allocation.validation import field_error
+from sae_lens_allocation.validation import UsageError, field_error
 
 #: Environment variable: seconds a collective waits for the other ranks (default 300).
 TIMEOUT_ENV = "SAE_LENS_ALLOCATION_DP_TIMEOUT"
@@ -303,11 +305,35 @@ def train_data_parallel(
     store = runner.activations_store
     # This rank's share of each global batch; read lazily when the store starts its loader.
     store.train_batch_size_tokens = cfg.train_batch_size_tokens // group.world_size
+    runner.world_size = group.world_size
     try:
-        return _run_on_ranks(runner, cfg, group)
+        with _rank0_output_lock(runner, cfg, group):
+            return _run_on_ranks(runner, cfg, group)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def _rank0_output_lock(runner: Any, cfg: LanguageModelSAERunnerConfig[Any],
+                       group: BatchGroup) -> Iterator[None]:
+    """Rank 0, the writer, holds the run's lock on its output folders (output_lock.py); when it
+    is refused every rank raises the `UsageError` before training."""
+    lock = runner.output_lock() if group.rank == 0 else RunLock(())
+    refused: UsageError | None = None
+    try:
+        lock.acquire()
+    except UsageError as err:
+        refused = err
+    flag = torch.tensor([float(refused is not None)], device=torch.device(cfg.device))
+    try:
+        if group.sum(flag).item():
+            raise refused or UsageError(
+                f"output_path={cfg.output_path!r} or checkpoint_path={cfg.checkpoint_path!r} is "
+                "in use by another run (rank 0 holds no lock on it)")
+        yield
+    finally:
+        lock.release()
 
 
 def _run_on_ranks(

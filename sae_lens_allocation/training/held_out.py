@@ -36,7 +36,6 @@ import torch
 from sae_lens_allocation.embedded.splits import embedded_calibration_tokens
 from sae_lens_allocation.saelens_compat import restart_tokenized_sequences
 from sae_lens_allocation.saes.calibration import CalibrationRows
-from sae_lens_allocation.tokens import special_token_ids
 
 # A batch of token rows -> {hook: activations [rows, positions, d_in]}, positions sliced by the
 # store's `seqpos_slice` as training slices them.
@@ -148,14 +147,14 @@ def _first_rows(store: Any, n_tokens: int, keep_special: bool,
 
 def attach_calibration(saes: Mapping[str, Any], hooks: Mapping[str, str], model: Any, store: Any,
                        activations: HookActivations, context_size: int, training_seed: int,
-                       embedded_dataset: Any = None) -> dict[str, CalibrationTokens]:
+                       special: list[int], embedded_dataset: Any = None) -> dict[str, CalibrationTokens]:
     """Attach held-out calibration rows (module docstring) to every SAE of `saes` (name -> SAE)
     that takes a calibration source, at its hook `hooks[name]`; returns the reservation each
-    SAE reads. `training_seed` is the seed the embedded training rows were built with."""
+    SAE reads. `training_seed` is the seed the embedded training rows were built with; `special`
+    the token ids calibration leaves out (`tokens.run_special_tokens`)."""
     saes = {n: s for n, s in saes.items() if hasattr(s, "set_calibration_source")}
     if not saes:
         return {}
-    special = special_token_ids(model)
     reserved: dict[str, CalibrationTokens] = {}
     if embedded_dataset is not None:
         by_settings: dict[tuple[int, int, bool], CalibrationTokens | None] = {}

@@ -47,9 +47,12 @@ from sae_lens_allocation.saelens_compat import (
     PluginActivationsStore,
     PluginMultiRunnerBase,
 )
+from sae_lens_allocation.tokens import run_special_tokens
 from sae_lens_allocation.training.gradients import HookedRootModule, multi_hook_activation_gradients
 from sae_lens_allocation.training.held_out import attach_calibration
-from sae_lens_allocation.training.sources import EMBEDDED, runner_sources
+from sae_lens_allocation.training.output_lock import RunLock, check_output_paths
+from sae_lens_allocation.training.provenance import record_provenance
+from sae_lens_allocation.training.sources import EMBEDDED, check_special_tokens, runner_sources
 
 
 def gradient_rows_key(hook_name: str) -> str:
@@ -177,7 +180,9 @@ class PluginMultiSAETrainingRunner(PluginMultiRunnerBase):
             if hasattr(sae_cfg, "check_batch_tokens"):
                 sae_cfg.check_batch_tokens(cfg.train_batch_size_tokens)
         override_dataset_given = override_dataset is not None
+        check_output_paths([("output_path", cfg.output_path), ("checkpoint_path", cfg.checkpoint_path)])
         override_model, override_dataset = runner_sources(cfg, override_model, override_dataset)
+        check_special_tokens(override_model, cfg.exclude_special_tokens)
         if override_saes is None:
             override_saes = {}
             for name, sae_cfg in cfg.saes.items():
@@ -196,14 +201,32 @@ class PluginMultiSAETrainingRunner(PluginMultiRunnerBase):
             self.activations_store = store
             self.evaluator.activations_store = store
         hooks = cfg.hook_names_per_sae
+        special_ids, special_source = run_special_tokens(self.model, cfg.exclude_special_tokens)
+        self.special_tokens = {"ids": special_ids, "source": special_source}
         embedded_rows = not override_dataset_given and cfg.dataset_path == EMBEDDED
         # name -> the held-out calibration rows that SAE reads (held_out.CalibrationTokens).
         self.calibration_tokens = attach_calibration(
             self.saes, hooks, self.model, self.activations_store,
             self.activations_store.get_multi_hook_activations, cfg.context_size, cfg.seed,
-            override_dataset if embedded_rows else None)
+            special_ids, override_dataset if embedded_rows else None)
         # The shuffle order depends on the seed only, not on how many numbers the inits drew.
         torch.manual_seed(cfg.seed)
+
+    def run(self) -> dict[str, TrainingSAE[Any]]:
+        """SAELens' `run()`, holding the lock on `output_path` and `checkpoint_path`
+        (output_lock.py)."""
+        with RunLock([("output_path", self.cfg.output_path),
+                      ("checkpoint_path", self.cfg.checkpoint_path)]):
+            return super().run()
+
+    def after_fit(self, trainer: MultiSAETrainer, saes: dict[str, TrainingSAE[Any]]) -> None:
+        # Provenance for every export (provenance.py); a multi run is one process. A resume
+        # is recorded without comparing configs (the multi runner's resume is SAELens' own).
+        resumes = [] if self.cfg.resume_from_checkpoint is None else [
+            {"checkpoint": str(self.cfg.resume_from_checkpoint), "tokens_seen": None, "changed": None}]
+        for name, sae in saes.items():
+            record_provenance(sae, self.cfg, trainer.trainers[name].n_training_samples, 1,
+                              self.special_tokens, resumes)
 
     def before_fit(self, trainer: MultiSAETrainer) -> None:
         # Route the gradient SAEs to their [acts | grads] rows.

@@ -44,6 +44,8 @@ from sae_lens.constants import SAE_CFG_FILENAME
 
 from sae_lens_allocation.loading import INCOMPLETE_DIRNAME
 from sae_lens_allocation.saelens_compat import MixingBuffer, PluginActivationsStore
+from sae_lens_allocation.training.output_lock import RunLock
+from sae_lens_allocation.training.provenance import record_provenance
 
 RESUME_STATE_FILENAME = "resume_state.pt"
 STORE_STATE_FILENAME = "resume_store_state.pt"
@@ -266,11 +268,16 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
         self._trainer: Any = None
         # The held-out calibration rows build_runner reserves (held_out.CalibrationTokens).
         self.calibration_tokens: Any = None
+        # Provenance (provenance.py): what build_runner found; data parallel sets world_size.
+        self.world_size = 1
+        self.special_tokens: dict[str, Any] = {"ids": [], "source": "none"}
+        self.resume_changed: dict[str, dict[str, Any]] = {}
+        self.resumes: list[dict[str, Any]] = []
 
     def run(self) -> Any:
         """SAELens' `run()`, with SIGINT/SIGTERM turned into a stop at the next step boundary.
         A signal that arrives after the last step lets the export finish, then stops."""
-        with self.stop.installed():
+        with self.output_lock(), self.stop.installed():
             sae = super().run()
         if self.stop.signum is not None:
             name = signal.Signals(self.stop.signum).name
@@ -278,6 +285,11 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
                 else "training had finished"
             raise TrainingInterrupted(self.stop.signum, f"stopped by {name} after the last step; {where}")
         return sae
+
+    def output_lock(self) -> RunLock:
+        """The lock on this run's `output_path` and `checkpoint_path` (output_lock.py)."""
+        return RunLock([("output_path", self.cfg.output_path),
+                        ("checkpoint_path", self.cfg.checkpoint_path)])
 
     def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
         self._trainer = trainer
@@ -336,6 +348,7 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
             "n_training_steps": trainer.n_training_samples // trainer.cfg.train_batch_size_samples,
             "rng": _rng_state(),
             "sae_generators": generator_states(trainer.sae),
+            "resumes": self.resumes,
         }
         torch.save(state, Path(checkpoint_path) / RESUME_STATE_FILENAME)
         final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name
@@ -346,7 +359,10 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
 
     def _load_resume_state(self, checkpoint: Path, trainer: Any) -> None:
         path = checkpoint / RESUME_STATE_FILENAME
+        resume = {"checkpoint": str(checkpoint), "tokens_seen": int(trainer.n_training_samples),
+                  "changed": self.resume_changed}
         if not path.is_file():
+            self.resumes = [resume]
             logger.warning(
                 f"{checkpoint} has no {RESUME_STATE_FILENAME} (written by SAELens' own runner): "
                 "resuming as SAELens does, without the RNG and step state, so the run will not "
@@ -354,6 +370,8 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
             )
             return
         state = torch.load(path, map_location="cpu", weights_only=False)
+        # Checkpoints written before resume histories were recorded have none.
+        self.resumes = [*state.get("resumes", []), resume]
         trainer.n_training_steps = int(state["n_training_steps"])
         # Thresholds already passed were checkpointed by the interrupted run.
         trainer.checkpoint_thresholds = [
@@ -364,7 +382,10 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
 
     def save_final_sae(self, sae: Any, output_path: str,
                        log_feature_sparsity: torch.Tensor | None = None) -> None:
-        """SAELens' export, written to a hidden sibling folder and then published."""
+        """SAELens' export with the run's provenance in its metadata (provenance.py), written
+        to a hidden sibling folder and then published."""
+        record_provenance(sae, self.cfg, self._trainer.n_training_samples, self.world_size,
+                          self.special_tokens, self.resumes)
         final = Path(output_path)
         tmp = final.parent / f".{final.name}.incomplete-{os.getpid()}"
         _remove(tmp)

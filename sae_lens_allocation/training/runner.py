@@ -23,12 +23,16 @@ from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.config import HfDataset
 from sae_lens.saes.sae import TrainingSAE
 
+from sae_lens_allocation.tokens import run_special_tokens
 from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule
 from sae_lens_allocation.training.held_out import attach_calibration
+from sae_lens_allocation.training.output_lock import check_output_paths
+from sae_lens_allocation.training.provenance import resume_changes
 from sae_lens_allocation.training.resume import ResumableActivationsStore, ResumableTrainingRunner
 from sae_lens_allocation.training.sources import (
     EMBEDDED,
     check_embedded_sources,
+    check_special_tokens,
     runner_dataset,
     runner_model,
 )
@@ -48,13 +52,13 @@ def build_runner(
     `LanguageModelSAERunnerConfig.from_dict`), with the gradient store where needed. Every check
     that can fail on the user's input runs before the runner is built (`UsageError`)."""
     if isinstance(cfg, Mapping):
-        check_runner_fields(dict(cfg))
+        check_runner_fields(dict(cfg), dataset_given=override_dataset is not None)
         cfg = LanguageModelSAERunnerConfig.from_dict(dict(cfg))
-    check_runner_fields(cfg)
+    check_runner_fields(cfg, dataset_given=override_dataset is not None)
+    check_output_paths([("output_path", cfg.output_path), ("checkpoint_path", cfg.checkpoint_path)])
     if hasattr(cfg.sae, "check_batch_tokens"):
         cfg.sae.check_batch_tokens(cfg.train_batch_size_tokens)
-    if cfg.resume_from_checkpoint is not None:
-        check_resume_checkpoint(cfg)
+    changed = check_resume_checkpoint(cfg) if cfg.resume_from_checkpoint is not None else {}
     gradients = needs_activation_gradients(cfg)
     # SAELens does not seed the SAE's initialisation; seeding here makes a config reproducible.
     torch.manual_seed(cfg.seed)
@@ -63,17 +67,21 @@ def build_runner(
     override_model = runner_model(cfg, override_model)
     if not cfg.use_cached_activations:
         check_hook(override_model, cfg)
+    check_special_tokens(override_model, cfg.exclude_special_tokens)
     override_dataset = runner_dataset(cfg, override_model, override_dataset)
     runner = ResumableTrainingRunner(
         cfg, override_dataset=override_dataset, override_model=override_model,
         store_class=GradientActivationsStore if gradients else ResumableActivationsStore,
     )
+    runner.resume_changed = changed
+    ids, source = run_special_tokens(runner.model, cfg.exclude_special_tokens)
+    runner.special_tokens = {"ids": ids, "source": source}
     if not cfg.use_cached_activations:
         store = runner.activations_store
         reserved = attach_calibration(
             {"sae": runner.sae}, {"sae": cfg.hook_name}, runner.model, store,
             lambda batch: {cfg.hook_name: store.get_activations(batch)},
-            cfg.context_size, cfg.seed, override_dataset if embedded_rows else None)
+            cfg.context_size, cfg.seed, ids, override_dataset if embedded_rows else None)
         runner.calibration_tokens = reserved.get("sae")
     # The shuffle order depends on the seed only, not on how many numbers the SAE's init drew:
     # the same seed gives every architecture the same stream, as in the multi runner.
@@ -118,8 +126,10 @@ def check_hook(model: HookedRootModule, cfg: LanguageModelSAERunnerConfig[Any]) 
                           f"the width of hook {cfg.hook_name!r} in {cfg.model_name}, which is {width}")
 
 
-def check_resume_checkpoint(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
-    """`resume_from_checkpoint` is a complete training checkpoint of the same SAE shape."""
+def check_resume_checkpoint(cfg: LanguageModelSAERunnerConfig[Any]) -> dict[str, dict[str, Any]]:
+    """`resume_from_checkpoint` is a complete training checkpoint of the same SAE shape, and
+    `cfg` changes only what a resume may change (provenance.resume_changes); returns those
+    changes."""
     from pathlib import Path
 
     from sae_lens.constants import TRAINER_STATE_FILENAME
@@ -141,6 +151,8 @@ def check_resume_checkpoint(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
             raise field_error("resume_from_checkpoint", str(path),
                               f"a checkpoint of this SAE; it has {name}={saved.get(name)!r}, the "
                               f"config says {want!r}")
+    trained = torch.load(path / TRAINER_STATE_FILENAME, map_location="cpu")["n_training_samples"]
+    return resume_changes(cfg, path, int(trained))
 
 
 def train(
@@ -149,5 +161,7 @@ def train(
     override_dataset: HfDataset | None = None,
 ) -> TrainingSAE[Any]:
     """Train with SAELens' runner (`build_runner(...).run()`); returns the trained SAE. The
-    export goes to `cfg.output_path` as SAELens writes it."""
+    export goes to `cfg.output_path` (SAELens' default `output`, relative to the current
+    folder) as SAELens writes it, with the run's provenance in its metadata (provenance.py);
+    the run holds a lock on `output_path` and `checkpoint_path` (output_lock.py)."""
     return build_runner(cfg, override_model, override_dataset).run()

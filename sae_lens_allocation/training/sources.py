@@ -105,6 +105,14 @@ def check_embedded_sources(cfg: Any, override_model: Any = None, override_datase
         )
 
 
+def check_special_tokens(model: Any, exclude_special_tokens: Any) -> None:
+    """`exclude_special_tokens: true` asks the model's tokenizer for the ids; a model without one
+    (a `HookedTransformer` built from a config) needs the ids listed, or false."""
+    if exclude_special_tokens is True and getattr(model, "tokenizer", None) is None:
+        raise UsageError("exclude_special_tokens=True is not allowed: the model has no tokenizer to "
+                         "read the ids from; use false or a list of token ids")
+
+
 def runner_sources(cfg: Any, override_model: Any = None, override_dataset: Any = None) -> tuple[Any, Any]:
     """(model, dataset) overrides for the stock runner (`runner_model`, `runner_dataset`):
     `model_name: embedded` and `dataset_path: embedded` resolve to the shipped model and the
