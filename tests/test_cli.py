@@ -73,6 +73,37 @@ def test_console_script_and_python_m_agree():
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "missing.yaml" in out.stderr
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["init"], ["init", "--help"], ["train", "--help"],
+                                  ["train"], ["init", "no-such-config"]])
+def test_help_version_init_and_argument_mistakes_import_neither_sae_lens_nor_torch(argv, tmp_path):
+    """The console script parses before it imports the package (whose import registers the
+    architectures, and so imports SAELens and torch): these answer in a fraction of a second."""
+    probe = (
+        "import sys\n"
+        "from sae_lens_allocation_cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as stop:\n"
+        "    code = stop.code or 0\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'sae_lens', 'torch', 'sae_lens_allocation', "
+        "'transformer_lens', 'datasets', 'yaml'})\n"
+        "print('HEAVY', heavy, 'CODE', code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    code = 2 if argv in (["train"], ["init", "no-such-config"]) else 0
+    assert out.stdout.splitlines()[-1] == f"HEAVY [] CODE {code}", out.stdout + out.stderr
+
+
+def test_version_names_the_plugin_and_sae_lens(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"sae-lens-allocation {version('sae-lens-allocation')} (sae-lens {version('sae-lens')})")
+
+
 def test_train_offline_config_matches_python_api(capsys, tmp_path):
     from safetensors.torch import load_file
 

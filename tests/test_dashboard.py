@@ -39,9 +39,10 @@ from sae_lens_allocation.analysis.dashboard import (
     make_dashboard,
 )
 from sae_lens_allocation.analysis.dashboard_assets import make_offline_html
-from sae_lens_allocation.cli import build_parser, main
+from sae_lens_allocation.cli import main
 from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.training.runner import train
+from sae_lens_allocation_cli import build_parser
 
 import support
 
