@@ -78,7 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     sae_dir = Path(args.sae_dir)
     out = Path(args.out) if args.out else sae_dir / "eval.json"
-    check_eval_arguments(sae_dir, out)
+    check_eval_arguments(sae_dir, out, device=args.device)
     result = evaluate_sae(sae_dir, model=args.model, n_batches=args.n_batches,
                           batch_size_prompts=args.batch_size_prompts, device=args.device)
     out.write_text(json.dumps(result, indent=2))
@@ -100,7 +100,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     `FileNotFoundError` for `main` to report; the SAE and `--features` are checked before the
     model loads."""
     from sae_lens_allocation.analysis.dashboard import make_dashboard
+    from sae_lens_allocation.validation import check_device
 
+    check_device("--device", args.device)
     result = make_dashboard(
         args.sae_dir,
         model=args.model,

@@ -22,7 +22,7 @@ from sae_lens_allocation.loading import (
 )
 from sae_lens_allocation.tokens import keep_mask, special_token_ids
 from sae_lens_allocation.training.sources import EMBEDDED, embedded_tokens, load_lm
-from sae_lens_allocation.validation import UsageError
+from sae_lens_allocation.validation import UsageError, check_device
 
 # Metrics copied into the summary, as (run_evals section, key, summary name).
 _SUMMARY = (
@@ -61,10 +61,12 @@ def l0_distribution(l0: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def check_eval_arguments(sae_dir: str | Path, out: str | Path | None = None) -> None:
+def check_eval_arguments(sae_dir: str | Path, out: str | Path | None = None, device: str = "cpu") -> None:
     """Refuse, before any model is loaded, what `evaluate_sae` cannot evaluate or write: a missing
     or broken SAE folder, a training checkpoint (its thresholds are not calibrated: evaluate the
-    export), an output file in a folder that does not exist. Raises `UsageError`."""
+    export), an output file in a folder that does not exist, a device this machine lacks. Raises
+    `UsageError`."""
+    check_device("--device", device)
     sae_dir = Path(sae_dir)
     cfg = read_sae_cfg(sae_dir)
     if is_training_checkpoint(cfg) or (sae_dir / TRAINER_STATE_FILENAME).is_file():
