@@ -83,6 +83,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                           batch_size_prompts=args.batch_size_prompts, device=args.device)
     out.write_text(json.dumps(result, indent=2))
     print(format_table(result))
+    if result["no_latent_tokens"]["warning"]:
+        print(f"{PROG}: {result['no_latent_tokens']['warning']}", file=sys.stderr)
     print(f"evaluation written to {out}")
     return 0
 

@@ -127,3 +127,34 @@ def test_train_offline_config_matches_python_api(capsys, tmp_path):
     assert cli_w.keys() == api_w.keys() == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
     for name in cli_w:
         assert torch.equal(cli_w[name], api_w[name]), name
+
+
+def test_eval_warns_with_the_figure_when_tokens_have_no_latent(capsys, tmp_path):
+    """An export whose latents never fire on held-out text: one warning line with the count and
+    share, recorded in eval.json; a share at the limit is not warned about."""
+    import json
+
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+
+    from sae_lens_allocation.analysis.evaluation import NO_LATENT_WARNING_SHARE, no_latent_tokens
+
+    cfg = JumpReLUSAEConfig(d_in=128, d_sae=32)
+    cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
+    cfg.metadata.model_name = "embedded"
+    cfg.metadata.context_size = 16
+    cfg.metadata.prepend_bos = True
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.threshold.fill_(1e9)
+    sae.save_model(tmp_path / "export")
+    code, _, err = _run(["eval", str(tmp_path / "export"), "--n-batches", "1", "--batch-size-prompts", "2"], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "no latent firing" in line]
+    assert len(warnings) == 1 and "(100.0%)" in warnings[0], err
+    recorded = json.loads((tmp_path / "export" / "eval.json").read_text())["no_latent_tokens"]
+    assert recorded["share"] == 1.0 and recorded["count"] == recorded["tokens"] > 0
+    assert recorded["warning"] == warnings[0].removeprefix("sae-lens-allocation: ")
+
+    at_limit = no_latent_tokens(torch.tensor([0] * 5 + [3] * 95))
+    assert at_limit["share"] == NO_LATENT_WARNING_SHARE and at_limit["warning"] is None
+    assert "6 of 100 held-out tokens (6.0%)" in no_latent_tokens(torch.tensor([0] * 6 + [3] * 94))["warning"]
