@@ -4,8 +4,11 @@ without importing this package, then calls `run`). Exit codes: see `sae_lens_all
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sae_lens_allocation.validation import UsageError, one_line
@@ -156,13 +159,47 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# SAELens messages a user of this tool cannot act on, each matched on its own text (docs/cli.md,
+# "Messages filtered"); every other warning and every error is shown.
+# - logged by SAELens' runner when it is given a model or dataset, which this tool does for the
+#   embedded model and corpus and for held-out splits:
+_OVERRIDE_NOTICES = ("You just passed in a dataset which will override",
+                     "You just passed in a model which will override")
+# - warnings.warn'd by SAELens: its ActivationsStore compares the dataset's rows with the training
+#   tokens (4995 rows of 128 tokens are "fewer samples than 500000"); its store builds a tensor
+#   from a tensor (torch's copy-construct advice, about SAELens' code):
+_SAELENS_WARNINGS = (r"The training dataset contains fewer samples \(", r"To copy construct from a tensor")
+
+
+class _DropOverrideNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_OVERRIDE_NOTICES)
+
+
+@contextlib.contextmanager
+def quiet_saelens_notices() -> Iterator[None]:
+    """Drop the SAELens messages above while the block runs (only those: matched by text, and
+    the copy-construct advice only where SAELens' own modules cause it)."""
+    saelens_logger = logging.getLogger("sae_lens")
+    notices = _DropOverrideNotices()
+    saelens_logger.addFilter(notices)
+    try:
+        with warnings.catch_warnings():
+            for message in _SAELENS_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"sae_lens\.")
+            yield
+    finally:
+        saelens_logger.removeFilter(notices)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command `args.command`; a user mistake is one line on stderr and exit 2."""
     import sae_lens_allocation  # noqa: F401  (registers the plugin architectures)
     from sae_lens_allocation.training.resume import TrainingInterrupted
 
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        with quiet_saelens_notices():
+            return int(COMMANDS[args.command](args) or 0)
     except (UsageError, FileNotFoundError) as err:
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2

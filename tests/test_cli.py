@@ -158,3 +158,41 @@ def test_eval_warns_with_the_figure_when_tokens_have_no_latent(capsys, tmp_path)
     at_limit = no_latent_tokens(torch.tensor([0] * 5 + [3] * 95))
     assert at_limit["share"] == NO_LATENT_WARNING_SHARE and at_limit["warning"] is None
     assert "6 of 100 held-out tokens (6.0%)" in no_latent_tokens(torch.tensor([0] * 6 + [3] * 94))["warning"]
+
+
+def test_only_the_saelens_notices_a_user_cannot_act_on_are_dropped(caplog):
+    import contextlib
+    import logging
+    import warnings
+
+    from sae_lens_allocation.cli import quiet_saelens_notices
+
+    saelens = logging.getLogger("sae_lens")
+    copy_advice = "To copy construct from a tensor, it is recommended to use sourceTensor.detach().clone()"
+    store = "sae_lens.training.activations_store"
+
+    def emit(block):
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING, logger="sae_lens"):
+            warnings.simplefilter("always")
+            with block:
+                for text, module in [
+                    ("The training dataset contains fewer samples (4995) than the number of samples required by "
+                     "your training configuration (500000).", store),
+                    (copy_advice, store),
+                    (copy_advice, "sae_lens_allocation.training.sources"),
+                    ("some other SAELens warning", store),
+                ]:
+                    warnings.warn_explicit(text, UserWarning, "x.py", 1, module=module)
+                saelens.warning("You just passed in a dataset which will override the one specified in your "
+                                "configuration: embedded.")
+                saelens.warning("You just passed in a model which will override the one specified ...")
+                saelens.warning("something else SAELens logs")
+        return [str(w.message)[:30] for w in shown], [r.getMessage() for r in caplog.records]
+
+    shown, logged = emit(quiet_saelens_notices())
+    # Our own code's copy-construct warning and any other message stay visible.
+    assert shown == [copy_advice[:30], "some other SAELens warning"]
+    assert logged == ["something else SAELens logs"]
+    shown, logged = emit(contextlib.nullcontext())  # outside the block nothing is dropped
+    assert len(shown) == 4 and len(logged) == 3
