@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sae_lens_allocation.validation import UsageError, one_line
+from sae_lens_allocation.validation import UsageError, check_device, one_line
 from sae_lens_allocation_cli import PROG
 from sae_lens_allocation_cli import main as main  # the entry point; python -m sae_lens_allocation
 
@@ -31,6 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         return _cmd_train_multi(args)
     cfg = load_runner_config(args.config, args.set)
+    # Checked here, not when a config is read: a GPU config still parses on a CPU machine.
+    check_device("device", cfg.device)
     if not distributed.launched_by_torchrun():
         train(cfg)
     else:
@@ -53,6 +55,7 @@ def _cmd_train_multi(args: argparse.Namespace) -> int:
     from sae_lens_allocation.yaml_config import load_train_config
 
     cfg = load_train_config(args.config, args.set)
+    check_device("device", cfg.device)
     train_multi(cfg)
     for name, path in export_dirs(cfg).items():
         print(f"exported SAE {name}: {path.resolve()}")
@@ -67,6 +70,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         cfg, gradients = cache_config_from_dict(apply_overrides(read_yaml(args.config), args.set))
     except (ValueError, TypeError) as err:
         raise ConfigError(one_line(err)) from None
+    check_device("device", cfg.device)
     dataset = build_cache(cfg, gradients=gradients)
     print(f"cached {len(dataset)} sequences of {cfg.context_size} tokens "
           f"({'activations and gradients' if gradients else 'activations'}): "
@@ -105,7 +109,6 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     `FileNotFoundError` for `main` to report; the SAE and `--features` are checked before the
     model loads."""
     from sae_lens_allocation.analysis.dashboard import make_dashboard
-    from sae_lens_allocation.validation import check_device
 
     check_device("--device", args.device)
     result = make_dashboard(

@@ -131,9 +131,6 @@ def check_runner_fields(cfg: Any) -> None:
         v = value(name)
         if v is not missing and not (isinstance(v, str) and v):
             raise field_error(name, v, "a non-empty string")
-    device = value("device")
-    if device is not missing:
-        check_device("device", device)
     lr = value("lr")
     if lr is not missing and not (is_finite_number(lr) and lr > 0):
         raise field_error("lr", lr, "a finite number > 0, e.g. 3e-4")

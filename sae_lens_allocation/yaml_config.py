@@ -24,7 +24,6 @@ from sae_lens_allocation.loading import unknown_architecture_message
 from sae_lens_allocation.validation import (
     UsageError,
     check_bool_fields,
-    check_device,
     check_runner_fields,
     one_line,
     reject_unknown_keys,
@@ -161,11 +160,6 @@ def check_multi_keys(cfg: dict[str, Any]) -> None:
         raise ConfigError("'saes' must map SAE names to SAE sections, each with an 'architecture'")
     reject_unknown_keys(cfg, multi_runner_fields(), note="for the multi-SAE runner config", error=ConfigError)
     _check_bools(cfg, MultiSAETrainingRunnerConfig)
-    if "device" in cfg:
-        try:
-            check_device("device", cfg["device"])
-        except UsageError as err:
-            raise ConfigError(str(err)) from None
     if isinstance(cfg.get("logger"), dict):
         reject_unknown_keys(cfg["logger"], _field_names(LoggingConfig), prefix="logger.", error=ConfigError)
         _check_bools(cfg["logger"], LoggingConfig, "logger.")

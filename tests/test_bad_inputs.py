@@ -266,6 +266,8 @@ def test_dashboard_features_are_checked_before_the_model_loads(files, tmp_path, 
     ([str(EMBEDDED_CFG), "--set", "device=cuda"], "device='cuda'"),
     ([str(CONFIGS / "embedded-multi.yaml"), "--set", "device=cuda:0"], "device='cuda:0'"),
     (["eval", "{root}/export", "--device", "cuda"], "--device='cuda'"),
+    (["cache", str(CONFIGS / "embedded-gradient-cache.yaml"), "--set", "device=cuda",
+      "--set", "new_cached_activations_path={out}/cache"], "device='cuda'"),
     (["dashboard", "{root}/export", "--device", "cuda", "--out", "{out}/dash"], "--device='cuda'"),
     ([str(EMBEDDED_CFG), "--set", "device=gpu"], "a torch device"),
 ])
