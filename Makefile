@@ -47,8 +47,8 @@ $(REHEARSAL_BUNDLE)/.built: $(STAMP) benchmarks/bundle_pins.py
 # Static checks (configured in pyproject.toml); `make test` runs them before the suite. One mypy
 # cache per venv: the stacks in .ci/run resolve different dependency versions.
 lint: $(STAMP)
-	$(BIN)/ruff check sae_lens_allocation tests benchmarks
-	$(BIN)/mypy --cache-dir $(VENV)/.mypy_cache sae_lens_allocation
+	$(BIN)/ruff check sae_lens_allocation sae_lens_allocation_cli tests benchmarks
+	$(BIN)/mypy --cache-dir $(VENV)/.mypy_cache sae_lens_allocation sae_lens_allocation_cli
 
 # -P: the package is imported as installed (editable by default), never from the current folder.
 test: $(STAMP) lint $(REHEARSAL_BUNDLE)/.built

@@ -1,5 +1,5 @@
 import sys
 
-from sae_lens_allocation.cli import main
+from sae_lens_allocation_cli import main
 
 sys.exit(main())

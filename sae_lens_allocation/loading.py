@@ -46,6 +46,8 @@ def unknown_architecture_message(name: str, where: str) -> str:
 def read_sae_cfg(path: str | Path) -> dict[str, Any]:
     """cfg.json of an SAE folder; `UsageError` when the folder or the file is missing or broken."""
     path = Path(path)
+    if path.is_file():
+        raise UsageError(f"{path} is a file; give the SAE folder that holds cfg.json and the weights: {path.parent}")
     if not path.is_dir():
         raise UsageError(f"SAE folder {path} does not exist")
     if is_incomplete(path):

@@ -68,6 +68,37 @@ _NON_NEGATIVE_INTS = ("n_checkpoints", "lr_warm_up_steps", "lr_decay_steps", "n_
 _STRINGS = ("model_name", "hook_name", "dataset_path", "device", "model_class_name", "dtype")
 
 
+def check_device(name: str, device: Any) -> None:
+    """Raise `UsageError` when `device` is not a torch device this machine has: a CUDA device on a
+    torch build without CUDA (or without that many GPUs), `mps` where MPS is unavailable. Torch
+    would fail later with a traceback (an AssertionError in SAELens, a pin_memory RuntimeError)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise field_error(name, device, "a torch device, e.g. cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise field_error(name, device, f"this torch ({torch.__version__}) has no CUDA device "
+                              "(torch.cuda.is_available() is False); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise field_error(name, device, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise field_error(name, device, "MPS is not available here (torch.backends.mps.is_available() "
+                          "is False); use cpu")
+
+
+def check_bool_fields(mapping: Mapping[Any, Any], cls: type, prefix: str = "") -> None:
+    """Raise `UsageError` for a value of a `bool` field of dataclass `cls` that is not a YAML
+    boolean: a quoted "false" is a non-empty string, which Python would read as true."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.type in (bool, "bool") and f.name in mapping and not isinstance(mapping[f.name], bool):
+            raise field_error(f"{prefix}{f.name}", mapping[f.name], "true or false (unquoted)")
+
+
 def _get(section: Any, name: str, default: Any = None) -> Any:
     if isinstance(section, dict):
         return section.get(name, default)

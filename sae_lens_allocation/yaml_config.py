@@ -21,7 +21,13 @@ from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
 from sae_lens_allocation.loading import unknown_architecture_message
-from sae_lens_allocation.validation import UsageError, check_runner_fields, one_line, reject_unknown_keys
+from sae_lens_allocation.validation import (
+    UsageError,
+    check_bool_fields,
+    check_runner_fields,
+    one_line,
+    reject_unknown_keys,
+)
 
 
 class ConfigError(UsageError):
@@ -49,6 +55,10 @@ def _field_names(cls: type) -> set[str]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))
+        inside = f" (it holds {', '.join(found)})" if found else ""
+        raise ConfigError(f"{path} is a folder; give the config file (a .yaml){inside}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -88,6 +98,9 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def check_keys(cfg: dict[str, Any]) -> None:
     """Every key must be a field of the class that will receive it."""
     sae = cfg.get("sae")
+    if "architectures" in cfg and sae is None:
+        raise ConfigError("this is a compare config (it has 'architectures:'), not a train config: run it with "
+                          "`sae-lens-allocation compare CONFIG`")
     if not isinstance(sae, dict) or "architecture" not in sae:
         raise ConfigError("the config needs an 'sae' section with an 'architecture' string")
     arch = sae["architecture"]
@@ -97,8 +110,18 @@ def check_keys(cfg: dict[str, Any]) -> None:
                         error=ConfigError)
     reject_unknown_keys(sae, _field_names(SAE_TRAINING_CLASS_REGISTRY[arch][1]) | {"architecture"},
                         prefix="sae.", note=f"(architecture {arch})", error=ConfigError)
+    _check_bools(cfg, LanguageModelSAERunnerConfig)
+    _check_bools(sae, SAE_TRAINING_CLASS_REGISTRY[arch][1], "sae.")
     if isinstance(cfg.get("logger"), dict):
         reject_unknown_keys(cfg["logger"], _field_names(LoggingConfig), prefix="logger.", error=ConfigError)
+        _check_bools(cfg["logger"], LoggingConfig, "logger.")
+
+
+def _check_bools(mapping: dict[str, Any], cls: type, prefix: str = "") -> None:
+    try:
+        check_bool_fields(mapping, cls, prefix)
+    except UsageError as err:
+        raise ConfigError(str(err)) from None
 
 
 def runner_config_from_dict(cfg: dict[str, Any]) -> LanguageModelSAERunnerConfig[Any]:
@@ -125,6 +148,8 @@ def check_multi_keys(cfg: dict[str, Any]) -> None:
     """The `saes:` form (SAELens' `MultiSAETrainingRunnerConfig`): every runner key a field of
     that config, every `saes.<name>` a mapping with a registered `architecture` and only fields
     of its config class, `logger` keys of `LoggingConfig`."""
+    from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
+
     from sae_lens_allocation.training.multi_runner import multi_runner_fields
 
     if "sae" in cfg:
@@ -134,8 +159,10 @@ def check_multi_keys(cfg: dict[str, Any]) -> None:
     if not isinstance(saes, dict) or not saes:
         raise ConfigError("'saes' must map SAE names to SAE sections, each with an 'architecture'")
     reject_unknown_keys(cfg, multi_runner_fields(), note="for the multi-SAE runner config", error=ConfigError)
+    _check_bools(cfg, MultiSAETrainingRunnerConfig)
     if isinstance(cfg.get("logger"), dict):
         reject_unknown_keys(cfg["logger"], _field_names(LoggingConfig), prefix="logger.", error=ConfigError)
+        _check_bools(cfg["logger"], LoggingConfig, "logger.")
     for name, sae in saes.items():
         if not isinstance(sae, dict) or "architecture" not in sae:
             raise ConfigError(f"saes.{name} must be a mapping with an 'architecture' string")
@@ -144,6 +171,7 @@ def check_multi_keys(cfg: dict[str, Any]) -> None:
             raise ConfigError(unknown_architecture_message(str(arch), f"saes.{name}.architecture"))
         reject_unknown_keys(sae, _field_names(SAE_TRAINING_CLASS_REGISTRY[arch][1]) | {"architecture"},
                             prefix=f"saes.{name}.", note=f"(architecture {arch})", error=ConfigError)
+        _check_bools(sae, SAE_TRAINING_CLASS_REGISTRY[arch][1], f"saes.{name}.")
 
 
 def multi_runner_config_from_dict(cfg: dict[str, Any]) -> Any:
@@ -161,7 +189,17 @@ def multi_runner_config_from_dict(cfg: dict[str, Any]) -> Any:
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> Any:
     """A runner config from YAML: `LanguageModelSAERunnerConfig` for the `sae:` form,
     `MultiSAETrainingRunnerConfig` for the `saes:` form (`--set saes.NAME.k=16` overrides one)."""
-    cfg = apply_overrides(read_yaml(path), overrides or [])
+    data = read_yaml(path)
+    if isinstance(data.get("saes"), dict) and data["saes"] and "sae" not in data:
+        for item in overrides or []:
+            key, _, value = item.partition("=")
+            if key == "sae" or key.startswith("sae."):
+                field = key[len("sae."):] or "FIELD"
+                names = ", ".join(map(str, data["saes"]))
+                raise ConfigError(f"--set {item}: this config trains several SAEs (saes: {names}); set one SAE's "
+                                  f"field with --set saes.<name>.{field}=..., e.g. --set "
+                                  f"saes.{next(iter(data['saes']))}.{field}={value}")
+    cfg = apply_overrides(data, overrides or [])
     if "saes" in cfg:
         return multi_runner_config_from_dict(cfg)
     return runner_config_from_dict(cfg)

@@ -17,7 +17,8 @@ import torch
 
 from sae_lens_allocation.cli import main
 
-EMBEDDED_CFG = Path(__file__).parent.parent / "configs" / "embedded-mutual-choice.yaml"
+CONFIGS = Path(__file__).parent.parent / "configs"
+EMBEDDED_CFG = CONFIGS / "embedded-mutual-choice.yaml"
 D_IN = 128  # the embedded model's d_model
 EXPORT_D_SAE = 64
 
@@ -182,6 +183,21 @@ CASES = [
                                         "--out", "{out}/dash"], f"[0, {EXPORT_D_SAE})"),
     ("dashboard-context-size-zero", ["dashboard", "{root}/export", "--context-size", "0", "--out", "{out}/dash"],
      "--context-size"),
+    # -- booleans are read strictly: a quoted "false" is a non-empty string, which Python reads as true
+    ("wandb-bool-quoted", [TRAIN, "--set", 'logger.log_to_wandb="false"'], "logger.log_to_wandb='false'"),
+    ("runner-bool-number", [TRAIN, "--set", "autocast=1"], "autocast=1"),
+    ("sae-bool-quoted", [TRAIN, "--set", 'sae.apply_b_dec_to_input="true"'], "sae.apply_b_dec_to_input='true'"),
+    ("multi-bool-quoted", ["train", str(CONFIGS / "embedded-multi.yaml"),
+                           "--set", 'saes.mc-l1.apply_b_dec_to_input="no"'], "saes.mc-l1.apply_b_dec_to_input='no'"),
+    # -- a file where a folder belongs, a folder where a file belongs, one config for another command
+    ("train-a-folder", ["train", "{root}"], "is a folder"),
+    ("eval-cfg-json", ["eval", "{root}/export/cfg.json"], "is a file; give the SAE folder"),
+    ("compare-a-train-config", ["compare", str(EMBEDDED_CFG), "--out", "{out}/cmp"], "sae-lens-allocation train"),
+    ("train-a-compare-config", ["train", str(CONFIGS / "compare-embedded.yaml")], "sae-lens-allocation compare"),
+    ("multi-set-sae-key", ["train", str(CONFIGS / "embedded-multi.yaml"), "--set", "sae.k=16"],
+     "--set saes.<name>.k=..."),
+    ("cache-into-non-empty-folder", ["cache", str(CONFIGS / "embedded-gradient-cache.yaml"),
+                                     "--set", "new_cached_activations_path={root}"], "not empty"),
     # -- the command line itself
     ("no-command", [], "COMMAND"),
     ("unknown-command", ["trian"], "trian"),
@@ -244,6 +260,29 @@ def test_dashboard_features_are_checked_before_the_model_loads(files, tmp_path, 
     monkeypatch.setattr(dashboard, "resolve_model", no_model)
     code = main(["dashboard", str(files["export"]), "--features", str(EXPORT_D_SAE), "--out", str(tmp_path / "dash")])
     assert_one_line_error(code, capsys.readouterr().err, f"feature {EXPORT_D_SAE} is not allowed")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([str(EMBEDDED_CFG), "--set", "device=cuda"], "device='cuda'"),
+    ([str(CONFIGS / "embedded-multi.yaml"), "--set", "device=cuda:0"], "device='cuda:0'"),
+    (["eval", "{root}/export", "--device", "cuda"], "--device='cuda'"),
+    (["cache", str(CONFIGS / "embedded-gradient-cache.yaml"), "--set", "device=cuda",
+      "--set", "new_cached_activations_path={out}/cache"], "device='cuda'"),
+    (["dashboard", "{root}/export", "--device", "cuda", "--out", "{out}/dash"], "--device='cuda'"),
+    ([str(EMBEDDED_CFG), "--set", "device=gpu"], "a torch device"),
+])
+def test_a_device_this_torch_lacks_is_one_line(argv, needle, files, tmp_path, capsys, monkeypatch):
+    """A CPU build of torch asked for CUDA: SAELens fails with an AssertionError, eval with a
+    pin_memory RuntimeError. Refused first, as on a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a.format(root=files["root"], out=out) for a in argv]
+    if argv[0].endswith(".yaml"):
+        argv = ["train", *argv, "--set", f"output_path={out}/export", "--set", f"checkpoint_path={out}/checkpoints"]
+    code = main(argv)
+    assert_one_line_error(code, capsys.readouterr().err, needle)
+    assert list(out.iterdir()) == []
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

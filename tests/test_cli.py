@@ -73,6 +73,37 @@ def test_console_script_and_python_m_agree():
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "missing.yaml" in out.stderr
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["init"], ["init", "--help"], ["train", "--help"],
+                                  ["train"], ["init", "no-such-config"]])
+def test_help_version_init_and_argument_mistakes_import_neither_sae_lens_nor_torch(argv, tmp_path):
+    """The console script parses before it imports the package (whose import registers the
+    architectures, and so imports SAELens and torch): these answer in a fraction of a second."""
+    probe = (
+        "import sys\n"
+        "from sae_lens_allocation_cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as stop:\n"
+        "    code = stop.code or 0\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'sae_lens', 'torch', 'sae_lens_allocation', "
+        "'transformer_lens', 'datasets', 'yaml'})\n"
+        "print('HEAVY', heavy, 'CODE', code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    code = 2 if argv in (["train"], ["init", "no-such-config"]) else 0
+    assert out.stdout.splitlines()[-1] == f"HEAVY [] CODE {code}", out.stdout + out.stderr
+
+
+def test_version_names_the_plugin_and_sae_lens(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"sae-lens-allocation {version('sae-lens-allocation')} (sae-lens {version('sae-lens')})")
+
+
 def test_train_offline_config_matches_python_api(capsys, tmp_path):
     from safetensors.torch import load_file
 
@@ -96,3 +127,72 @@ def test_train_offline_config_matches_python_api(capsys, tmp_path):
     assert cli_w.keys() == api_w.keys() == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
     for name in cli_w:
         assert torch.equal(cli_w[name], api_w[name]), name
+
+
+def test_eval_warns_with_the_figure_when_tokens_have_no_latent(capsys, tmp_path):
+    """An export whose latents never fire on held-out text: one warning line with the count and
+    share, recorded in eval.json; a share at the limit is not warned about."""
+    import json
+
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+
+    from sae_lens_allocation.analysis.evaluation import NO_LATENT_WARNING_SHARE, no_latent_tokens
+
+    cfg = JumpReLUSAEConfig(d_in=128, d_sae=32)
+    cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
+    cfg.metadata.model_name = "embedded"
+    cfg.metadata.context_size = 16
+    cfg.metadata.prepend_bos = True
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.threshold.fill_(1e9)
+    sae.save_model(tmp_path / "export")
+    code, _, err = _run(["eval", str(tmp_path / "export"), "--n-batches", "1", "--batch-size-prompts", "2"], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "no latent firing" in line]
+    assert len(warnings) == 1 and "(100.0%)" in warnings[0], err
+    recorded = json.loads((tmp_path / "export" / "eval.json").read_text())["no_latent_tokens"]
+    assert recorded["share"] == 1.0 and recorded["count"] == recorded["tokens"] > 0
+    assert recorded["warning"] == warnings[0].removeprefix("sae-lens-allocation: ")
+
+    at_limit = no_latent_tokens(torch.tensor([0] * 5 + [3] * 95))
+    assert at_limit["share"] == NO_LATENT_WARNING_SHARE and at_limit["warning"] is None
+    assert "6 of 100 held-out tokens (6.0%)" in no_latent_tokens(torch.tensor([0] * 6 + [3] * 94))["warning"]
+
+
+def test_only_the_saelens_notices_a_user_cannot_act_on_are_dropped(caplog):
+    import contextlib
+    import logging
+    import warnings
+
+    from sae_lens_allocation.cli import quiet_saelens_notices
+
+    saelens = logging.getLogger("sae_lens")
+    copy_advice = "To copy construct from a tensor, it is recommended to use sourceTensor.detach().clone()"
+    store = "sae_lens.training.activations_store"
+
+    def emit(block):
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING, logger="sae_lens"):
+            warnings.simplefilter("always")
+            with block:
+                for text, module in [
+                    ("The training dataset contains fewer samples (4995) than the number of samples required by "
+                     "your training configuration (500000).", store),
+                    (copy_advice, store),
+                    (copy_advice, "sae_lens_allocation.training.sources"),
+                    ("some other SAELens warning", store),
+                ]:
+                    warnings.warn_explicit(text, UserWarning, "x.py", 1, module=module)
+                saelens.warning("You just passed in a dataset which will override the one specified in your "
+                                "configuration: embedded.")
+                saelens.warning("You just passed in a model which will override the one specified ...")
+                saelens.warning("something else SAELens logs")
+        return [str(w.message)[:30] for w in shown], [r.getMessage() for r in caplog.records]
+
+    shown, logged = emit(quiet_saelens_notices())
+    # Our own code's copy-construct warning and any other message stay visible.
+    assert shown == [copy_advice[:30], "some other SAELens warning"]
+    assert logged == ["something else SAELens logs"]
+    shown, logged = emit(contextlib.nullcontext())  # outside the block nothing is dropped
+    assert len(shown) == 4 and len(logged) == 3

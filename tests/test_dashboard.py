@@ -39,9 +39,10 @@ from sae_lens_allocation.analysis.dashboard import (
     make_dashboard,
 )
 from sae_lens_allocation.analysis.dashboard_assets import make_offline_html
-from sae_lens_allocation.cli import build_parser, main
+from sae_lens_allocation.cli import main, run
 from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.training.runner import train
+from sae_lens_allocation_cli import build_parser
 
 import support
 
@@ -356,7 +357,7 @@ def test_command_writes_the_dashboard_and_prints_its_paths(sae_dirs, tmp_path, c
                                       "--minibatch-size-tokens", "4", "--seed", "1"])
     # The command line names models; the tiny test model and its rows are passed as objects.
     args.model, args.dataset = support.tiny_model(), support.tiny_dataset(16)
-    assert args.func(args) == 0
+    assert run(args) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
         f"dashboard: {(tmp_path / 'feature_dashboard.html').resolve()}",

@@ -11,15 +11,22 @@ import urllib.request
 import pytest
 
 from sae_lens_allocation.analysis import dashboard_assets
-from sae_lens_allocation.cli import CONFIGS_DIR, main, packaged_configs
+from sae_lens_allocation.cli import main
 from sae_lens_allocation.yaml_config import load_runner_config
+from sae_lens_allocation_cli import configs_dir, packaged_configs
 
 
-def test_init_lists_the_packaged_configs(capsys):
+def test_init_lists_the_packaged_configs_each_with_what_it_is_for(capsys):
     assert main(["init"]) == 0
-    names = capsys.readouterr().out.split()
-    assert names == packaged_configs() == sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == packaged_configs() == sorted(p.stem for p in configs_dir().glob("*.yaml"))
     assert {"gpt2-small-mutual-choice", "embedded-mutual-choice", "compare-embedded"} <= set(names)
+    for name, line in zip(names, lines):
+        first = (configs_dir() / f"{name}.yaml").read_text().splitlines()[0]
+        # The first line of each config is one self-contained sentence saying what it is for.
+        assert first.startswith("# ") and first.endswith(".") and first.count("(") == first.count(")"), name
+        assert line.split(None, 1)[1] == first[2:]
 
 
 def test_init_writes_a_config_that_loads_from_the_current_folder(capsys, tmp_path, monkeypatch):

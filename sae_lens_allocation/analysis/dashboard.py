@@ -14,7 +14,7 @@ sae-dashboard's `SaeVisRunner`, and writes
   `mutual_choice`).
 
 The page's offline assets are in dashboard_assets.py, the Neuronpedia JSON in neuronpedia.py and
-the `dashboard` command's flags in cli.py.
+the `dashboard` command's flags in sae_lens_allocation_cli.
 
 How the sae-dashboard 0.8.0 limitations are handled (without patching it):
 - It computes dashboards only for SAELens' TopK, standard, JumpReLU and gated SAEs. Plugin SAEs
@@ -57,13 +57,15 @@ from sae_lens_allocation.analysis.neuronpedia import (
 )
 from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.validation import UsageError
+from sae_lens_allocation_cli import (  # the command line's defaults, one source for both
+    DEFAULT_MINIBATCH_SIZE_FEATURES,
+    DEFAULT_MINIBATCH_SIZE_TOKENS,
+    DEFAULT_N_TOKENS,
+    DEFAULT_OUT,
+)
 
 HTML_NAME = "feature_dashboard.html"
-DEFAULT_N_TOKENS = 32768
 DEFAULT_CONTEXT_SIZE = 128
-DEFAULT_MINIBATCH_SIZE_TOKENS = 64
-DEFAULT_MINIBATCH_SIZE_FEATURES = 64
-DEFAULT_OUT = "out/dashboard"
 
 # Architectures sae-dashboard 0.8.0 computes dashboards for (FeatureMaskingContext, plus TopK).
 SUPPORTED_ARCHITECTURES = ("standard", "jumprelu", "gated", "topk")

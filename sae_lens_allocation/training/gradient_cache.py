@@ -22,6 +22,7 @@ SAELens' own runner cannot load).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import einops
@@ -33,7 +34,7 @@ from sae_lens.training.activations_store import ActivationsStore
 from sae_lens_allocation.saelens_compat import PluginCacheRunnerBase
 from sae_lens_allocation.training.gradients import GradientActivationsStore, HookedRootModule, gradient_column
 from sae_lens_allocation.training.sources import EMBEDDED, embedded_training_rows, load_lm
-from sae_lens_allocation.validation import field_error, reject_unknown_keys
+from sae_lens_allocation.validation import check_bool_fields, field_error, reject_unknown_keys
 
 
 class GradientCacheActivationsRunner(PluginCacheRunnerBase):
@@ -130,6 +131,7 @@ def cache_config_from_dict(cfg: Mapping[str, Any]) -> tuple[CacheActivationsRunn
         raise field_error("gradients", gradients, "true or false")
     fields = {f.name: f for f in dataclasses.fields(CacheActivationsRunnerConfig)}
     reject_unknown_keys(cfg, {"gradients", *fields}, "cache config", error=ValueError)
+    check_bool_fields(cfg, CacheActivationsRunnerConfig)
     required = [
         name for name, f in fields.items()
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -152,6 +154,12 @@ def build_cache(
     A mapping is read by `cache_config_from_dict`, whose `gradients` key then decides."""
     if isinstance(cfg, Mapping):
         cfg, gradients = cache_config_from_dict(cfg)
+    # SAELens refuses a non-empty folder too, but with a bare Exception after loading the model.
+    target = Path(str(cfg.new_cached_activations_path))
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        what = "a file" if not target.is_dir() else "a folder that is not empty"
+        raise field_error("new_cached_activations_path", str(target),
+                          f"a new or empty folder; {target} is {what} (choose another path or empty it)")
     runner = GradientCacheActivationsRunner(
         cfg, override_dataset=override_dataset, override_model=override_model, gradients=gradients
     )

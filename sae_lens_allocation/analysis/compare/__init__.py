@@ -68,10 +68,9 @@ from sae_lens_allocation.analysis.compare.heldout import (
     underused_share,
 )
 from sae_lens_allocation.analysis.compare.lm_study import lm_activations
-from sae_lens_allocation.analysis.compare.protocol import add_compare_arguments, run_compare, run_compare_command
+from sae_lens_allocation.analysis.compare.protocol import run_compare, run_compare_command
 
 __all__ = [
-    "add_compare_arguments",
     "check_compare_config",
     "heldout_stats",
     "lm_activations",

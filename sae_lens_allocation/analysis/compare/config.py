@@ -97,6 +97,11 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
     import sae_lens_allocation  # noqa: F401  (registers the plugin architectures)
     from sae_lens_allocation.loading import unknown_architecture_message
 
+    train_key = next((key for key in ("sae", "saes") if key in cfg), None)
+    if train_key is not None and "architectures" not in cfg:
+        raise ConfigError(f"this is a train config (it has '{train_key}:'), not a compare config: train it with "
+                          "`sae-lens-allocation train CONFIG`; for a comparison start from `sae-lens-allocation "
+                          "init compare-embedded`")
     if "seed" in cfg:
         raise ConfigError(f"seed={cfg['seed']!r} is not allowed: a comparison runs several seeds; "
                           "use seeds: [42, 43, 44]")

@@ -274,14 +274,6 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
     return result
 
 
-def add_compare_arguments(parser: Any) -> None:
-    parser.add_argument("config", help="compare config YAML (see configs/compare-*.yaml)")
-    parser.add_argument("--out", default=None, help="output folder (default: the config's output_dir)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a compare config field, e.g. --set base.training_tokens=20000 "
-                             "--set seeds=[1,2]")
-
-
 def run_compare_command(args: Any) -> int:
     from sae_lens_allocation.analysis.compare.report import verdict_table
 
