@@ -110,6 +110,26 @@ def rows_sharing_a_window(rows: torch.Tensor, references: list[torch.Tensor], wi
                for row in rows[:, 1:].tolist())
 
 
+def plugin_sae(architecture: str, seed: int | None = 0, *, d_in: int = 16, d_sae: int = 64,
+               b_enc_std: float = 0.0, uneven_decoder: bool = False, **fields: Any) -> Any:
+    """A plugin training SAE built as a config's `architecture:` builds it (SAELens' registry,
+    `from_dict`), after `torch.manual_seed(seed)` unless `seed` is None. `b_enc_std` draws a
+    non-zero encoder bias and `uneven_decoder` scales decoder rows by U[0.5, 1.5), in that order,
+    so folding and per-latent pre-activations are exercised."""
+    import sae_lens_allocation  # noqa: F401  (registers the architectures)
+    from sae_lens import TrainingSAE
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    sae = TrainingSAE.from_dict({"architecture": architecture, "d_in": d_in, "d_sae": d_sae, **fields})
+    with torch.no_grad():
+        if b_enc_std:
+            sae.b_enc.normal_(0, b_enc_std)
+        if uneven_decoder:
+            sae.W_dec.mul_(torch.rand(d_sae, 1) + 0.5)
+    return sae
+
+
 def runner_cfg_dict(architecture: str, tmp_path: Path | str, **overrides: Any) -> dict[str, Any]:
     """A dict for `LanguageModelSAERunnerConfig.from_dict` with a plain `architecture` string.
 

@@ -1,6 +1,7 @@
 """Mutual Choice and Feature Choice SAEs: validation, training through the stock SAELens runner,
 the calibrated jumprelu export, eval mode, folding, resume."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sae_lens import SAE, LanguageModelSAETrainingRunner, TrainingSAE
+from sae_lens import SAE, LanguageModelSAETrainingRunner
 from safetensors.torch import load_file
 
 import sae_lens_allocation
@@ -21,8 +22,7 @@ ARCHS = ["mutual_choice", "feature_choice"]
 D_IN, D_SAE = support.D_MODEL, 128
 
 
-def _sae(arch: str, **kw):
-    return TrainingSAE.from_dict({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "k": 4, **kw})
+_sae = functools.partial(support.plugin_sae, d_in=D_IN, d_sae=D_SAE, k=4)
 
 
 def _explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:

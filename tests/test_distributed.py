@@ -131,16 +131,10 @@ VARIANTS = {
 
 
 def _build_sae(variant: str, seed: int):
-    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+    from support import plugin_sae
 
-    import sae_lens_allocation  # noqa: F401  (registers the architectures)
-
-    fields = dict(VARIANTS[variant])
-    sae_cls, cfg_cls = SAE_TRAINING_CLASS_REGISTRY[fields.pop("architecture")]
     # A short firing-EMA window so aux_zipf's Zipf rule and the dead mask act within 20 steps.
-    cfg = cfg_cls(d_in=D_IN, d_sae=D_SAE, firing_ema_decay=0.8, **fields)
-    torch.manual_seed(seed)
-    return sae_cls(cfg)
+    return plugin_sae(seed=seed, d_in=D_IN, d_sae=D_SAE, firing_ema_decay=0.8, **VARIANTS[variant])
 
 
 def _trainer_cfg():

@@ -4,6 +4,8 @@ rather than the latent index, and the buffers through checkpoint and export."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,14 +19,14 @@ from sae_lens_allocation import FeatureChoiceTrainingSAEConfig
 from sae_lens_allocation.allocation import budget, ranks_from_frequency
 from sae_lens_allocation.saes.feature_choice import FeatureChoiceTrainingSAE
 
+import support
+
 D_IN, D_SAE, K, N = 16, 64, 4.0, 256
 RANK_BUFFERS = ("rank_selection_ema", "rank_mass_ema", "rank_updates", "capacity_ranks")
 
 
-def make_sae(seed: int = 0, **fields) -> FeatureChoiceTrainingSAE:
-    torch.manual_seed(seed)
-    cfg = FeatureChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, capacity="zipf", **fields)
-    return FeatureChoiceTrainingSAE(cfg)
+make_sae = functools.partial(support.plugin_sae, "feature_choice", d_in=D_IN, d_sae=D_SAE, k=K,
+                             capacity="zipf")
 
 
 def step(sae: FeatureChoiceTrainingSAE, x: torch.Tensor):

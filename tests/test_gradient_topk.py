@@ -1,6 +1,7 @@
 """Gradient TopK SAE: the selection rule, the training step, the refusals, the `topk` export, and
 training through SAELens' runner from a config dict."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -11,13 +12,12 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
+from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from safetensors.torch import load_file, save_file
 
-from sae_lens_allocation.registration import register_architecture
 from sae_lens_allocation.saes.gradient_topk import (
     GradientTopKTrainingSAE,
     GradientTopKTrainingSAEConfig,
@@ -29,20 +29,15 @@ from sae_lens_allocation.saes.gradient_topk import (
 from sae_lens_allocation.training.gradients import GradientActivationsStore
 from sae_lens_allocation.training.runner import build_runner, train
 
-register_architecture("gradient_topk", GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig)
+import support
+
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 D_IN, D_SAE = 16, 64
 
 
-def _sae(seed: int = 0, **fields) -> GradientTopKTrainingSAE:
-    torch.manual_seed(seed)
-    sae = TrainingSAE.from_dict(
-        {"architecture": "gradient_topk", "d_in": D_IN, "d_sae": D_SAE, **fields}
-    )
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.05)  # a non-trivial encoder bias, so folding is exercised
-    return sae
+# A non-trivial encoder bias, so folding is exercised.
+_sae = functools.partial(support.plugin_sae, "gradient_topk", d_in=D_IN, d_sae=D_SAE, b_enc_std=0.05)
 
 
 def _topk_twin(sae) -> TopKTrainingSAE:

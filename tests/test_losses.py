@@ -4,6 +4,7 @@ firing EMA, and the buffers."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -15,7 +16,6 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from safetensors.torch import load_file
 
-from sae_lens_allocation import register_architecture
 from sae_lens_allocation.allocation import ranks_from_frequency
 from sae_lens_allocation.saes.aux_losses import (
     AUX_LOSS_KEY,
@@ -34,18 +34,14 @@ from sae_lens_allocation.saes.zipf import (
     zipf_underuse,
 )
 
-register_architecture("topk_aux", TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig)
+import support
 
 D_IN, D_SAE, K = 16, 64, 4
 
 
-def make_sae(seed: int = 0, **fields) -> TopKAuxTrainingSAE:
-    torch.manual_seed(seed)
-    sae = TopKAuxTrainingSAE(TopKAuxTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, **fields))
-    with torch.no_grad():  # move off the symmetric init so every latent has its own pre-activation
-        sae.b_enc.normal_(0, 0.1)
-        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
-    return sae
+# Off the symmetric init, so every latent has its own pre-activation.
+make_sae = functools.partial(support.plugin_sae, "topk_aux", d_in=D_IN, d_sae=D_SAE, k=K,
+                             b_enc_std=0.1, uneven_decoder=True)
 
 
 def step_input(x: torch.Tensor, dead: torch.Tensor | None) -> TrainStepInput:

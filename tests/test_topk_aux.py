@@ -17,13 +17,10 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConf
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file
 
-from sae_lens_allocation import register_architecture
 from sae_lens_allocation.saes.aux_losses import AUX_LOSS_KEY
 from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 
 import support
-
-register_architecture("topk_aux", TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig)
 
 D_IN, D_SAE, K = 16, 64, 4
 AUX_BUFFERS = TopKAuxTrainingSAE.AUX_STATE_BUFFERS
