@@ -21,6 +21,9 @@ from datasets import Dataset  # noqa: E402
 CONTEXT_SIZE = 32
 D_MODEL = 32
 HOOK_NAME = "blocks.0.hook_resid_post"
+# What each plugin architecture exports as: a SAELens built-in.
+EXPORT_ARCHITECTURE = {"mutual_choice": "jumprelu", "feature_choice": "jumprelu",
+                       "gradient_topk": "topk", "topk_aux": "topk"}
 
 
 def _corpus_text() -> str:
@@ -172,3 +175,17 @@ def runner_cfg(architecture: str, tmp_path: Path | str, **overrides: Any) -> Any
     from sae_lens import LanguageModelSAERunnerConfig
 
     return LanguageModelSAERunnerConfig.from_dict(runner_cfg_dict(architecture, tmp_path, **overrides))
+
+
+def train_export(architecture: str, folder: Path) -> tuple[Path, Any]:
+    """`architecture` trained on the tiny model through the plugin's runner (`train`, 8 steps of
+    256 tokens, k 8; Mutual and Feature Choice calibrated on 1024 held-out tokens). Returns the
+    export folder and the trained SAE in eval mode."""
+    from sae_lens_allocation.training.runner import train
+
+    overrides: dict[str, Any] = {"sae_k": 8}
+    if EXPORT_ARCHITECTURE[architecture] == "jumprelu":
+        overrides["sae_calibration_tokens"] = 1024
+    cfg = runner_cfg_dict(architecture, folder, **overrides)
+    sae = train(cfg, override_model=tiny_model(), override_dataset=tiny_dataset())
+    return Path(cfg["output_path"]), sae.eval()
