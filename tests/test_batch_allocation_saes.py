@@ -122,6 +122,7 @@ GRID = [("mutual_choice", {}), ("feature_choice", {"sae_capacity": "uniform"}),
         ("feature_choice", {"sae_capacity": "zipf"})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,extra", GRID, ids=["mc", "fc-uniform", "fc-zipf"])
 def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra, tmp_path):
     """The acceptance bounds (docs/architectures.md#acceptance-bounds) on a reduced grid: train() with calibration rows
@@ -155,6 +156,7 @@ def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra
     assert abs(ev_export - ev_train) <= 0.01
 
 
+@pytest.mark.slow
 def test_stock_runner_export_reproduces_training_allocation(tmp_path):
     k = 8
     _, sae = _train("feature_choice", tmp_path, training_tokens=60 * 256, sae_k=k,
@@ -166,6 +168,7 @@ def test_stock_runner_export_reproduces_training_allocation(tmp_path):
     assert abs(l0 - k) <= 0.05 * k
 
 
+@pytest.mark.slow
 def test_feature_choice_has_no_dead_latents_and_mc_l0_varies(tmp_path):
     runner, sae = _train("feature_choice", tmp_path / "fc", training_tokens=20 * 256)
     assert int(sae.cfg.metadata.num_dead_features) == 0
@@ -302,6 +305,7 @@ def test_embedded_calibration_rows_come_from_files_training_never_read():
         assert not any(tuple(row[i:i + 24]) in seen for i in range(len(row) - 23))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 5])
 def test_train_reserves_embedded_rows_training_never_reads_for_any_seed(seed, tmp_path):
     """The unseen files follow the run's file order (its `seed`), whatever `calibration_seed`.

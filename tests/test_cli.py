@@ -67,12 +67,14 @@ def test_eval_of_a_folder_without_sae(capsys, tmp_path):
     _assert_one_line_error(code, err, "cfg.json")
 
 
+@pytest.mark.slow
 def test_console_script_and_python_m_agree():
     out = subprocess.run([sys.executable, "-m", "sae_lens_allocation", "train", "missing.yaml"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "missing.yaml" in out.stderr
 
 
+@pytest.mark.slow
 def test_train_offline_config_matches_python_api(capsys, tmp_path):
     from safetensors.torch import load_file
 

@@ -531,6 +531,7 @@ PANELS_JS = r"""
 """
 
 
+@pytest.mark.slow
 def test_dashboard_renders_offline_in_headless_chromium(browser, dashboards, tmp_path):
     result = dashboards["mutual_choice"]
     browser.open(result.html)

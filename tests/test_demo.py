@@ -5,6 +5,7 @@ import json
 from importlib.util import find_spec
 from pathlib import Path
 
+import pytest
 from sae_lens import SAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 
@@ -13,6 +14,7 @@ from sae_lens_allocation.demo import run_demo
 HAS_DASHBOARD = find_spec("sae_dashboard") is not None
 
 
+@pytest.mark.slow
 def test_demo_writes_a_plain_saelens_export_an_eval_and_a_dashboard(tmp_path, capsys):
     report = run_demo(tmp_path, ["training_tokens=8192", "sae.calibration_tokens=2048"])
     # A SAELens built-in; test_exports.py loads such exports in a process without the plugin.

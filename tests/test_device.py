@@ -280,6 +280,7 @@ def test_compiled_training_step_does_not_recompile(arch):
 # --- the GPU check script ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     report = gpu_check.main([
         "--device", "cpu", "--sizes", "small", "--compile-backend", "eager",

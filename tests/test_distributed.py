@@ -235,6 +235,7 @@ def two_rank_run(tmp_path_factory):
     return out_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_ranks_train_the_weights_of_one_process_on_the_global_batch(two_rank_run, variant):
     reference = _reference(variant)
@@ -253,6 +254,7 @@ def test_two_ranks_train_the_weights_of_one_process_on_the_global_batch(two_rank
     assert reference["dead"].any() or variant.startswith("feature_choice")
 
 
+@pytest.mark.slow
 def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(two_rank_run):
     message = (two_rank_run / "dead-rank0.txt").read_text()
     assert "rank 0 of 2" in message and "Another rank probably died" in message
@@ -261,6 +263,7 @@ def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(two_rank_run):
 # --- the command line under torchrun ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_trains_on_the_embedded_model_and_rank_0_writes(tmp_path):
     """`torchrun --nproc-per-node 2 -m sae_lens_allocation train CONFIG`: one checkpoint and
     one export, written by rank 0, the export calibrated on rows of both ranks."""

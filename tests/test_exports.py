@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -36,6 +37,7 @@ print(json.dumps({"saes": described, "plugin_modules": plugin}))
 """
 
 
+@pytest.mark.slow
 def test_every_export_loads_in_a_fresh_process_without_the_plugin(plugin_exports, tmp_path):
     assert set(plugin_exports) == set(sae_lens_allocation.ARCHITECTURES)
     # 3-D, as evals and HookedSAETransformer feed it.

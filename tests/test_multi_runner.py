@@ -62,6 +62,7 @@ def _export_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "sae_weights.safetensors"))
 
 
+@pytest.mark.slow
 def test_one_multi_run_equals_single_runs_at_two_hooks(embedded, tmp_path):
     model, dataset = embedded
     names = {f"{arch}@{i}": (arch, hook) for arch in ARCHITECTURES for i, hook in enumerate((H0, H1))}
