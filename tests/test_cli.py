@@ -81,8 +81,9 @@ def test_train_offline_config_matches_python_api(capsys, tmp_path):
     import sae_lens_allocation
     from sae_lens_allocation.yaml_config import load_runner_config
 
-    small = ["training_tokens=8192", "sae.d_sae=256", "sae.calibration_tokens=2048",
-             "n_batches_in_buffer=32", "store_batch_size_prompts=8", "n_eval_batches=1"]
+    small = ["training_tokens=2048", "train_batch_size_tokens=1024", "sae.d_sae=128",
+             "sae.calibration_tokens=1024", "n_batches_in_buffer=8", "store_batch_size_prompts=8",
+             "n_eval_batches=1"]
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     sets = [x for s in small + [f"output_path={cli_out}", f"checkpoint_path={tmp_path / 'c1'}"]
             for x in ("--set", s)]
