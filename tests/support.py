@@ -133,6 +133,21 @@ def plugin_sae(architecture: str, seed: int | None = 0, *, d_in: int = 16, d_sae
     return sae
 
 
+def step_input(x: torch.Tensor, dead: torch.Tensor | None = None, step: int = 0,
+               logging: bool = False) -> Any:
+    """SAELens' `TrainStepInput` for rows `x`: no coefficients, the dead-latent mask `dead`."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step,
+                          is_logging_step=logging)
+
+
+def training_step(sae: Any, x: torch.Tensor, dead: torch.Tensor | None = None, step: int = 0,
+                  logging: bool = False) -> Any:
+    """`sae.training_forward_pass` on `step_input(x, dead, step, logging)`."""
+    return sae.training_forward_pass(step_input(x, dead, step, logging))
+
+
 def runner_cfg_dict(architecture: str, tmp_path: Path | str, **overrides: Any) -> dict[str, Any]:
     """A dict for `LanguageModelSAERunnerConfig.from_dict` with a plain `architecture` string.
 

@@ -92,15 +92,11 @@ def test_activation_scaling_fold_keeps_outputs(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_non_finite_loss_stops_training(arch):
-    from sae_lens.saes.sae import TrainStepInput
-
     sae = _sae(arch)
     x = torch.randn(64, D_IN)
     x[3, 2] = float("nan")
-    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=7,
-                          is_logging_step=False)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        sae.training_forward_pass(step)
+        support.training_step(sae, x, step=7)
 
 
 def _train(arch, tmp_path, **overrides):
@@ -174,11 +170,7 @@ def test_feature_choice_has_no_dead_latents_and_mc_l0_varies(tmp_path):
     assert int(sae.cfg.metadata.num_dead_features) == 0
     _, mc = _train("mutual_choice", tmp_path / "mc", training_tokens=20 * 256)
     mc.train()
-    from sae_lens.saes.sae import TrainStepInput
-
-    step = TrainStepInput(sae_in=_heldout_acts(16), coefficients={}, dead_neuron_mask=None,
-                          n_training_steps=0, is_logging_step=True)
-    metrics = mc.training_forward_pass(step).metrics
+    metrics = support.training_step(mc, _heldout_acts(16), logging=True).metrics
     assert float(metrics["l0_per_token_std"]()) > 0
     assert float(metrics["l0_per_token_max"]()) > float(metrics["l0_per_token_min"]())
 

@@ -11,7 +11,6 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sae_lens import SAE, LanguageModelSAERunnerConfig
-from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from safetensors.torch import load_file
@@ -45,16 +44,8 @@ def _topk_twin(sae) -> TopKTrainingSAE:
     return topk
 
 
-def _step(sae, rows, step=0):
-    return sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=rows,
-            coefficients={},
-            dead_neuron_mask=torch.zeros(D_SAE, dtype=torch.bool),
-            n_training_steps=step,
-            is_logging_step=False,
-        )
-    )
+# Every latent alive: the aux loss sees no dead latents.
+_step = functools.partial(support.training_step, dead=torch.zeros(D_SAE, dtype=torch.bool))
 
 
 # -- the selection rule -----------------------------------------------------------------------

@@ -10,7 +10,6 @@ import pytest
 import torch
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens.config import LoggingConfig, SAETrainerConfig
-from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file
@@ -71,7 +70,7 @@ def test_aux_loss_is_swapped_by_name():
         sae = TopKAuxTrainingSAE(TopKAuxTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, aux_loss=name))
         dead = torch.zeros(D_SAE, dtype=torch.bool)
         dead[:10] = True
-        out = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
+        out = support.training_step(sae, x, dead)
         values[name] = out.losses[AUX_LOSS_KEY].item()
         assert set(out.metrics) >= {"aux_loss", "aux_underused", "aux_dead", "aux_zipf_exponent"}
     assert values["none"] == 0.0
