@@ -119,8 +119,9 @@ def plugin_sae(architecture: str, seed: int | None = 0, *, d_in: int = 16, d_sae
     `from_dict`), after `torch.manual_seed(seed)` unless `seed` is None. `b_enc_std` draws a
     non-zero encoder bias and `uneven_decoder` scales decoder rows by U[0.5, 1.5), in that order,
     so folding and per-latent pre-activations are exercised."""
-    import sae_lens_allocation  # noqa: F401  (registers the architectures)
     from sae_lens import TrainingSAE
+
+    import sae_lens_allocation  # noqa: F401  (registers the architectures)
 
     if seed is not None:
         torch.manual_seed(seed)

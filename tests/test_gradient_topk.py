@@ -28,7 +28,6 @@ from sae_lens_allocation.training.runner import build_runner, train
 
 import support
 
-
 CONFIGS = Path(__file__).parent.parent / "configs"
 D_IN, D_SAE = 16, 64
 

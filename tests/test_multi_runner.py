@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from sae_lens import SAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.topk_sae import TopKSAE
+from safetensors.torch import load_file
 
 import sae_lens_allocation  # noqa: F401  (registers the architectures)
 from sae_lens_allocation.cli import main
