@@ -335,6 +335,7 @@ def test_a_multi_sae_config_under_torchrun_is_refused_in_one_line_before_trainin
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_with_a_multi_sae_config_refuses_on_every_rank(tmp_path):
     import shutil
     import socket
