@@ -16,3 +16,13 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_dataset():
     return support.tiny_dataset()
+
+
+@pytest.fixture(scope="session")
+def plugin_exports(tmp_path_factory):
+    """Every plugin architecture trained and exported once for the session
+    (`support.train_export`): {architecture: (export folder, trained SAE in eval mode)}."""
+    from sae_lens_allocation import ARCHITECTURES
+
+    root = tmp_path_factory.mktemp("plugin-exports")
+    return {arch: support.train_export(arch, root / arch) for arch in ARCHITECTURES}

@@ -21,6 +21,9 @@ from datasets import Dataset  # noqa: E402
 CONTEXT_SIZE = 32
 D_MODEL = 32
 HOOK_NAME = "blocks.0.hook_resid_post"
+# What each plugin architecture exports as: a SAELens built-in.
+EXPORT_ARCHITECTURE = {"mutual_choice": "jumprelu", "feature_choice": "jumprelu",
+                       "gradient_topk": "topk", "topk_aux": "topk"}
 
 
 def _corpus_text() -> str:
@@ -110,6 +113,42 @@ def rows_sharing_a_window(rows: torch.Tensor, references: list[torch.Tensor], wi
                for row in rows[:, 1:].tolist())
 
 
+def plugin_sae(architecture: str, seed: int | None = 0, *, d_in: int = 16, d_sae: int = 64,
+               b_enc_std: float = 0.0, uneven_decoder: bool = False, **fields: Any) -> Any:
+    """A plugin training SAE built as a config's `architecture:` builds it (SAELens' registry,
+    `from_dict`), after `torch.manual_seed(seed)` unless `seed` is None. `b_enc_std` draws a
+    non-zero encoder bias and `uneven_decoder` scales decoder rows by U[0.5, 1.5), in that order,
+    so folding and per-latent pre-activations are exercised."""
+    from sae_lens import TrainingSAE
+
+    import sae_lens_allocation  # noqa: F401  (registers the architectures)
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    sae = TrainingSAE.from_dict({"architecture": architecture, "d_in": d_in, "d_sae": d_sae, **fields})
+    with torch.no_grad():
+        if b_enc_std:
+            sae.b_enc.normal_(0, b_enc_std)
+        if uneven_decoder:
+            sae.W_dec.mul_(torch.rand(d_sae, 1) + 0.5)
+    return sae
+
+
+def step_input(x: torch.Tensor, dead: torch.Tensor | None = None, step: int = 0,
+               logging: bool = False) -> Any:
+    """SAELens' `TrainStepInput` for rows `x`: no coefficients, the dead-latent mask `dead`."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=step,
+                          is_logging_step=logging)
+
+
+def training_step(sae: Any, x: torch.Tensor, dead: torch.Tensor | None = None, step: int = 0,
+                  logging: bool = False) -> Any:
+    """`sae.training_forward_pass` on `step_input(x, dead, step, logging)`."""
+    return sae.training_forward_pass(step_input(x, dead, step, logging))
+
+
 def runner_cfg_dict(architecture: str, tmp_path: Path | str, **overrides: Any) -> dict[str, Any]:
     """A dict for `LanguageModelSAERunnerConfig.from_dict` with a plain `architecture` string.
 
@@ -152,3 +191,17 @@ def runner_cfg(architecture: str, tmp_path: Path | str, **overrides: Any) -> Any
     from sae_lens import LanguageModelSAERunnerConfig
 
     return LanguageModelSAERunnerConfig.from_dict(runner_cfg_dict(architecture, tmp_path, **overrides))
+
+
+def train_export(architecture: str, folder: Path) -> tuple[Path, Any]:
+    """`architecture` trained on the tiny model through the plugin's runner (`train`, 8 steps of
+    256 tokens, k 8; Mutual and Feature Choice calibrated on 1024 held-out tokens). Returns the
+    export folder and the trained SAE in eval mode."""
+    from sae_lens_allocation.training.runner import train
+
+    overrides: dict[str, Any] = {"sae_k": 8}
+    if EXPORT_ARCHITECTURE[architecture] == "jumprelu":
+        overrides["sae_calibration_tokens"] = 1024
+    cfg = runner_cfg_dict(architecture, folder, **overrides)
+    sae = train(cfg, override_model=tiny_model(), override_dataset=tiny_dataset())
+    return Path(cfg["output_path"]), sae.eval()

@@ -1,14 +1,13 @@
 """Mutual Choice and Feature Choice SAEs: validation, training through the stock SAELens runner,
 the calibrated jumprelu export, eval mode, folding, resume."""
 
+import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from sae_lens import SAE, LanguageModelSAETrainingRunner, TrainingSAE
+from sae_lens import SAE, LanguageModelSAETrainingRunner
 from safetensors.torch import load_file
 
 import sae_lens_allocation
@@ -21,8 +20,7 @@ ARCHS = ["mutual_choice", "feature_choice"]
 D_IN, D_SAE = support.D_MODEL, 128
 
 
-def _sae(arch: str, **kw):
-    return TrainingSAE.from_dict({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "k": 4, **kw})
+_sae = functools.partial(support.plugin_sae, d_in=D_IN, d_sae=D_SAE, k=4)
 
 
 def _explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -94,15 +92,11 @@ def test_activation_scaling_fold_keeps_outputs(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_non_finite_loss_stops_training(arch):
-    from sae_lens.saes.sae import TrainStepInput
-
     sae = _sae(arch)
     x = torch.randn(64, D_IN)
     x[3, 2] = float("nan")
-    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=7,
-                          is_logging_step=False)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        sae.training_forward_pass(step)
+        support.training_step(sae, x, step=7)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -146,6 +140,7 @@ GRID = [("mutual_choice", {}), ("feature_choice", {"sae_capacity": "uniform"}),
         ("feature_choice", {"sae_capacity": "zipf"})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,extra", GRID, ids=["mc", "fc-uniform", "fc-zipf"])
 def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra, tmp_path):
     """The acceptance bounds (docs/architectures.md#acceptance-bounds) on a reduced grid: train() with calibration rows
@@ -179,6 +174,7 @@ def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra
     assert abs(ev_export - ev_train) <= 0.01
 
 
+@pytest.mark.slow
 def test_stock_runner_export_reproduces_training_allocation(tmp_path):
     k = 8
     _, sae = _train("feature_choice", tmp_path, training_tokens=60 * 256, sae_k=k,
@@ -190,32 +186,15 @@ def test_stock_runner_export_reproduces_training_allocation(tmp_path):
     assert abs(l0 - k) <= 0.05 * k
 
 
+@pytest.mark.slow
 def test_feature_choice_has_no_dead_latents_and_mc_l0_varies(tmp_path):
     runner, sae = _train("feature_choice", tmp_path / "fc", training_tokens=20 * 256)
     assert int(sae.cfg.metadata.num_dead_features) == 0
     _, mc = _train("mutual_choice", tmp_path / "mc", training_tokens=20 * 256)
     mc.train()
-    from sae_lens.saes.sae import TrainStepInput
-
-    step = TrainStepInput(sae_in=_heldout_acts(16), coefficients={}, dead_neuron_mask=None,
-                          n_training_steps=0, is_logging_step=True)
-    metrics = mc.training_forward_pass(step).metrics
+    metrics = support.training_step(mc, _heldout_acts(16), logging=True).metrics
     assert float(metrics["l0_per_token_std"]()) > 0
     assert float(metrics["l0_per_token_max"]()) > float(metrics["l0_per_token_min"]())
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_export_loads_without_the_plugin(arch, tmp_path):
-    sae = _sae(arch)
-    calibrate(sae, torch.randn(256, D_IN))
-    sae.save_inference_model(tmp_path)
-    code = (
-        "import sys; from sae_lens import SAE; "
-        f"s = SAE.load_from_disk({str(tmp_path)!r}); "
-        "assert 'sae_lens_allocation' not in sys.modules; print(s.cfg.architecture())"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "jumprelu"
 
 
 def test_resume_from_checkpoint_continues_training(tmp_path):
@@ -340,6 +319,7 @@ def test_embedded_calibration_rows_come_from_files_training_never_read():
         assert not any(tuple(row[i:i + 24]) in seen for i in range(len(row) - 23))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 5])
 def test_train_reserves_embedded_rows_training_never_reads_for_any_seed(seed, tmp_path):
     """The unseen files follow the run's file order (its `seed`), whatever `calibration_seed`.

@@ -67,6 +67,7 @@ def test_eval_of_a_folder_without_sae(capsys, tmp_path):
     _assert_one_line_error(code, err, "cfg.json")
 
 
+@pytest.mark.slow
 def test_console_script_and_python_m_agree():
     out = subprocess.run([sys.executable, "-m", "sae_lens_allocation", "train", "missing.yaml"],
                          capture_output=True, text=True)
@@ -104,14 +105,16 @@ def test_version_names_the_plugin_and_sae_lens(capsys):
         f"sae-lens-allocation {version('sae-lens-allocation')} (sae-lens {version('sae-lens')})")
 
 
+@pytest.mark.slow
 def test_train_offline_config_matches_python_api(capsys, tmp_path):
     from safetensors.torch import load_file
 
     import sae_lens_allocation
     from sae_lens_allocation.yaml_config import load_runner_config
 
-    small = ["training_tokens=8192", "sae.d_sae=256", "sae.calibration_tokens=2048",
-             "n_batches_in_buffer=32", "store_batch_size_prompts=8", "n_eval_batches=1"]
+    small = ["training_tokens=2048", "train_batch_size_tokens=1024", "sae.d_sae=128",
+             "sae.calibration_tokens=1024", "n_batches_in_buffer=8", "store_batch_size_prompts=8",
+             "n_eval_batches=1"]
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     sets = [x for s in small + [f"output_path={cli_out}", f"checkpoint_path={tmp_path / 'c1'}"]
             for x in ("--set", s)]

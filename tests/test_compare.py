@@ -53,6 +53,7 @@ def _lm_config(tmp_path: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
     result = run_compare(_lm_config(tmp_path), output_dir=tmp_path / "cmp", override_model=tiny_model,
                          override_dataset=support.tiny_dataset(256), override_heldout=support.tiny_dataset(64, seed=9))
@@ -126,6 +127,7 @@ def _embedded_config() -> dict:
     }
 
 
+@pytest.mark.slow
 def test_embedded_comparison_trains_each_seed_on_its_rows_and_counts_dead_latents_beyond_heldout(tmp_path):
     """Each seed's runner builds its own embedded rows, so Mutual Choice calibrates on files that
     seed never trains on (as `train()` does), and the dead share counts every held-out token plus
@@ -168,6 +170,7 @@ def test_embedded_comparison_trains_each_seed_on_its_rows_and_counts_dead_latent
         assert calibration["overlaps_training"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 5])
 def test_density_rows_are_files_neither_training_nor_calibration_read(seed):
     """Training reads half the train split; the density rows come after the calibration pool in

@@ -41,13 +41,11 @@ from sae_lens_allocation.analysis.dashboard import (
 from sae_lens_allocation.analysis.dashboard_assets import make_offline_html
 from sae_lens_allocation.cli import main, run
 from sae_lens_allocation.tokens import special_token_ids
-from sae_lens_allocation.training.runner import train
 from sae_lens_allocation_cli import build_parser
 
 import support
 
 PLUGIN_EXPORTS = ["mutual_choice", "feature_choice", "gradient_topk"]
-EXPECTED_INFERENCE = {"mutual_choice": "jumprelu", "feature_choice": "jumprelu", "gradient_topk": "topk"}
 N_TOKENS = 64 * support.CONTEXT_SIZE
 
 
@@ -77,16 +75,6 @@ def _save_builtin(kind: str, folder: Path) -> Path:
     return folder
 
 
-def _train_export(arch: str, folder: Path) -> Path:
-    """Train `arch` on the tiny model through the SAELens runner; its output_path is the export."""
-    overrides: dict[str, Any] = {"sae_k": 8}
-    if arch in ("mutual_choice", "feature_choice"):
-        overrides["sae_calibration_tokens"] = 1024
-    cfg = support.runner_cfg_dict(arch, folder, **overrides)
-    train(cfg, override_model=support.tiny_model(), override_dataset=support.tiny_dataset())
-    return Path(cfg["output_path"])
-
-
 class _Cache(dict):
     """Builds an entry on first use, so one SAE kind failing to build fails only its own tests."""
 
@@ -100,10 +88,11 @@ class _Cache(dict):
 
 
 @pytest.fixture(scope="session")
-def sae_dirs(tmp_path_factory) -> dict[str, Path]:
+def sae_dirs(tmp_path_factory, request) -> dict[str, Path]:
+    """Built-in SAEs saved here; plugin exports from the session's `plugin_exports`."""
     root = tmp_path_factory.mktemp("dashboard-saes")
     return _Cache(lambda kind: _save_builtin(kind, root / kind) if kind in ("topk", "jumprelu")
-                  else _train_export(kind, root / kind))
+                  else request.getfixturevalue("plugin_exports")[kind][0])
 
 
 @pytest.fixture(scope="session")
@@ -224,7 +213,7 @@ def test_dashboard_is_self_contained_and_neuronpedia_json_records_the_architectu
     batch = json.loads(result.neuronpedia.read_text())
     assert [f["feature_index"] for f in batch["features"]] == result.features
     assert batch["metadata"]["training_architecture"] == kind
-    assert batch["metadata"]["architecture"] == EXPECTED_INFERENCE.get(kind, kind)
+    assert batch["metadata"]["architecture"] == support.EXPORT_ARCHITECTURE.get(kind, kind)
     assert batch["metadata"]["hook_name"] == support.HOOK_NAME
     for feature in batch["features"]:
         assert feature["frac_nonzero"] > 0
@@ -543,6 +532,7 @@ PANELS_JS = r"""
 """
 
 
+@pytest.mark.slow
 def test_dashboard_renders_offline_in_headless_chromium(browser, dashboards, tmp_path):
     result = dashboards["mutual_choice"]
     browser.open(result.html)

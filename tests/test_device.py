@@ -42,6 +42,7 @@ from sae_lens_allocation.allocation import (
 )
 
 import gpu_check
+import support
 import test_allocation
 from gpu_check import HostSyncCounter
 from test_allocation import (
@@ -202,15 +203,6 @@ def _fake_mode() -> FakeTensorMode:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def _plugin_sae(arch: str, device: str, **extra):
-    from sae_lens import TrainingSAE, TrainingSAEConfig
-
-    import sae_lens_allocation  # noqa: F401
-
-    cfg = {"architecture": arch, "d_in": 32, "d_sae": 512, "k": 8, "device": device, **extra}
-    return TrainingSAE.from_dict(TrainingSAEConfig.from_dict(cfg).to_dict())
-
-
 @pytest.mark.parametrize("arch", PLUGIN_ARCHITECTURES)
 def test_every_architecture_runs_on_a_fake_device(arch):
     """Training forward with the aux loss, backward, eval encoding, calibration and the export
@@ -219,7 +211,7 @@ def test_every_architecture_runs_on_a_fake_device(arch):
     from sae_lens.saes.sae import TrainStepInput
 
     with _fake_mode(), HostSyncCounter():
-        sae = _plugin_sae(arch, FAKE_DEVICE, aux_loss="aux_zipf")
+        sae = support.plugin_sae(arch, d_in=32, d_sae=512, k=8, device=FAKE_DEVICE, aux_loss="aux_zipf")
         width = 64 if arch == "gradient_topk" else 32
         x = torch.randn(256, width, device=FAKE_DEVICE)
         step = TrainStepInput(
@@ -305,6 +297,7 @@ def test_compiled_training_step_does_not_recompile(arch):
 # --- the GPU check script ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     report = gpu_check.main([
         "--device", "cpu", "--sizes", "small", "--compile-backend", "eager",

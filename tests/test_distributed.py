@@ -131,16 +131,10 @@ VARIANTS = {
 
 
 def _build_sae(variant: str, seed: int):
-    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+    from support import plugin_sae
 
-    import sae_lens_allocation  # noqa: F401  (registers the architectures)
-
-    fields = dict(VARIANTS[variant])
-    sae_cls, cfg_cls = SAE_TRAINING_CLASS_REGISTRY[fields.pop("architecture")]
     # A short firing-EMA window so aux_zipf's Zipf rule and the dead mask act within 20 steps.
-    cfg = cfg_cls(d_in=D_IN, d_sae=D_SAE, firing_ema_decay=0.8, **fields)
-    torch.manual_seed(seed)
-    return sae_cls(cfg)
+    return plugin_sae(seed=seed, d_in=D_IN, d_sae=D_SAE, firing_ema_decay=0.8, **VARIANTS[variant])
 
 
 def _trainer_cfg():
@@ -241,6 +235,7 @@ def two_rank_run(tmp_path_factory):
     return out_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_ranks_train_the_weights_of_one_process_on_the_global_batch(two_rank_run, variant):
     reference = _reference(variant)
@@ -259,6 +254,7 @@ def test_two_ranks_train_the_weights_of_one_process_on_the_global_batch(two_rank
     assert reference["dead"].any() or variant.startswith("feature_choice")
 
 
+@pytest.mark.slow
 def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(two_rank_run):
     message = (two_rank_run / "dead-rank0.txt").read_text()
     assert "rank 0 of 2" in message and "Another rank probably died" in message
@@ -267,6 +263,7 @@ def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(two_rank_run):
 # --- the command line under torchrun ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_trains_on_the_embedded_model_and_rank_0_writes(tmp_path):
     """`torchrun --nproc-per-node 2 -m sae_lens_allocation train CONFIG`: one checkpoint and
     one export, written by rank 0, the export calibrated on rows of both ranks."""
@@ -338,6 +335,7 @@ def test_a_multi_sae_config_under_torchrun_is_refused_in_one_line_before_trainin
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_with_a_multi_sae_config_refuses_on_every_rank(tmp_path):
     import shutil
     import socket

@@ -4,12 +4,13 @@ rather than the latent index, and the buffers through checkpoint and export."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sae_lens import SAE, TrainingSAE
-from sae_lens.saes.sae import TrainStepInput
 from safetensors.torch import load_file
 
 import sae_lens_allocation  # noqa: F401  (registers the architectures)
@@ -17,18 +18,14 @@ from sae_lens_allocation import FeatureChoiceTrainingSAEConfig
 from sae_lens_allocation.allocation import budget, ranks_from_frequency
 from sae_lens_allocation.saes.feature_choice import FeatureChoiceTrainingSAE
 
+import support
+
 D_IN, D_SAE, K, N = 16, 64, 4.0, 256
 RANK_BUFFERS = ("rank_selection_ema", "rank_mass_ema", "rank_updates", "capacity_ranks")
 
 
-def make_sae(seed: int = 0, **fields) -> FeatureChoiceTrainingSAE:
-    torch.manual_seed(seed)
-    cfg = FeatureChoiceTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, capacity="zipf", **fields)
-    return FeatureChoiceTrainingSAE(cfg)
-
-
-def step(sae: FeatureChoiceTrainingSAE, x: torch.Tensor):
-    return sae.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+make_sae = functools.partial(support.plugin_sae, "feature_choice", d_in=D_IN, d_sae=D_SAE, k=K,
+                             capacity="zipf")
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,7 +70,7 @@ def test_rank_statistic_is_the_mutual_choice_selection_rate_and_the_positive_mas
         if sae.cfg.rescale_acts_by_decoder_norm:
             z = z * sae.W_dec.norm(dim=-1)
         z = z.reshape(-1, D_SAE)
-    step(sae, x)
+    support.training_step(sae, x)
     # Reference: a full torch.topk over the batch's relu(z) (Mutual Choice's selection).
     m = budget(N, K)
     top = torch.topk(z.relu().reshape(-1), m).indices
@@ -98,7 +95,7 @@ def test_uniform_capacities_in_the_warmup_then_zipf_by_the_statistic_on_schedule
             order = torch.argsort(sae.capacity_ranks)
             assert int(caps[order[0]]) > int(caps[order[-1]])  # rank 1 gets the most tokens
         before = sae.capacity_ranks.clone()
-        step(sae, torch.randn(N, D_IN, generator=g) + torch.rand(D_IN, generator=g))
+        support.training_step(sae, torch.randn(N, D_IN, generator=g) + torch.rand(D_IN, generator=g))
         now = ranks_from_frequency(sae.rank_selection_ema, sae.rank_mass_ema)
         if t >= warmup and (t - warmup) % rerank == 0:
             assert torch.equal(sae.capacity_ranks, now), t
@@ -123,7 +120,7 @@ def test_a_small_run_ranks_by_the_statistic_not_by_the_latent_index():
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
     ranks_after_warmup = None
     for t, x in enumerate(zipfian_batches(150), start=1):
-        out = step(sae, x)
+        out = support.training_step(sae, x)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -144,7 +141,7 @@ def test_a_small_run_ranks_by_the_statistic_not_by_the_latent_index():
 def test_rank_buffers_round_trip_through_a_checkpoint_and_never_reach_the_export(tmp_path):
     sae = make_sae(capacity_warmup_steps=2)
     for x in zipfian_batches(4):
-        step(sae, x)
+        support.training_step(sae, x)
     assert sae.zipf_ranked()
     sae.save_model(tmp_path / "checkpoint")
     assert set(RANK_BUFFERS) <= set(load_file(tmp_path / "checkpoint" / "sae_weights.safetensors"))
@@ -165,7 +162,7 @@ def test_a_checkpoint_without_rank_buffers_keeps_the_ranking_it_trained_with():
     ranking, so their export calibrates to the capacities they trained with."""
     sae = make_sae()
     for x in zipfian_batches(3):
-        step(sae, x)
+        support.training_step(sae, x)
     legacy = {name: t for name, t in sae.state_dict().items() if name not in RANK_BUFFERS}
     loaded = make_sae(seed=1)
     loaded.load_state_dict(legacy)

@@ -78,6 +78,7 @@ def _env(image_python: Path, bundle: Path, out: Path, **extra: str) -> dict[str,
             "GPU_CHECK_DEVICE": "cpu", **extra}
 
 
+@pytest.mark.slow
 def test_the_rehearsal_writes_its_report_into_out(bundle, image_python, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
@@ -99,6 +100,7 @@ def test_the_rehearsal_writes_its_report_into_out(bundle, image_python, tmp_path
     assert "## exactness" in (out / "gpu_check.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_killed_run_keeps_its_finished_rows(bundle, image_python, tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen(
@@ -123,6 +125,7 @@ def test_a_killed_run_keeps_its_finished_rows(bundle, image_python, tmp_path):
     assert "not finished" in (out / "gpu_check.md").read_text()
 
 
+@pytest.mark.slow
 def test_an_import_failure_exits_non_zero_with_one_line(bundle, image_python, tmp_path):
     only_the_package = tmp_path / "bundle"
     only_the_package.mkdir()

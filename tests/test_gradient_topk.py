@@ -1,9 +1,8 @@
 """Gradient TopK SAE: the selection rule, the training step, the refusals, the `topk` export, and
 training through SAELens' runner from a config dict."""
 
+import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,11 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
-from sae_lens.saes.sae import TrainStepInput
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import SAE, LanguageModelSAERunnerConfig
+from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from sae_lens_allocation.registration import register_architecture
 from sae_lens_allocation.saes.gradient_topk import (
     GradientTopKTrainingSAE,
     GradientTopKTrainingSAEConfig,
@@ -29,20 +26,14 @@ from sae_lens_allocation.saes.gradient_topk import (
 from sae_lens_allocation.training.gradients import GradientActivationsStore
 from sae_lens_allocation.training.runner import build_runner, train
 
-register_architecture("gradient_topk", GradientTopKTrainingSAE, GradientTopKTrainingSAEConfig)
+import support
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 D_IN, D_SAE = 16, 64
 
 
-def _sae(seed: int = 0, **fields) -> GradientTopKTrainingSAE:
-    torch.manual_seed(seed)
-    sae = TrainingSAE.from_dict(
-        {"architecture": "gradient_topk", "d_in": D_IN, "d_sae": D_SAE, **fields}
-    )
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.05)  # a non-trivial encoder bias, so folding is exercised
-    return sae
+# A non-trivial encoder bias, so folding is exercised.
+_sae = functools.partial(support.plugin_sae, "gradient_topk", d_in=D_IN, d_sae=D_SAE, b_enc_std=0.05)
 
 
 def _topk_twin(sae) -> TopKTrainingSAE:
@@ -52,16 +43,8 @@ def _topk_twin(sae) -> TopKTrainingSAE:
     return topk
 
 
-def _step(sae, rows, step=0):
-    return sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=rows,
-            coefficients={},
-            dead_neuron_mask=torch.zeros(D_SAE, dtype=torch.bool),
-            n_training_steps=step,
-            is_logging_step=False,
-        )
-    )
+# Every latent alive: the aux loss sees no dead latents.
+_step = functools.partial(support.training_step, dead=torch.zeros(D_SAE, dtype=torch.bool))
 
 
 # -- the selection rule -----------------------------------------------------------------------
@@ -219,28 +202,6 @@ def test_configs_parse_after_import():
 
 # -- export -----------------------------------------------------------------------------------
 
-_LOAD_WITHOUT_PLUGIN = """
-import sys
-from sae_lens import SAE
-from safetensors.torch import load_file, save_file
-sae = SAE.load_from_disk(sys.argv[1])
-assert "sae_lens_allocation" not in sys.modules
-assert sae.cfg.architecture() == "topk", sae.cfg.architecture()
-x = load_file(sys.argv[2])["x"]
-save_file({"codes": sae.encode(x), "out": sae(x)}, sys.argv[3])
-"""
-
-
-def _load_in_fresh_process(export: Path, x: torch.Tensor, tmp_path: Path) -> dict:
-    save_file({"x": x}, tmp_path / "x.safetensors")
-    subprocess.run(
-        [sys.executable, "-c", _LOAD_WITHOUT_PLUGIN, str(export), str(tmp_path / "x.safetensors"),
-         str(tmp_path / "y.safetensors")],
-        check=True,
-    )
-    return load_file(tmp_path / "y.safetensors")
-
-
 def test_export_is_topk_without_plugin_buffers(tmp_path):
     sae = _sae(k=4, beta=2.0)
     rows = torch.cat([torch.randn(64, D_IN), torch.randn(64, D_IN)], -1)
@@ -280,11 +241,14 @@ def test_train_through_runner_from_config_dict(tmp_path, tiny_model, tiny_datase
     ce_loss_score = metrics["model_performance_preservation"]["ce_loss_score"]
     assert torch.isfinite(torch.tensor(ce_loss_score))
 
-    # The export loads as SAELens topk in a process that never imports the plugin.
+    # The export is SAELens' topk computing what the SAE computes (test_exports.py loads such
+    # exports in a process that never imports the plugin).
+    exported = SAE.load_from_disk(tmp_path / "output")
+    assert isinstance(exported, TopKSAE)
     x = torch.randn(2, 5, 32)
-    loaded = _load_in_fresh_process(tmp_path / "output", x, tmp_path)
-    torch.testing.assert_close(loaded["codes"], sae.encode(x), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(loaded["out"], sae(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.encode(x), sae.encode(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(exported(x), sae(x), rtol=1e-4, atol=1e-5)
 
     # Resume from the run's checkpoint: SAELens restores the SAE (with its buffers), the
     # trainer and the gradient store.

@@ -155,10 +155,32 @@ def test_layout_groups_the_modules():
                    for m in graph)
 
 
-@pytest.mark.parametrize("name", sae_lens_allocation.__all__)
-def test_public_names_import_from_the_top_level(name):
-    module = importlib.import_module(PACKAGE)
-    assert getattr(module, name) is not None
+REGISTRIES = {"ARCHITECTURES", "AUX_LOSSES"}
+
+
+@pytest.mark.parametrize("name", sorted(set(sae_lens_allocation.__all__) - REGISTRIES))
+def test_public_names_are_the_package_classes_and_functions_they_name(name):
+    """`from sae_lens_allocation import X` gives the class or function X defined in a package
+    module (after a move, the same object as at its new home), not some other object."""
+    public = getattr(importlib.import_module(PACKAGE), name)
+    assert callable(public) and public.__name__ == name
+    assert public.__module__.startswith(f"{PACKAGE}.")
+    assert getattr(importlib.import_module(public.__module__), name) is public
+
+
+def test_public_registries_name_the_plugin_architectures_and_aux_losses():
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    from sae_lens_allocation.saes import aux_losses
+
+    assert sae_lens_allocation.ARCHITECTURES == (
+        "mutual_choice", "feature_choice", "gradient_topk", "topk_aux")
+    for arch in sae_lens_allocation.ARCHITECTURES:
+        sae_cls, cfg_cls = SAE_TRAINING_CLASS_REGISTRY[arch]
+        assert getattr(sae_lens_allocation, sae_cls.__name__) is sae_cls
+        assert getattr(sae_lens_allocation, cfg_cls.__name__) is cfg_cls
+    assert sae_lens_allocation.AUX_LOSSES is aux_losses.AUX_LOSSES
+    assert {"none", "aux_k", "aux_zipf"} <= set(sae_lens_allocation.AUX_LOSSES)
 
 
 PREVIOUS_LAYOUT = Path(__file__).parent / "data" / "previous-layout"

@@ -4,6 +4,7 @@ firing EMA, and the buffers."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -11,11 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sae_lens import SAE, TrainingSAE
-from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from safetensors.torch import load_file
 
-from sae_lens_allocation import register_architecture
 from sae_lens_allocation.allocation import ranks_from_frequency
 from sae_lens_allocation.saes.aux_losses import (
     AUX_LOSS_KEY,
@@ -34,28 +33,18 @@ from sae_lens_allocation.saes.zipf import (
     zipf_underuse,
 )
 
-register_architecture("topk_aux", TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig)
+import support
 
 D_IN, D_SAE, K = 16, 64, 4
 
 
-def make_sae(seed: int = 0, **fields) -> TopKAuxTrainingSAE:
-    torch.manual_seed(seed)
-    sae = TopKAuxTrainingSAE(TopKAuxTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, **fields))
-    with torch.no_grad():  # move off the symmetric init so every latent has its own pre-activation
-        sae.b_enc.normal_(0, 0.1)
-        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
-    return sae
-
-
-def step_input(x: torch.Tensor, dead: torch.Tensor | None) -> TrainStepInput:
-    return TrainStepInput(
-        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
-    )
+# Off the symmetric init, so every latent has its own pre-activation.
+make_sae = functools.partial(support.plugin_sae, "topk_aux", d_in=D_IN, d_sae=D_SAE, k=K,
+                             b_enc_std=0.1, uneven_decoder=True)
 
 
 def aux_loss_of(sae: TopKAuxTrainingSAE, x: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
-    return sae.training_forward_pass(step_input(x, dead)).losses[AUX_LOSS_KEY]
+    return sae.training_forward_pass(support.step_input(x, dead)).losses[AUX_LOSS_KEY]
 
 
 def zipf_profile(d_sae: int = D_SAE, s: float = 1.0, c: float = 0.3) -> torch.Tensor:
@@ -96,7 +85,7 @@ def scaled_mse_loss():
 def test_a_registered_loss_is_a_valid_aux_loss_and_is_used(scaled_mse_loss):
     sae = make_sae(aux_loss=scaled_mse_loss, aux_loss_coefficient=3.0)
     x = torch.randn(8, D_IN)
-    out = sae.training_forward_pass(step_input(x, None))
+    out = sae.training_forward_pass(support.step_input(x, None))
     expected = 3.0 * (out.sae_out - x).pow(2).mean()
     torch.testing.assert_close(out.losses[AUX_LOSS_KEY], expected)
     assert out.metrics["test_metric"] == 7.0
@@ -273,7 +262,7 @@ def test_aux_zipf_is_aux_k_plus_the_alive_underused_latents_in_the_free_slots():
     underused = sae.underused_mask(dead)
     alive = underused & ~dead
     assert alive[20:30].all() and int(alive.sum()) >= 5
-    out = sae.training_forward_pass(step_input(x, dead))
+    out = sae.training_forward_pass(support.step_input(x, dead))
     expected_dead, _ = saelens_aux_k(sae, x, dead)
     with torch.no_grad():
         _, z = sae.encode_with_hidden_pre(x)
@@ -295,7 +284,7 @@ def aux_context(sae: TopKAuxTrainingSAE, x: torch.Tensor) -> AuxLossContext:
     none = torch.zeros(D_SAE, dtype=torch.bool)
     zero = torch.zeros(D_SAE)
     return AuxLossContext(
-        step_input=step_input(x, none), feature_acts=feature_acts, hidden_pre=hidden_pre,
+        step_input=support.step_input(x, none), feature_acts=feature_acts, hidden_pre=hidden_pre,
         sae_out=sae_out, dead_mask=none, firing_ema=zero, ranks=zero, expected_frequency=zero,
         zipf_exponent=torch.tensor(1.0), zipf_ready=torch.tensor(True), underused=none,
         underuse_weights=zero, k_aux=sae.k_aux(),
@@ -346,7 +335,7 @@ def test_residual_variance_normalisation_divides_either_loss_by_the_residual_var
     assert plain.cfg.aux_loss_normalization == "none"
     plain.eval()
     normalised.eval()
-    out = normalised.training_forward_pass(step_input(x, dead))
+    out = normalised.training_forward_pass(support.step_input(x, dead))
     residual = (x - out.sae_out).detach()
     variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
     torch.testing.assert_close(out.losses[AUX_LOSS_KEY], aux_loss_of(plain, x, dead) / variance)
@@ -365,7 +354,7 @@ def test_aux_zipf_trains_only_underused_latents():
     x = torch.randn(64, D_IN)
     feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
     sae_out = sae.decode(feature_acts).detach()
-    losses = sae.calculate_aux_loss(step_input(x, dead), feature_acts, hidden_pre, sae_out)
+    losses = sae.calculate_aux_loss(support.step_input(x, dead), feature_acts, hidden_pre, sae_out)
     losses[AUX_LOSS_KEY].backward()
     rows_with_grad = sae.W_dec.grad.abs().sum(-1) > 0
     assert rows_with_grad.any()
@@ -450,14 +439,14 @@ def test_firing_ema_is_the_running_mean_until_warm_then_an_ema():
 def test_firing_ema_counts_over_all_leading_dims_and_only_in_training():
     flat, nested = make_sae(), make_sae()
     x = torch.randn(6, 8, D_IN)
-    flat.training_forward_pass(step_input(x.reshape(-1, D_IN), None))
-    out = nested.training_forward_pass(step_input(x, None))
+    flat.training_forward_pass(support.step_input(x.reshape(-1, D_IN), None))
+    out = nested.training_forward_pass(support.step_input(x, None))
     fired = (out.feature_acts != 0).reshape(-1, D_SAE).float().mean(0)
     torch.testing.assert_close(nested.firing_ema, fired)
     torch.testing.assert_close(flat.firing_ema, nested.firing_ema)
     nested.eval()
     before = {n: getattr(nested, n).clone() for n in nested.AUX_STATE_BUFFERS}
-    nested.training_forward_pass(step_input(torch.randn(16, D_IN), None))
+    nested.training_forward_pass(support.step_input(torch.randn(16, D_IN), None))
     for name, value in before.items():
         assert torch.equal(getattr(nested, name), value)
 
@@ -470,7 +459,7 @@ def test_step_metrics_report_loss_underused_exponent_and_dead():
     sae.eval()
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[-4:] = True
-    out = sae.training_forward_pass(step_input(torch.randn(32, D_IN), dead))
+    out = sae.training_forward_pass(support.step_input(torch.randn(32, D_IN), dead))
     m = out.metrics
     assert m["aux_dead"].item() == 4
     assert m["aux_underused"].item() == 9
@@ -484,7 +473,7 @@ def test_step_metrics_report_loss_underused_exponent_and_dead():
 def test_aux_buffers_round_trip_through_a_checkpoint_and_never_reach_the_export(tmp_path):
     sae = make_sae(aux_loss="aux_zipf")
     for _ in range(3):
-        sae.training_forward_pass(step_input(torch.randn(32, D_IN), None))
+        sae.training_forward_pass(support.step_input(torch.randn(32, D_IN), None))
     sae.save_model(tmp_path / "checkpoint")
     assert set(sae.AUX_STATE_BUFFERS) <= set(load_file(tmp_path / "checkpoint" / "sae_weights.safetensors"))
     loaded = TrainingSAE.load_from_disk(tmp_path / "checkpoint")

@@ -68,12 +68,16 @@ def test_reload_and_double_import_do_not_raise():
     assert set(sae_lens_allocation.ARCHITECTURES) <= set(SAE_TRAINING_CLASS_REGISTRY)
 
 
+@pytest.mark.slow
 def test_reload_in_fresh_process_and_python_m():
-    code = "import sae_lens_allocation, importlib; importlib.reload(sae_lens_allocation)"
-    subprocess.run([sys.executable, "-c", code], check=True)
-    out = subprocess.run(
-        [sys.executable, "-m", "sae_lens_allocation", "--help"], capture_output=True, text=True
+    """In one fresh process: import, reload, then run the package as `python -m` does (runpy
+    runs __main__.py after the package is imported), which registers everything once more."""
+    code = (
+        "import importlib, runpy, sys; import sae_lens_allocation; "
+        "importlib.reload(sae_lens_allocation); sys.argv = ['sae_lens_allocation', '--help']; "
+        "runpy.run_module('sae_lens_allocation', run_name='__main__', alter_sys=True)"
     )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout
 

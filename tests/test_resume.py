@@ -202,6 +202,7 @@ def _run_and_kill_9(arch, folder, mode, block_at):
         proc.stdout.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["feature_choice", "mutual_choice"])
 def test_kill_9_then_resume_from_the_last_checkpoint_equals_uninterrupted(arch, reference, tmp_path):
     ref_folder, ref_sae = reference(arch)
@@ -216,6 +217,7 @@ def test_kill_9_then_resume_from_the_last_checkpoint_equals_uninterrupted(arch, 
     _assert_same_export(tmp_path / "resumed" / "output", ref_folder / "output")
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_a_checkpoint_leaves_nothing_loadable(tmp_path, capsys):
     from sae_lens_allocation import load_sae
     from sae_lens_allocation.validation import UsageError
