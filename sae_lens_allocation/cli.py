@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sae_lens_allocation.validation import UsageError, check_device, one_line
-from sae_lens_allocation_cli import PROG
-from sae_lens_allocation_cli import main as main  # the entry point; python -m sae_lens_allocation
+
+# The console script's name (sae_lens_allocation_cli.PROG; this package never imports that module,
+# which sits above it).
+PROG = "sae-lens-allocation"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_lens_allocation.cli import main
+from sae_lens_allocation_cli import main
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 EMBEDDED_CFG = CONFIGS / "embedded-mutual-choice.yaml"

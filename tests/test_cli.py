@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from sae_lens_allocation.cli import main
+from sae_lens_allocation_cli import main
 
 
 def _run(argv, capsys):

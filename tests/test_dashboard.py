@@ -39,9 +39,9 @@ from sae_lens_allocation.analysis.dashboard import (
     make_dashboard,
 )
 from sae_lens_allocation.analysis.dashboard_assets import make_offline_html
-from sae_lens_allocation.cli import main, run
+from sae_lens_allocation.cli import run
 from sae_lens_allocation.tokens import special_token_ids
-from sae_lens_allocation_cli import build_parser
+from sae_lens_allocation_cli import build_parser, main
 
 import support
 
@@ -572,3 +572,14 @@ def test_plain_sae_dashboard_page_fails_offline_in_the_same_browser(browser, sae
     errors = browser.errors()
     assert any("d3 is not defined" in e for e in errors), errors
     assert any(url.startswith("https://d3js.org/") for url in browser.requested_urls())
+
+
+def test_the_command_shows_the_dashboard_defaults():
+    """The console script (which never imports the package) and `make_dashboard` agree."""
+    import sae_lens_allocation_cli as entry
+
+    for name in ("DEFAULT_N_TOKENS", "DEFAULT_MINIBATCH_SIZE_TOKENS", "DEFAULT_MINIBATCH_SIZE_FEATURES", "DEFAULT_OUT"):
+        assert getattr(entry, name) == getattr(dashboard, name), name
+    from sae_lens_allocation import cli
+
+    assert cli.PROG == entry.PROG

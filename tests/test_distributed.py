@@ -324,7 +324,7 @@ def test_configs_that_data_parallel_cannot_honour_name_the_field(tmp_path):
 def test_a_multi_sae_config_under_torchrun_is_refused_in_one_line_before_training(tmp_path, monkeypatch, capsys):
     """Under torchrun (WORLD_SIZE > 1) every rank would otherwise train every SAE alone and write
     the same output paths."""
-    from sae_lens_allocation.cli import main
+    from sae_lens_allocation_cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -11,10 +11,10 @@ from sae_lens.config import CacheActivationsRunnerConfig
 from sae_lens.training.activations_store import ActivationsStore
 
 import sae_lens_allocation  # noqa: F401  (registers the architectures)
-from sae_lens_allocation.cli import main
 from sae_lens_allocation.training.gradient_cache import build_cache
 from sae_lens_allocation.training.gradients import GradientActivationsStore
 from sae_lens_allocation.training.runner import build_runner
+from sae_lens_allocation_cli import main
 
 import support
 

@@ -209,3 +209,16 @@ def test_files_written_by_the_previous_flat_layout_still_load(arch):
     assert isinstance(export, SAE) and export.cfg.architecture() == "jumprelu"
     previous = load_file(PREVIOUS_LAYOUT / arch / "export" / "sae_weights.safetensors")
     assert torch.equal(export.threshold, previous["threshold"])
+
+
+def test_only_the_entry_points_import_the_console_script():
+    """`sae_lens_allocation_cli` parses the command line above the package: the package imports
+    it nowhere but in `python -m sae_lens_allocation` (__main__)."""
+    importers = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "sae_lens_allocation_cli" for n in names):
+                importers.append(path.relative_to(ROOT).as_posix())
+    assert importers == ["__main__.py"]

@@ -16,7 +16,6 @@ from sae_lens.saes.topk_sae import TopKSAE
 from safetensors.torch import load_file
 
 import sae_lens_allocation  # noqa: F401  (registers the architectures)
-from sae_lens_allocation.cli import main
 from sae_lens_allocation.training.gradients import (
     activation_gradients,
     multi_hook_activation_gradients,
@@ -25,6 +24,7 @@ from sae_lens_allocation.training.multi_runner import build_multi_runner
 from sae_lens_allocation.training.runner import build_runner
 from sae_lens_allocation.training.sources import embedded_tokens, load_lm
 from sae_lens_allocation.yaml_config import ConfigError, multi_runner_config_from_dict
+from sae_lens_allocation_cli import main
 
 import support
 

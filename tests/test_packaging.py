@@ -11,9 +11,8 @@ import urllib.request
 import pytest
 
 from sae_lens_allocation.analysis import dashboard_assets
-from sae_lens_allocation.cli import main
 from sae_lens_allocation.yaml_config import load_runner_config
-from sae_lens_allocation_cli import configs_dir, packaged_configs
+from sae_lens_allocation_cli import configs_dir, main, packaged_configs
 
 
 def test_init_lists_the_packaged_configs_each_with_what_it_is_for(capsys):

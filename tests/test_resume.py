@@ -19,13 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_lens_allocation.cli import main
 from sae_lens_allocation.training.resume import (
     RESUME_STATE_FILENAME,
     ResumableActivationsStore,
     TrainingInterrupted,
 )
 from sae_lens_allocation.training.runner import build_runner
+from sae_lens_allocation_cli import main
 
 import support
 

@@ -57,15 +57,15 @@ from sae_lens_allocation.analysis.neuronpedia import (
 )
 from sae_lens_allocation.tokens import special_token_ids
 from sae_lens_allocation.validation import UsageError
-from sae_lens_allocation_cli import (  # the command line's defaults, one source for both
-    DEFAULT_MINIBATCH_SIZE_FEATURES,
-    DEFAULT_MINIBATCH_SIZE_TOKENS,
-    DEFAULT_N_TOKENS,
-    DEFAULT_OUT,
-)
 
 HTML_NAME = "feature_dashboard.html"
 DEFAULT_CONTEXT_SIZE = 128
+# The `dashboard` command shows the same defaults (sae_lens_allocation_cli, which this package
+# never imports; tests/test_dashboard.py checks they agree).
+DEFAULT_N_TOKENS = 32768
+DEFAULT_MINIBATCH_SIZE_TOKENS = 64
+DEFAULT_MINIBATCH_SIZE_FEATURES = 64
+DEFAULT_OUT = "out/dashboard"
 
 # Architectures sae-dashboard 0.8.0 computes dashboards for (FeatureMaskingContext, plus TopK).
 SUPPORTED_ARCHITECTURES = ("standard", "jumprelu", "gated", "topk")
