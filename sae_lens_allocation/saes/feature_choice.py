@@ -154,7 +154,7 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
 
         u_j <- EMA of (1/N) sum_n [entry (n, j) in the Mutual Choice selection of the batch, the
         floor(k*N) largest relu(z)]; mass_j <- EMA of (1/N) sum_n relu(z_nj); both with the
-        firing EMA's rule (`losses.update_firing_ema`, decay `firing_ema_decay`). After
+        firing EMA's rule (`zipf.update_firing_ema`, decay `firing_ema_decay`). After
         `capacity_warmup_steps` updates and every `capacity_rerank_steps` after that,
         capacity_ranks <- ranks by descending u, ties by descending mass, then index.
         """

@@ -98,7 +98,7 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     grad_rms_ema_rate: rate r of the running mean square of a,
         ms <- ms + max(r, 1/t) (mean(a^2) - ms), t = 1, 2, ... (the plain mean for the first 1/r
         batches, then an EMA); in (0, 1].
-    aux_loss: default "aux_zipf" (losses.py); fields as AuxLossConfig.
+    aux_loss: default "aux_zipf" (aux_losses.py); fields as AuxLossConfig.
     Inherited from SAELens TopK: rescale_acts_by_decoder_norm (default True), decoder_init_norm.
     normalize_activations must be "none" (a scaling of x changes g by the inverse factor, and
     SAELens would estimate the norm over [acts | grads]); use_sparse_activations must be False.

@@ -23,7 +23,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 def underused_share(fired: torch.Tensor, n: float, tau: float, fit_fraction: float) -> dict[str, Any]:
     """Dead and underused shares from firing counts over `n` tokens: p_j = fired_j / n; dead:
-    p_j = 0; underused: dead or p_j < tau * p_hat_j, with p_hat the Zipf fit of `losses.fit_zipf`
+    p_j = 0; underused: dead or p_j < tau * p_hat_j, with p_hat the Zipf fit of `saes.zipf.fit_zipf`
     to the top `fit_fraction` of the ranked densities (`aux_zipf`'s own rule, `zipf_underuse`)."""
     from sae_lens_allocation.allocation import ranks_from_frequency
     from sae_lens_allocation.saes.zipf import expected_frequency, fit_zipf, zipf_underuse
