@@ -54,6 +54,11 @@ PRIVATE_NAMES: tuple[tuple[Any, str], ...] = (
     (MultiSAETrainingRunner, "_save_runner_checkpoint_files"),
     (SAETrainer, "_train_step"),
     (SAETrainer, "_is_logging_step"),
+    (SAETrainer, "_update_pbar"),
+    (MultiSAETrainer, "_update_pbar"),
+    (LanguageModelSAETrainingRunner, "_compile_sae_if_needed"),
+    (MultiSAETrainingRunner, "_set_sae_metadata"),
+    (MultiSAETrainingRunner, "_save_final_outputs"),
 )
 
 #: Instance attributes `ActivationsStore.__init__` sets (the canary reads its source for them).
@@ -78,6 +83,11 @@ COPIED_BODIES: dict[str, dict[str, str]] = {
     },
     "sae_lens.training.sae_trainer:SAETrainer._train_step": {
         "880080b4646e3dd0010ef4a1d21da9e5ce7f11d407906a7af8ed0d1dbd45f846": "6.49.2, 6.54.12",
+    },
+    "sae_lens.multi_sae_training_runner:MultiSAETrainingRunner.run": {
+        "6c95ff36f5540f77f6ca6119ebaa929fcd1760750dc3ab6a1bf7adc794db636c": "6.54.12",
+        # 6.49.2 does not close a prefetching iterator; the copy (6.54's) does.
+        "54cfb3dbf05139847ad0ed9508f71da22bf077109c07ef454e9970071bee4cc2": "6.49.2",
     },
     "sae_lens.cache_activations_runner:CacheActivationsRunner.__init__": {
         "bcea4f07f67b8c8d2c837cbc4d104f638eda90a3cfdc83e52e5be73765b7f239": "6.49.2, 6.54.12",
@@ -219,7 +229,43 @@ class MixingBuffer:
 
 
 class PluginMultiRunnerBase(MultiSAETrainingRunner):
-    """SAELens' `MultiSAETrainingRunner` with its private hooks under public names."""
+    """SAELens' `MultiSAETrainingRunner` with its private hooks under public names and a
+    trainer whose progress bar moves on short runs."""
+
+    def run(self) -> dict[str, TrainingSAE[Any]]:
+        """`MultiSAETrainingRunner.run` (sae-lens 6.54, copied) with `PluginMultiSAETrainer`."""
+        import wandb
+        from sae_lens import logger
+        from sae_lens.training.prefetch import PrefetchingIterator
+
+        cfg = self.cfg
+        self._set_sae_metadata()
+        if cfg.logger.log_to_wandb:
+            wandb.init(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity,
+                       config=cfg.to_dict(), name=cfg.logger.run_name, id=cfg.logger.wandb_id)
+        data_provider: Any = self.activations_store.get_multi_hook_data_loader()
+        if cfg.prefetch_llm_batches:
+            size = 1 if isinstance(cfg.prefetch_llm_batches, bool) else cfg.prefetch_llm_batches
+            data_provider = PrefetchingIterator(data_provider, prefetch=size)
+        try:
+            trainer = PluginMultiSAETrainer(
+                cfg=cfg.to_sae_trainer_config(), saes=self.saes, hook_names=cfg.hook_names_per_sae,
+                data_provider=data_provider, evaluator=self.evaluator,
+                save_checkpoint_fn=self._save_runner_checkpoint_files,
+            )
+            if cfg.resume_from_checkpoint is not None:
+                logger.info(f"Resuming from checkpoint: {cfg.resume_from_checkpoint}")
+                trainer.load_checkpoint(cfg.resume_from_checkpoint)
+                self.activations_store.load_from_checkpoint(cfg.resume_from_checkpoint)
+            saes = self._run_with_interruption_handling(trainer)
+            if cfg.output_path is not None:
+                self._save_final_outputs(saes, trainer)
+            if cfg.logger.log_to_wandb:
+                wandb.finish()
+            return saes
+        finally:
+            if isinstance(data_provider, PrefetchingIterator):
+                data_provider.close()
 
     def _run_with_interruption_handling(self, trainer: MultiSAETrainer) -> dict[str, TrainingSAE[Any]]:
         self.before_fit(trainer)
@@ -241,7 +287,30 @@ class PluginMultiRunnerBase(MultiSAETrainingRunner):
         super()._save_runner_checkpoint_files(checkpoint_path)
 
 
-class SeamedSAETrainer(SAETrainer[Any, Any]):
+def progress_interval(total_steps: int) -> int:
+    """Steps between progress-bar updates: SAELens' 100, fewer for a run of under 10,000 steps
+    so that its bar moves about 100 times (every step for a run of under 200)."""
+    return max(1, min(100, total_steps // 100))
+
+
+class PluginSAETrainer(SAETrainer[Any, Any]):
+    """SAELens' `SAETrainer` whose progress bar moves on short runs too (`progress_interval`)."""
+
+    def _update_pbar(self, step_output: TrainStepOutput, pbar: Any, update_interval: int = 100) -> None:
+        steps = self.cfg.total_training_samples // self.cfg.train_batch_size_samples
+        super()._update_pbar(step_output, pbar, update_interval=progress_interval(steps))
+
+
+class PluginMultiSAETrainer(MultiSAETrainer):
+    """SAELens' `MultiSAETrainer` whose progress bar moves on short runs too."""
+
+    def _update_pbar(self, step_outputs: dict[str, TrainStepOutput], pbar: Any,
+                     update_interval: int = 100) -> None:
+        steps = self.cfg.total_training_samples // self.cfg.train_batch_size_samples
+        super()._update_pbar(step_outputs, pbar, update_interval=progress_interval(steps))
+
+
+class SeamedSAETrainer(PluginSAETrainer):
     """SAELens' `SAETrainer` whose training step has two seams: `count_firing` (the per-latent
     firing counts of the batch, before they update the dead-latent statistics) and
     `before_clip` (after the backward pass, before the grad-norm clip). Without overrides it is
@@ -313,6 +382,7 @@ def run_language_model_runner(
             trainer.load_trainer_state(cfg.resume_from_checkpoint)
             runner.sae.load_weights_from_checkpoint(cfg.resume_from_checkpoint)
             runner.activations_store.load_from_checkpoint(cfg.resume_from_checkpoint)
+        runner._compile_sae_if_needed()
         sae = runner.run_trainer_with_interruption_handling(trainer)
         finish(sae, trainer)
         if cfg.logger.log_to_wandb:

@@ -5,6 +5,7 @@ exports for SAELens alone; gradients at several hooks from one backward; the `sa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,7 @@ def test_one_multi_run_equals_single_runs_at_two_hooks(embedded, tmp_path):
         assert type(SAE.load_from_disk(tmp_path / "multi" / name)) is EXPORT_CLASS[cfg["architecture"]]
 
 
-def test_sae_sharing_a_hook_calibrate_on_the_same_held_out_rows(embedded, tmp_path):
+def test_sae_sharing_a_hook_calibrate_on_the_same_held_out_rows(embedded, tmp_path, capsys):
     model, dataset = embedded
     multi_cfg = {
         **_runner_fields(tmp_path), "output_path": str(tmp_path / "multi"), "hook_names": H1,
@@ -117,6 +118,8 @@ def test_sae_sharing_a_hook_calibrate_on_the_same_held_out_rows(embedded, tmp_pa
     torch.testing.assert_close(trained["a"].threshold, trained["b"].threshold, rtol=0, atol=0)
     assert trained["a"].cfg.metadata.calibration == trained["b"].cfg.metadata.calibration
     assert trained["a"].cfg.metadata.calibration["tokens"] == 256
+    # A short multi run's progress bar moves (SAELens' updates every 100 steps only).
+    assert re.search(r"\b[1-9]\d?\| a: ", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("hooks", [

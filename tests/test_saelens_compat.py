@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import re
 import textwrap
 from pathlib import Path
 
@@ -117,3 +118,23 @@ def test_the_private_name_check_sees_a_use(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f(store):\n    return store._iterate_tokenized_sequences()\n")
     assert private_uses(module, sae_lens_private_names()) == {"_iterate_tokenized_sequences"}
+
+
+@pytest.mark.parametrize(("steps", "interval"), [(1, 1), (8, 1), (199, 1), (200, 2), (5_000, 50),
+                                                 (10_000, 100), (10**6, 100)])
+def test_the_progress_bar_moves_about_a_hundred_times_on_short_runs(steps, interval):
+    assert compat.progress_interval(steps) == interval
+
+
+def test_a_short_run_shows_progress_before_step_100(tmp_path, capsys):
+    """SAELens updates its bar every 100 steps, so an 8-step run sat at 0% to the end; the
+    plugin's trainer updates it every step here."""
+    from sae_lens_allocation.training.runner import train
+
+    import support
+
+    cfg = support.runner_cfg_dict("topk_aux", tmp_path, sae_k=8)
+    train(cfg, override_model=support.tiny_model(), override_dataset=support.tiny_dataset())
+    err = capsys.readouterr().err
+    steps = sorted({int(n) for n in re.findall(r"(\d+)\| mse_loss", err)})
+    assert steps == list(range(1, 9)), err[-2000:]

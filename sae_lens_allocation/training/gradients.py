@@ -32,7 +32,7 @@ from transformer_lens.hook_points import HookPoint
 try:  # TransformerLens 3 moved it; importing it from hook_points is deprecated there.
     from transformer_lens import HookedRootModule
 except ImportError:  # TransformerLens 2
-    from transformer_lens.hook_points import HookedRootModule
+    from transformer_lens.hook_points import HookedRootModule  # type: ignore[no-redef, unused-ignore]
 
 from sae_lens_allocation.training.resume import ResumableActivationsStore
 from sae_lens_allocation.validation import field_error
@@ -140,6 +140,7 @@ def multi_hook_activation_gradients(
     captured: dict[str, list[torch.Tensor]] = {h: [] for h in names}
 
     def capture(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        assert hook.name is not None  # a hook point of a model always has its name
         if hook.name not in grad_names:
             captured[hook.name].append(act.detach())
             return act

@@ -43,7 +43,12 @@ from sae_lens import LanguageModelSAETrainingRunner, logger
 from sae_lens.constants import SAE_CFG_FILENAME
 
 from sae_lens_allocation.loading import INCOMPLETE_DIRNAME
-from sae_lens_allocation.saelens_compat import MixingBuffer, PluginActivationsStore
+from sae_lens_allocation.saelens_compat import (
+    MixingBuffer,
+    PluginActivationsStore,
+    PluginSAETrainer,
+    run_language_model_runner,
+)
 from sae_lens_allocation.training.output_lock import RunLock
 from sae_lens_allocation.training.provenance import record_provenance
 
@@ -275,16 +280,29 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
         self.resumes: list[dict[str, Any]] = []
 
     def run(self) -> Any:
-        """SAELens' `run()`, with SIGINT/SIGTERM turned into a stop at the next step boundary.
-        A signal that arrives after the last step lets the export finish, then stops."""
+        """SAELens' `run()` (`saelens_compat.run_language_model_runner`) with a trainer whose
+        progress bar moves on short runs, and SIGINT/SIGTERM turned into a stop at the next step
+        boundary. A signal that arrives after the last step lets the export finish, then stops."""
         with self.output_lock(), self.stop.installed():
-            sae = super().run()
+            sae = run_language_model_runner(self, self.make_trainer, self.save_export)
         if self.stop.signum is not None:
             name = signal.Signals(self.stop.signum).name
             where = f"the export in {self.cfg.output_path} is complete" if self.cfg.output_path \
                 else "training had finished"
             raise TrainingInterrupted(self.stop.signum, f"stopped by {name} after the last step; {where}")
         return sae
+
+    def make_trainer(self, data_provider: Any) -> PluginSAETrainer:
+        """The trainer SAELens' `run()` builds, with the plugin's progress bar."""
+        return PluginSAETrainer(cfg=self.cfg.to_sae_trainer_config(), sae=self.sae,
+                                data_provider=data_provider, evaluator=self.evaluator,
+                                save_checkpoint_fn=self.save_checkpoint)
+
+    def save_export(self, sae: Any, trainer: Any) -> None:
+        """The final save of SAELens' `run()`: the export, when `output_path` is set."""
+        if self.cfg.output_path is not None:
+            self.save_final_sae(sae=sae, output_path=self.cfg.output_path,
+                                log_feature_sparsity=trainer.log_feature_sparsity)
 
     def output_lock(self) -> RunLock:
         """The lock on this run's `output_path` and `checkpoint_path` (output_lock.py)."""
