@@ -30,8 +30,12 @@ from packaging.requirements import Requirement  # noqa: E402
 
 BUNDLE = Path(sys.prefix) / "gpu-bundle-local"
 # The sections that need the bundle's packages, at their smallest; the embedded training is
-# left to tests/test_device.py (in process), it adds most of a minute here.
-SECTIONS = "preflight,exactness,kernels,syncs,store"
+# left to tests/test_device.py (in process), it adds most of a minute here. The gradient store
+# too: with the training-only stack's versions (datasets 5.2, pyarrow 26) in this rehearsal's
+# python, `Dataset.from_dict` fails to hash its table (dill cannot pickle pyarrow's
+# MonthDayNano), while the same versions in a full environment work; not yet understood, and
+# the device run may meet it in its last section (docs/performance.md).
+SECTIONS = "preflight,exactness,kernels,syncs"
 
 
 def _make(*args: str) -> None:
