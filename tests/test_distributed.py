@@ -336,7 +336,9 @@ def test_a_multi_sae_config_under_torchrun_is_refused_in_one_line_before_trainin
 
 
 @pytest.mark.slow
-def test_torchrun_with_a_multi_sae_config_refuses_on_every_rank(tmp_path):
+def test_torchrun_with_a_multi_sae_config_refuses_before_training(tmp_path):
+    """Every rank refuses (the in-process test above); torchrun stops the other rank as soon as
+    one has failed, so the message appears once or twice."""
     import shutil
     import socket
     import subprocess
@@ -356,5 +358,5 @@ def test_torchrun_with_a_multi_sae_config_refuses_on_every_rank(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode != 0
-    assert done.stderr.count("cannot be trained under torchrun") == 2
+    assert done.stderr.count("cannot be trained under torchrun") >= 1
     assert not (tmp_path / "out").exists()
