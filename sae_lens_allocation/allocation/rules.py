@@ -4,6 +4,7 @@ device, the static-shape path (`static`); the package docstring gives the rule a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,15 +50,11 @@ def mutual_choice(pre_acts: torch.Tensor, k: float) -> Allocation:
     with torch.no_grad():
         z = flat.detach().contiguous().view(n_tokens, pre_acts.shape[-1])
         if device_path._static_shapes(z.device):
-            static = device_path._mutual_choice_static(z, m)
+            static, picked = device_path._mutual_choice_static(z, m), None
         else:
             static = None
             picked = _mutual_choice_pick(z, m)
-    if static is not None:
-        static_index, static_keep, cutoff = static
-        return Allocation(device_path._codes_static(flat, static_index, static_keep).view(pre_acts.shape), cutoff)
-    index, keep, cutoff = picked
-    return Allocation(codes=_codes(flat, index, keep).reshape(pre_acts.shape), cutoff=cutoff)
+    return _allocation(flat, pre_acts.shape, static, picked)
 
 
 def feature_choice(pre_acts: torch.Tensor, capacities: torch.Tensor) -> Allocation:
@@ -84,12 +81,18 @@ def feature_choice(pre_acts: torch.Tensor, capacities: torch.Tensor) -> Allocati
             raise ValueError(f"feature_choice: capacities must be >= 0, got min {int(caps.min())}")
         caps = caps.clamp(max=z.shape[0])
         if static_shapes:
-            static = device_path._feature_choice_static(z, caps)
+            static, picked = device_path._feature_choice_static(z, caps), None
         else:
             static = None
             picked = _feature_choice_pick(z, caps)
+    return _allocation(flat, pre_acts.shape, static, picked)
+
+
+def _allocation(flat: torch.Tensor, shape: torch.Size, static: Any, picked: Any) -> Allocation:
+    """The codes of a selection, shaped like the pre-activations: from the static path's
+    (index or None, keep, cutoff) when it ran, else from the CPU path's (index, keep, cutoff)."""
     if static is not None:
-        static_index, static_keep, cutoff = static
-        return Allocation(device_path._codes_static(flat, static_index, static_keep).view(pre_acts.shape), cutoff)
+        index, keep, cutoff = static
+        return Allocation(device_path._codes_static(flat, index, keep).view(shape), cutoff)
     index, keep, cutoff = picked
-    return Allocation(codes=_codes(flat, index, keep).reshape(pre_acts.shape), cutoff=cutoff)
+    return Allocation(codes=_codes(flat, index, keep).reshape(shape), cutoff=cutoff)
