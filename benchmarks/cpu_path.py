@@ -28,6 +28,8 @@ ROOT = Path(__file__).parents[1]
 
 
 def module_at(revision: str, path: str) -> ModuleType:
+    """The file `path` as it was at git `revision`, imported as a module of its own (beside the
+    current package, whose modules it may import)."""
     source = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     file = Path(tempfile.mkdtemp()) / "kernels_before.py"

@@ -11,37 +11,17 @@ benchmarks, is not involved). Prints median milliseconds and the ratio old / new
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
-from types import ModuleType
 
 import torch
+from cpu_path import module_at
 from sae_lens.saes.batchtopk_sae import BatchTopK
 
 from sae_lens_allocation.allocation import static, uniform_capacities
-
-ROOT = Path(__file__).parents[1]
-
-
-def module_at(revision: str) -> ModuleType:
-    """`allocation/static.py` as it was at `revision`, imported beside the current package (it
-    imports the same `allocation.cpu` helpers)."""
-    source = subprocess.run(["git", "show", f"{revision}:sae_lens_allocation/allocation/static.py"],
-                            cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "static_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("static_before", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def timed(fn, device: torch.device) -> float:
@@ -65,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    before = module_at(args.before)
+    before = module_at(args.before, "sae_lens_allocation/allocation/static.py")
     z = torch.randn(args.n, args.f, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     m = args.n * args.k
     caps = uniform_capacities(args.n, args.f, args.k, torch.Generator().manual_seed(1))
