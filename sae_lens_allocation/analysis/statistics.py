@@ -1,52 +1,90 @@
-"""Statistics of a comparison over seeds: mean +- sd with a t interval, paired bootstrap intervals
-of differences against a baseline arm, and the verdict wording docs/results.md uses.
+"""Statistics of a comparison over seeds: mean +- sd with a t interval, paired t intervals of
+differences against a control arm, margins measured on control seeds, the verdict wording
+docs/results.md uses, and Benjamini-Hochberg control over the claims.
 
-Project definitions (the comparison issue, docs/results.md "How to read a verdict"):
-- summary over n seeds: mean, sample sd (n - 1), 95% t interval mean +- t_{0.975, n-1} sd/sqrt(n);
-- paired bootstrap of a row-decomposable metric M (explained variance, CE, KL, L0): one draw
-  resamples the seeds with replacement and, independently, the held-out rows with replacement
-  (multinomial weights); both arms see the same draw, so the difference is paired on seeds and
-  rows: D* = mean_{s in seeds*} M_arm(s, rows*) - mean_{s in seeds*} M_base(s, rows*); the
-  interval is the 2.5 and 97.5 percentiles of D* over the draws;
-- per-seed metrics (dead share, MCC): paired differences over seeds, t interval;
-- per-latent metrics (steering): seeds resampled jointly, latents resampled within each seed and
-  arm (the arms' latents are not paired);
-- verdict for a claim "arm is better than baseline on M", better = +1 (higher is better) or -1,
-  noise = the seed-to-seed difference of the baseline (0 when none is known):
-    "consistent with the claim"  better * low > 0 and |D| >= noise,
-    "contradicts"                better * high < 0 and |D| >= noise,
-    "no detectable difference"   otherwise (an interval that includes 0, or |D| below noise);
+Project definitions (issue 33, docs/results.md "Statistical method"). Seeds are the unit: each run
+is one training seed, and every metric of a run is one number over the fixed held-out set that
+every run shares (no row is resampled, so the clustering of held-out rows by source file enters
+no interval):
+- summary over n seeds: mean, sample sd (n - 1), 95% t interval mean +- t_{0.975, n-1} sd / sqrt(n);
+- paired difference of arm and control: d_s = M_arm(s) - M_control(s) on the n shared seeds,
+  D = mean_s d_s, interval D +- t_{0.975, n-1} sd(d) / sqrt(n) (the same t interval on d);
+- margin of a metric, measured on m control seeds that take no part in any contrast:
+  margin = t_{0.975, m-1} * sd_control * sqrt(2 / n), the 95% bound of the difference between
+  the means of two independent groups of n control seeds, i.e. what seed noise alone gives;
+- verdict for a claim "arm is better than control on M", better = +1 (higher is better) or -1:
+    "better"                         the whole interval lies past +margin on the better side,
+    "worse"                          the whole interval lies past the margin on the other side,
+    "equivalent within the margin"   the interval lies inside (-margin, +margin) (two one-sided
+                                     tests at 2.5% each, on the same 95% interval),
+    "inconclusive"                   otherwise, and wherever no margin was measured or n = 1;
+- p-value of "the difference is beyond the margin": p = 2 * (1 - F_{n-1}((|D| - margin) / se)),
+  se = sd(d) / sqrt(n), F the t CDF; p < 0.05 exactly when the interval clears the margin;
+- Benjamini-Hochberg over the claims table (m claims, p sorted p_(1) <= ... <= p_(m)): adjusted
+  p_(i) = min_{j >= i} m p_(j) / j; a claim's "better"/"worse" stands when adjusted p < 0.05;
 - length check: with D_1 and D_f the differences on one seed at the main training length and at
   f times it, the verdict at length f is estimated as the main verdict of (D + s, [low + s,
   high + s]), s = D_f - D_1; the verdict is stable when that is the main verdict.
+
+The t CDF for integer df is the finite series of Abramowitz and Stegun 26.7.3 and 26.7.4; its
+quantile is found by bisection.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
-# t_{0.975, df} for df = 1..30; larger df use the normal quantile.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042)
-
-CONSISTENT = "consistent with the claim"
-NO_DIFFERENCE = "no detectable difference"
-CONTRADICTS = "contradicts"
-
-RowSums = Mapping[str, torch.Tensor]  # name -> [seeds, rows, ...] per-row sums of one arm
-RowMetric = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # summed rows [..., *] -> [...]
+BETTER = "better"
+WORSE = "worse"
+EQUIVALENT = "equivalent within the margin"
+INCONCLUSIVE = "inconclusive"
+ALPHA = 0.05
 
 
-def t_quantile(df: int) -> float:
-    """t_{0.975, df}: two-sided 95% quantile of Student's t."""
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with integer df >= 1: with theta = atan(t / sqrt(df)), c = cos,
+    s = sin, A = P(|T| < |t|) signed is 2/pi (theta + s c sum_{i<(df-1)/2} a_i c^{2i}) for odd df,
+    a_0 = 1, a_i = a_{i-1} 2i/(2i+1), and s sum_{i<df/2} b_i c^{2i} for even df, b_0 = 1,
+    b_i = b_{i-1} (2i-1)/(2i); then P(T <= t) = (1 + A) / 2."""
     if df < 1:
         raise ValueError(f"df={df} is not allowed: an integer >= 1")
-    return _T975[df - 1] if df <= len(_T975) else 1.960
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    theta = math.atan(t / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    term, total = 1.0, 1.0
+    if df % 2:
+        for i in range(1, (df - 1) // 2):
+            term *= c2 * 2 * i / (2 * i + 1)
+            total += term
+        a = 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
+    else:
+        for i in range(1, df // 2):
+            term *= c2 * (2 * i - 1) / (2 * i)
+            total += term
+        a = s * total
+    return (1 + a) / 2
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """The p quantile of Student's t with df degrees of freedom (t_cdf inverted by bisection)."""
+    if df < 1:
+        raise ValueError(f"df={df} is not allowed: an integer >= 1")
+    if not 0 < p < 1:
+        raise ValueError(f"p={p} is not allowed: a number in (0, 1)")
+    if p < 0.5:
+        return -t_quantile(df, 1 - p)
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < p:
+        low, high = high, 2 * high
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
@@ -64,106 +102,71 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
 
 
 def paired_seed_difference(arm: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
-    """Difference arm - base of a per-seed metric, paired by seed: mean and t interval."""
+    """Difference arm - base of a per-seed metric, paired by seed: D, the t interval and se."""
     if len(arm) != len(base):
         raise ValueError(f"paired by seed: {len(arm)} arm values vs {len(base)} baseline values")
     out = summarize([a - b for a, b in zip(arm, base)])
-    return {"diff": out["mean"], "low": out["low"], "high": out["high"], "n_seeds": out["n"],
+    se = None if out["sd"] is None else out["sd"] / math.sqrt(out["n"])
+    return {"diff": out["mean"], "low": out["low"], "high": out["high"], "se": se, "n_seeds": out["n"],
             "method": "paired t over seeds"}
 
 
-def _draws(n_boot: int, n_seeds: int, n_rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    seeds = torch.randint(n_seeds, (n_boot, n_seeds), generator=g)
-    rows = torch.randint(n_rows, (n_boot, n_rows), generator=g)
-    weights = torch.zeros(n_boot, n_rows, dtype=torch.float64)
-    weights.scatter_add_(1, rows, torch.ones_like(rows, dtype=torch.float64))
-    return seeds, weights
+def margin(control: Sequence[float], n: int) -> float | None:
+    """t_{0.975, m-1} sd(control) sqrt(2 / n) over the m control seeds (module docstring); None
+    for fewer than 2 control seeds."""
+    s = summarize(control)
+    if s["sd"] is None:
+        return None
+    return t_quantile(s["n"] - 1) * s["sd"] * math.sqrt(2 / n)
 
 
-def _weighted(sums: RowSums, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Row sums weighted per draw: name -> [draws, seeds, ...]."""
-    out = {}
-    for name, t in sums.items():
-        t = t.double()
-        flat = t.reshape(t.shape[0], t.shape[1], -1)  # [S, R, K]
-        w = torch.einsum("br,srk->bsk", weights, flat)
-        out[name] = w.reshape(weights.shape[0], t.shape[0], *t.shape[2:])
-    return out
-
-
-def row_metric(sums: RowSums, metric: RowMetric) -> list[float]:
-    """The metric of each seed over all rows (no resampling)."""
-    total = {name: t.double().sum(1) for name, t in sums.items()}
-    return [float(v) for v in metric(total)]
-
-
-def paired_bootstrap(arm: RowSums, base: RowSums, metric: RowMetric, n_boot: int = 1000,
-                     seed: int = 0) -> dict[str, Any]:
-    """Paired bootstrap interval of mean_s M_arm - mean_s M_base (module docstring); `arm` and
-    `base` hold per-row sums [seeds, rows, ...] over the same seeds and held-out rows."""
-    n_seeds, n_rows = next(iter(base.values())).shape[:2]
-    for name, t in arm.items():
-        if tuple(t.shape[:2]) != (n_seeds, n_rows):
-            raise ValueError(f"{name}: arm sums {tuple(t.shape[:2])} vs baseline ({n_seeds}, {n_rows})")
-    diff = sum(row_metric(arm, metric)) / n_seeds - sum(row_metric(base, metric)) / n_seeds
-    picks, weights = _draws(n_boot, n_seeds, n_rows, seed)
-    chunks = []
-    for p, w in zip(picks.split(100), weights.split(100)):
-        m_arm = metric(_weighted(arm, w))  # [draws, seeds]
-        m_base = metric(_weighted(base, w))
-        chunks.append(m_arm.gather(1, p).mean(1) - m_base.gather(1, p).mean(1))
-    d = torch.cat(chunks)
-    low, high = torch.quantile(d.float(), torch.tensor([0.025, 0.975])).tolist()
-    return {"diff": diff, "low": low, "high": high, "n_seeds": int(n_seeds), "n_rows": int(n_rows),
-            "method": f"paired bootstrap over seeds and rows ({n_boot} draws)"}
-
-
-def latent_bootstrap(arm: Sequence[torch.Tensor], base: Sequence[torch.Tensor], n_boot: int = 1000,
-                     seed: int = 0) -> dict[str, Any]:
-    """Bootstrap interval of the difference of per-latent means, one tensor of per-latent values
-    per seed and arm; seeds resampled jointly, latents within each seed and arm."""
-    if len(arm) != len(base):
-        raise ValueError(f"paired by seed: {len(arm)} arm seeds vs {len(base)} baseline seeds")
-    g = torch.Generator().manual_seed(seed)
-    n = len(arm)
-
-    def resampled(values: Sequence[torch.Tensor]) -> torch.Tensor:  # [draws, seeds]
-        cols = []
-        for v in values:
-            idx = torch.randint(v.numel(), (n_boot, v.numel()), generator=g)
-            cols.append(v.double()[idx].mean(1))
-        return torch.stack(cols, 1)
-
-    picks = torch.randint(n, (n_boot, n), generator=g)
-    d = resampled(arm).gather(1, picks).mean(1) - resampled(base).gather(1, picks).mean(1)
-    diff = float(sum(float(v.double().mean()) for v in arm) / n - sum(float(v.double().mean()) for v in base) / n)
-    low, high = torch.quantile(d.float(), torch.tensor([0.025, 0.975])).tolist()
-    return {"diff": diff, "low": low, "high": high, "n_seeds": n,
-            "n_latents": int(min(v.numel() for v in [*arm, *base])),
-            "method": f"bootstrap over seeds and latents ({n_boot} draws)"}
-
-
-def verdict(diff: float, low: float | None, high: float | None, better: int, noise: float = 0.0) -> str:
-    """The wording of a claim "arm better than baseline" given D and its interval (module docstring)."""
+def verdict(diff: float, low: float | None, high: float | None, better: int, margin: float | None) -> str:
+    """The wording of a claim "arm better than control" given D, its interval and the measured
+    margin (module docstring)."""
     if better not in (1, -1):
         raise ValueError(f"better={better!r} is not allowed: +1 (higher is better) or -1")
-    if low is None or high is None or abs(diff) < noise:
-        return NO_DIFFERENCE
-    if better * low > 0 and better * high > 0:
-        return CONSISTENT
-    if better * low < 0 and better * high < 0:
-        return CONTRADICTS
-    return NO_DIFFERENCE
+    if low is None or high is None or margin is None:
+        return INCONCLUSIVE
+    up, down = (low, high) if better == 1 else (-high, -low)  # the interval on the "better" axis
+    if up > margin:
+        return BETTER
+    if down < -margin:
+        return WORSE
+    if -margin < up and down < margin:
+        return EQUIVALENT
+    return INCONCLUSIVE
+
+
+def beyond_margin_p(diff: float, se: float | None, n: int, margin: float | None) -> float | None:
+    """Two-sided p of "|difference| > margin" (module docstring); None without an interval or margin."""
+    if se is None or margin is None:
+        return None
+    excess = abs(diff) - margin
+    if se == 0:
+        return 0.0 if excess > 0 else 1.0
+    return min(1.0, 2 * (1 - t_cdf(excess / se, n - 1)))
+
+
+def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values, in the order given (module docstring)."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 1.0
+    for rank in range(m, 0, -1):
+        i = order[rank - 1]
+        running = min(running, pvalues[i] * m / rank)
+        adjusted[i] = running
+    return adjusted
 
 
 def shifted_verdict(main: Mapping[str, Any], short: float, long: float) -> dict[str, Any]:
     """The length check of one verdict (module docstring): `main` a contrast with diff, low, high,
-    better, noise and verdict; `short` and `long` the differences on one seed at the main
+    better, margin and verdict; `short` and `long` the differences on one seed at the main
     training length and the longer one."""
     shift = long - short
     low = None if main["low"] is None else main["low"] + shift
     high = None if main["high"] is None else main["high"] + shift
-    moved = verdict(main["diff"] + shift, low, high, main["better"], main["noise"])
+    moved = verdict(main["diff"] + shift, low, high, main["better"], main["margin"])
     return {"short": short, "long": long, "shift": shift, "verdict": main["verdict"],
             "shifted_verdict": moved, "stable": moved == main["verdict"]}
