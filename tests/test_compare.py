@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae_lens_allocation.analysis import statistics as stats
 from sae_lens_allocation.analysis.compare import (
     check_compare_config,
     run_compare,
@@ -17,13 +18,13 @@ from sae_lens_allocation.analysis.compare import (
     underused_share,
 )
 from sae_lens_allocation.analysis.compare.report import write_report
-from sae_lens_allocation.analysis.statistics import CONSISTENT, CONTRADICTS, NO_DIFFERENCE
+from sae_lens_allocation.analysis.statistics import BETTER, EQUIVALENT, INCONCLUSIVE, WORSE
 from sae_lens_allocation.yaml_config import ConfigError
 
 import support
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-VERDICTS = {CONSISTENT, CONTRADICTS, NO_DIFFERENCE}
+VERDICTS = {BETTER, WORSE, EQUIVALENT, INCONCLUSIVE}
 
 
 def _lm_config(tmp_path: Path) -> dict:
@@ -46,9 +47,10 @@ def _lm_config(tmp_path: Path) -> dict:
             {"name": "g-beta0", "architecture": "gradient_topk", "sae": {"beta": 0, "aux_loss": "aux_k"}},
         ],
         "contrasts": [{"arm": "g-beta1", "against": "g-beta0"}],
+        "margin_seeds": [7, 8],
         "lr_values": [1e-3, 3e-3],
         "k_values": [2],
-        "eval": {"heldout_rows": 16, "batch_rows": 4, "bootstrap": 200, "steering_latents": 4,
+        "eval": {"heldout_rows": 16, "batch_rows": 4, "steering_latents": 4,
                  "steering_contexts": 2, "probe_rows": 512},
     }
 
@@ -61,8 +63,9 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
     saved = json.loads((out / "results.json").read_text())
     arms = ["topk", "mc-aux_zipf", "fc-zipf", "g-beta1", "g-beta0"]
     assert list(saved["summary"]["arms"]) == arms
-    # 2 lrs x 5 arms on seed 3, the second seed at each arm's best lr, k = 2 at the best lr
-    assert len(saved["runs"]) == 2 * 5 + 5 + 5
+    # 2 lrs x 5 arms on seed 3, the second seed at each arm's best lr, k = 2 at the best lr,
+    # topk on the two margin seeds
+    assert len(saved["runs"]) == 2 * 5 + 5 + 5 + 2
     for arm in arms:
         assert saved["best_lr"][arm] in (1e-3, 3e-3)
         best = min(result["lr_sweep"][arm].values())  # lowest CE with the SAE spliced in
@@ -73,7 +76,7 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
         s = saved["summary"]["arms"][arm]
         ev = s["metrics"]["explained_variance"]
         assert ev["n"] == 2 and ev["low"] <= ev["mean"] <= ev["high"]
-        assert set(s["convergence"]) == {"explained_variance", "dead_share"}
+        assert set(s["anneal"]) == {"explained_variance", "dead_share"}
         assert set(saved["k_sweep"][arm]) == {"2", "4"}
         for x in labels:
             run = saved["runs"][x]
@@ -96,9 +99,11 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
             assert m["low"] <= m["high"]
     g0_vs_topk = {m["metric"]: m for m in contrasts[("g-beta0", "topk")]}
     assert g0_vs_topk["ce_with_sae"]["diff"] == pytest.approx(0, abs=1e-9)
-    assert g0_vs_topk["ce_with_sae"]["verdict"] == NO_DIFFERENCE
+    # every seed gives D = 0, so the interval [0, 0] lies inside the measured margin
+    assert g0_vs_topk["ce_with_sae"]["margin"] > 0
+    assert g0_vs_topk["ce_with_sae"]["verdict"] == EQUIVALENT
     report = (out / "report.md").read_text()
-    for section in ("Main results", "Verdicts against the baseline", "Convergence", "gradient selection",
+    for section in ("Main results", "## Verdicts", "## Margins", "Anneal diagnostic", "gradient selection",
                     "Learning-rate sweep", "k sweep"):
         assert section in report
     for plot in ("l0_histogram.png", "log_density.png", "metrics_vs_l0.png"):
@@ -121,7 +126,7 @@ def _embedded_config() -> dict:
                  "lr": 1e-3, "device": "cpu", "n_eval_batches": 1, "eval_batch_size_prompts": 4, "verbose": False},
         "architectures": [{"architecture": "topk"},
                           {"name": "mc", "architecture": "mutual_choice", "sae": {"calibration_tokens": 1024}}],
-        "eval": {"heldout_rows": 24, "ce_rows": 4, "batch_rows": 8, "bootstrap": 100, "steering_latents": 2,
+        "eval": {"heldout_rows": 24, "ce_rows": 4, "batch_rows": 8, "steering_latents": 2,
                  "steering_contexts": 1, "probe_rows": 1024, "density_samples": 8000},
         "length_check": 2,
     }
@@ -209,10 +214,11 @@ def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
         ],
         "k_values": [4],
         "length_check": 1.5,
-        "eval": {"samples": 2048, "block_samples": 64, "density_samples": 4096, "bootstrap": 200, "probe_rows": 512},
+        "margin_seeds": [10, 11, 12],
+        "eval": {"samples": 2048, "block_samples": 64, "density_samples": 4096, "probe_rows": 512},
     }
     result = run_compare(cfg, output_dir=tmp_path / "syn")
-    assert len(result["runs"]) == 2 * 3 + 2 + 2
+    assert len(result["runs"]) == 2 * 3 + 2 + 2 + 3
     for label in result["length_check"]["runs"].values():
         assert label.endswith(",x1.5") and result["runs"][label]["convergence"][-1]["tokens"] == 3 * 1024
     arms = result["summary"]["arms"]
@@ -221,11 +227,21 @@ def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
     (c,) = result["summary"]["contrasts"]
     metrics = {m["metric"] for m in c["metrics"]}
     assert {"explained_variance", "dead_share", "mcc", "f1"} <= metrics and "ce_with_sae" not in metrics
+    assert "underused_share" not in metrics and {"dead_share_below_1e-06", "dead_share_below_1e-05"} <= metrics
     ev = next(m for m in c["metrics"] if m["metric"] == "explained_variance")
-    assert ev["n_rows"] == 2048 // 64 and ev["n_seeds"] == 3
+    assert ev["n_seeds"] == 3 and ev["role"] == "primary" and 0 <= ev["p_adjusted"] <= 1
+    assert all(m["role"] == "secondary" for m in c["metrics"] if m is not ev)
+    # the margins come from topk on the margin seeds alone, none of which a contrast uses
+    margins = result["summary"]["margins"]
+    assert margins["seeds"] == [10, 11, 12] and [result["runs"][r]["seed"] for r in margins["runs"]] == [10, 11, 12]
+    control = [result["runs"][r]["metrics"]["explained_variance"] for r in margins["runs"]]
+    assert ev["margin"] == pytest.approx(stats.margin(control, 3))
+    expected = stats.verdict(ev["diff"], ev["low"], ev["high"], 1, ev["margin"])
+    assert ev["verdict"] == (INCONCLUSIVE if expected in (BETTER, WORSE) and ev["p_adjusted"] >= 0.05 else expected)
     for run in result["runs"].values():
         assert run["density"]["tokens"] == 4096
-    assert "MCC" in (tmp_path / "syn" / "report.md").read_text()
+    report = (tmp_path / "syn" / "report.md").read_text()
+    assert "MCC" in report and "margin seeds 10, 11, 12" in report and "converged" not in report
 
 
 def test_training_rule_probe_leaves_a_feature_choice_sae_unchanged():
@@ -289,7 +305,13 @@ def test_training_gap_compares_export_and_batch_rule_on_the_same_whole_batches()
         (lambda c: c.update(lr_values=[]), "lr_values"),
         (lambda c: c.update(baseline="nope"), "baseline"),
         (lambda c: c.update(contrasts=[{"arm": "topk", "against": "topk"}]), "contrasts"),
-        (lambda c: c["eval"].update(bootstrap=10), "eval.bootstrap"),
+        (lambda c: c["eval"].update(bootstrap=1000), "unknown compare config key eval.bootstrap"),
+        (lambda c: c.update(margin_seeds=[3, 9]), "margin_seeds"),
+        (lambda c: c.update(margin_seeds=[9]), "margin_seeds"),
+        (lambda c: c.update(primary_metric="steering"), "primary_metric"),
+        (lambda c: c.update(primary_metric="mcc"), "primary_metric"),
+        (lambda c: c.update(contrasts=[{"arm": "g-beta1", "against": "g-beta0", "primary": "underused_share"}]),
+         "contrasts"),
         (lambda c: c["eval"].update(steering_scale=-1), "eval.steering_scale"),
         (lambda c: c["architectures"].append({"architecture": "topk"}), "used twice"),
         (lambda c: c.update(length_check=1), "length_check=1 is not allowed"),
@@ -320,7 +342,7 @@ def test_shipped_configs_build(name):
     archs = {a["architecture"] for a in cfg["architectures"]}
     assert {"topk", "batchtopk", "mutual_choice", "feature_choice"} <= archs
     assert ("gradient_topk" in archs) == (cfg["source"] == "language_model")
-    assert len(cfg["seeds"]) >= 3 and cfg["lr_values"] and cfg["k_values"]
+    assert len(cfg["seeds"]) >= 5 and len(cfg["margin_seeds"]) >= 4 and cfg["lr_values"] and cfg["k_values"]
     if cfg["source"] == "language_model":
         betas = {a["sae"].get("beta", 1.0) for a in cfg["architectures"] if a["architecture"] == "gradient_topk"}
         assert 0 in betas and len(betas) >= 2

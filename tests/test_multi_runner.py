@@ -213,7 +213,7 @@ def test_compare_trains_arms_in_lockstep_with_the_same_result_as_one_by_one(tmp_
             {"name": "mc", "architecture": "mutual_choice", "sae": {"calibration_tokens": 256}},
             {"name": "g", "architecture": "gradient_topk"},
         ],
-        "eval": {"heldout_rows": 8, "batch_rows": 4, "bootstrap": 100, "steering_latents": 2,
+        "eval": {"heldout_rows": 8, "batch_rows": 4, "steering_latents": 2,
                  "steering_contexts": 2, "probe_rows": 256},
     }
     results = {}

@@ -1,5 +1,5 @@
 """Per-row sums of the comparison's metrics on held-out data, so that every figure can be
-recomputed on resampled rows (statistics.paired_bootstrap) and pooled over seeds.
+recomputed from the saved rows (rows.pt of a comparison) and pooled over any subset of rows.
 
 A row is one held-out sequence (language model) or one block of samples (synthetic). Special
 tokens (BOS/EOS/PAD) are left out as SAELens' `run_evals(exclude_special_tokens=True)` leaves
@@ -166,9 +166,16 @@ def kl_div(s: dict[str, torch.Tensor]) -> torch.Tensor:
     return s["kl"] / s["n_pred"]
 
 
+# Dead share thresholds besides "never fired": a latent firing once in a million tokens is as
+# good as dead for a dictionary, yet "never fired" counts it alive.
+DEAD_THRESHOLDS = (1e-6, 1e-5)
+
+
 def density_stats(fired: torch.Tensor, n_tokens: float) -> dict[str, Any]:
-    """Firing density p_j = count_j / n of every latent; dead = never fires on these tokens; the
-    histogram of log10 p_j over the firing latents (bins of 0.25 decades)."""
+    """Firing density p_j = count_j / n of every latent; dead = never fires on these tokens, and
+    the shares with p_j below each of DEAD_THRESHOLDS (a threshold below 1/n counts the same
+    latents as never firing); the histogram of log10 p_j over the firing latents (bins of 0.25
+    decades)."""
     p = fired / n_tokens
     alive = p[p > 0]
     log_p = alive.log10()
@@ -176,4 +183,5 @@ def density_stats(fired: torch.Tensor, n_tokens: float) -> dict[str, Any]:
     bins = len(edges) - 1
     hist = torch.histc(log_p.clamp(-8, 0), bins=bins, min=-8, max=0) if alive.numel() else torch.zeros(bins)
     return {"tokens": int(n_tokens), "dead_share": float((p == 0).double().mean()),
+            "dead_share_below": {f"{t:g}": float((p < t).double().mean()) for t in DEAD_THRESHOLDS},
             "log10_density_edges": edges.tolist(), "log10_density_hist": hist.tolist()}

@@ -6,7 +6,12 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
 
     source: language_model | synthetic
     output_dir: runs/compare          # report.md, results.json, rows.pt, plots, one SAE folder per run
-    seeds: [42, 43, 44]               # every arm at its best lr and the main k, once per seed
+    seeds: [42, 43, 44, 45, 46]       # every arm at its best lr and the main k, once per seed
+    margin_seeds: [142, 143, 144, 145]  # optional: the baseline again at its best lr on these seeds
+                                      # (none of them in seeds): the margins of the verdicts;
+                                      # without them every verdict is "inconclusive"
+    primary_metric: ce_with_sae       # the primary claim of every contrast (default: ce_with_sae,
+                                      # synthetic: explained_variance); the other metrics are secondary
     threads: 2                        # torch.set_num_threads
     base: {...}                       # language_model: a SAELens runner config without
                                       # sae.architecture (model_name defaults to the embedded
@@ -16,7 +21,8 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
       - {name: mc-aux_zipf, architecture: mutual_choice, sae: {aux_loss: aux_zipf}, runner: {}}
     baseline: topk                    # the arm every other arm is compared with (default: the
                                       # arm named topk, else the first)
-    contrasts: [{arm: g-beta1, against: g-beta0}]   # further paired comparisons
+    contrasts: [{arm: g-beta1, against: g-beta0, primary: kl}]   # further paired comparisons
+                                      # (primary optional, default primary_metric)
     lr_values: [3.0e-4, 1.0e-3, 3.0e-3]   # optional lr sweep on seeds[0] at the main k; every arm
                                       # is then reported at its best lr
     k_values: [8, 32]                 # optional k sweep on seeds[0] at each arm's best lr
@@ -30,12 +36,13 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
 Protocol (docs/results.md "Protocol"): (1) the lr sweep, one seed, main k; the best lr of an arm
 has the lowest held-out CE with the SAE spliced in (language model) or the highest explained
 variance (synthetic); (2) every arm at its best lr and the main k for every seed (the sweep's
-run at seeds[0] is reused); (3) the k sweep on seeds[0]; (4) the length check on seeds[0].
-Main-k results are reported as mean +- sd over seeds with paired intervals against the baseline
-(statistics.py) and a verdict per metric; convergence is checked on every main run: the training
-rule's held-out EV and dead share at the last two of `eval.convergence_points` evenly spaced
-evaluations must move less than their sd over seeds. Under a schedule that decays the lr to 0
-that check measures the anneal, so the length check asks the question the verdicts need: with
+run at seeds[0] is reused); (3) the baseline on the margin seeds at its best lr; (4) the k
+sweep on seeds[0]; (5) the length check on seeds[0]. Main-k results are reported as mean +- sd
+over seeds, and per contrast and claim metric (config.CLAIM_METRICS) as the paired difference
+over seeds with its t interval, the margin measured on the margin seeds and a verdict
+(claims.py, statistics.py); one primary metric per contrast, Benjamini-Hochberg over the primary
+claims. The anneal diagnostic: the training rule's held-out EV and dead share at the last two of
+`eval.convergence_points` evenly spaced evaluations (no pass or fail). The length check: with
 D_1 and D_f the differences arm - against on seeds[0] at the main length and at `length_check`
 times it, is the main verdict unchanged when its difference and interval move by D_f - D_1
 (`statistics.shifted_verdict`)?
@@ -53,9 +60,10 @@ Metrics: analysis/row_metrics.py (EV, CE with the SAE, CE recovered, KL, L0; spe
 excluded), the export's dead share over `eval.density_samples` tokens (all held-out tokens, then
 on the embedded corpus rows of train-split files neither training nor calibration of that seed
 read; other language-model sources: the held-out tokens; synthetic: fresh samples) with the
-log10-density histogram, the underused share (p_j < tau * p_hat_j under the
-Zipf fit of losses.fit_zipf, dead included), the exported-vs-training gap, steering
-(analysis/steering.py), MCC and per-latent F1 (synthetic, sae_lens.synthetic), training tokens/s.
+log10-density histogram and the shares below densities 1e-6 and 1e-5, the underused share
+(p_j < tau * p_hat_j under the Zipf fit of losses.fit_zipf, dead included; a diagnostic without a
+verdict), the exported-vs-training gap, steering (analysis/steering.py; a diagnostic without a
+verdict), MCC and per-latent F1 (synthetic, sae_lens.synthetic), training tokens/s.
 gradient_topk arms are evaluated twice: the plain-TopK export, and gradient selection on the
 held-out text (teacher forcing: g = d(sum next-token CE)/dx on the clean text).
 """

@@ -13,16 +13,34 @@ from sae_lens_allocation.yaml_config import ConfigError
 
 SOURCES = ("language_model", "synthetic")
 _TOP_KEYS = {"source", "output_dir", "seeds", "threads", "base", "architectures", "baseline",
-             "contrasts", "lr_values", "k_values", "eval", "lockstep", "length_check"}
+             "contrasts", "lr_values", "k_values", "eval", "lockstep", "length_check", "margin_seeds",
+             "primary_metric"}
+_LM = ("language_model",)
+# The metrics a contrast can claim: (metric of the arm, metric of the control it is paired with,
+# better: +1 higher is better, -1 lower, sources). Gradient selection at evaluation is paired
+# with the control's plain export. Diagnostics without a claim: the underused share (it scores
+# the Zipf prior that aux_zipf and Zipf capacities impose) and steering (no random-direction
+# baseline or dose-response yet, so a larger effect need not mean a better latent).
+CLAIM_METRICS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
+    ("explained_variance", "explained_variance", 1, SOURCES),
+    ("ce_with_sae", "ce_with_sae", -1, _LM),
+    ("ce_with_sae_gradient_selection", "ce_with_sae", -1, _LM),
+    ("ce_recovered", "ce_recovered", 1, _LM),
+    ("kl", "kl", -1, _LM),
+    ("dead_share", "dead_share", -1, SOURCES),
+    ("dead_share_below_1e-06", "dead_share_below_1e-06", -1, SOURCES),
+    ("dead_share_below_1e-05", "dead_share_below_1e-05", -1, SOURCES),
+    ("mcc", "mcc", 1, ("synthetic",)),
+    ("f1", "f1", 1, ("synthetic",)),
+)
 _ARCH_KEYS = {"name", "architecture", "sae", "runner"}
 _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_rows": None,          # language model: held-out rows (null: the whole embedded held-out split)
     "batch_rows": 8,               # language model: held-out rows per forward pass
     "ce_rows": 256,                # language model: the first held-out rows used for CE and KL
     "samples": 65536,              # synthetic: held-out samples for EV, L0, MCC
-    "block_samples": 256,          # synthetic: samples per bootstrap row
+    "block_samples": 256,          # synthetic: samples per row of held-out sums
     "density_samples": 1_048_576,  # samples (tokens) for the dead share and density histogram
-    "bootstrap": 1000,             # bootstrap draws per interval
     "steering_latents": 32,        # language model: latents per SAE in the steering metric
     "steering_contexts": 8,        # language model: held-out rows used as steering contexts
     "steering_scale": 1.0,         # alpha = steering_scale * mean activation norm at the hook
@@ -35,7 +53,7 @@ _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_skip_rows": 0,
 }
 _EVAL_INT_MIN = {"batch_rows": 1, "ce_rows": 1, "samples": 1, "block_samples": 1, "density_samples": 1,
-                 "bootstrap": 100, "steering_latents": 1, "steering_contexts": 1, "convergence_points": 2,
+                 "steering_latents": 1, "steering_contexts": 1, "convergence_points": 2,
                  "probe_rows": 1, "heldout_skip_rows": 0}
 _LM_ONLY = ("gradient_topk",)
 
@@ -146,18 +164,32 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
     baseline = cfg.get("baseline", "topk" if "topk" in names else names[0])
     if baseline not in names:
         raise ConfigError(f"baseline={baseline!r} is not allowed; use the name of an arm: {', '.join(names)}")
-    contrasts = [(n, baseline) for n in names if n != baseline]
+    claimable = [m for m, _, _, sources in CLAIM_METRICS if source in sources]
+    primary = cfg.get("primary_metric", "ce_with_sae" if source == "language_model" else "explained_variance")
+    if primary not in claimable:
+        raise ConfigError(f"primary_metric={primary!r} is not allowed; use one of {', '.join(claimable)}")
+    contrasts = [{"arm": n, "against": baseline, "primary": primary} for n in names if n != baseline]
     raw = cfg.get("contrasts") or []
     if not isinstance(raw, list):
-        raise ConfigError("contrasts must be a list of {arm, against}")
+        raise ConfigError("contrasts must be a list of {arm, against, primary}")
     for i, c in enumerate(raw):
         c = _mapping(c, f"contrasts[{i}]")
-        if (set(c) != {"arm", "against"} or c["arm"] not in names or c["against"] not in names
-                or c["arm"] == c["against"]):
-            raise ConfigError(f"contrasts[{i}]={c!r} is not allowed; use {{arm: NAME, against: OTHER_NAME}} "
-                              f"with two different arms of: {', '.join(names)}")
-        if (c["arm"], c["against"]) not in contrasts:
-            contrasts.append((c["arm"], c["against"]))
+        if (not {"arm", "against"} <= set(c) <= {"arm", "against", "primary"} or c["arm"] not in names
+                or c["against"] not in names or c["arm"] == c["against"]
+                or c.get("primary", primary) not in claimable):
+            raise ConfigError(f"contrasts[{i}]={c!r} is not allowed; use {{arm: NAME, against: OTHER_NAME, "
+                              f"primary: METRIC}} with two different arms of: {', '.join(names)} and a "
+                              f"metric of: {', '.join(claimable)} (primary optional)")
+        contrasts = [x for x in contrasts if (x["arm"], x["against"]) != (c["arm"], c["against"])]
+        contrasts.append({"arm": c["arm"], "against": c["against"], "primary": c.get("primary", primary)})
+    margin_seeds = cfg.get("margin_seeds")
+    if margin_seeds is not None and (
+            not isinstance(margin_seeds, list) or len(margin_seeds) < 2 or len(set(margin_seeds)) != len(margin_seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in margin_seeds)
+            or set(margin_seeds) & set(seeds)):
+        raise ConfigError(f"margin_seeds={margin_seeds!r} is not allowed; use null or a list of at least 2 "
+                          "distinct integers >= 0 that are not in seeds (the margins need control seeds that "
+                          "take no part in the contrasts)")
     lockstep = cfg.get("lockstep", True)
     if not isinstance(lockstep, bool):
         raise ConfigError(f"lockstep={lockstep!r} is not allowed; use true or false")
@@ -169,7 +201,8 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
     out = {
         "source": source, "seeds": seeds, "threads": threads, "base": base, "architectures": entries,
         "baseline": baseline, "contrasts": contrasts, "lockstep": lockstep, "lr_values": lr_values,
-        "k_values": k_values, "length_check": length, "eval": ev,
+        "k_values": k_values, "length_check": length, "eval": ev, "margin_seeds": margin_seeds,
+        "primary_metric": primary,
         "output_dir": str(cfg.get("output_dir") or "runs/compare"),
     }
     for entry in entries:

@@ -13,27 +13,12 @@ from typing import Any
 import torch
 
 from sae_lens_allocation.analysis import row_metrics as rm
-from sae_lens_allocation.analysis.compare.config import SOURCES, arm_setting, check_compare_config, make_run
+from sae_lens_allocation.analysis.compare.claims import length_check, measure_margins, summarise
+from sae_lens_allocation.analysis.compare.config import arm_setting, check_compare_config, make_run
 from sae_lens_allocation.analysis.compare.heldout import sparsity_dead_share
 from sae_lens_allocation.analysis.compare.lm_study import LanguageModelStudy
 from sae_lens_allocation.analysis.compare.synthetic_study import SyntheticStudy
 from sae_lens_allocation.yaml_config import apply_overrides, read_yaml
-
-# Paired comparisons: (metric, better (+1 higher, -1 lower), noise, kind, arm protocol, sources).
-# noise: the seed-to-seed difference of TopK on the embedded model (the developers' guide);
-# a difference below it is "no detectable difference".
-CONTRAST_METRICS = (
-    ("explained_variance", 1, 0.009, "rows", "export", SOURCES),
-    ("ce_with_sae", -1, 0.010, "rows", "export", ("language_model",)),
-    ("ce_with_sae_gradient_selection", -1, 0.010, "rows", "gradient_selection", ("language_model",)),
-    ("ce_recovered", 1, 0.0, "rows", "export", ("language_model",)),
-    ("kl", -1, 0.0, "rows", "export", ("language_model",)),
-    ("dead_share", -1, 0.06, "seeds", None, SOURCES),
-    ("underused_share", -1, 0.0, "seeds", None, SOURCES),
-    ("steering", 1, 0.0, "latents", None, ("language_model",)),
-    ("mcc", 1, 0.0, "seeds", None, ("synthetic",)),
-    ("f1", 1, 0.0, "seeds", None, ("synthetic",)),
-)
 
 # name -> (metric over summed rows, the sums it needs)
 ROW_METRICS: dict[str, tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], tuple[str, ...]]] = {
@@ -63,6 +48,7 @@ def _record(run: dict[str, Any], trained: dict[str, Any], evaluated: dict[str, A
     metrics: dict[str, Any] = _scalar_metrics(evaluated["rows"])
     metrics.update(dead_share=evaluated["density"]["dead_share"], underused_share=evaluated["underused_share"],
                    **evaluated.get("scalars", {}))
+    metrics.update({f"dead_share_below_{t}": v for t, v in evaluated["density"]["dead_share_below"].items()})
     if run["k"]:
         metrics["l0_relative_error"] = metrics["l0"] / run["k"] - 1
     if "steering_values" in evaluated:
@@ -98,113 +84,6 @@ def selection_metric(source: str) -> tuple[str, int]:
     """(metric, better) choosing an arm's lr: held-out CE with the SAE spliced in (language model),
     explained variance (synthetic)."""
     return ("ce_with_sae", -1) if source == "language_model" else ("explained_variance", 1)
-
-
-def _arm_rows(records: list[dict[str, Any]], protocol: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([r["_rows"][protocol][key] for r in records]) for key in keys}
-
-
-def contrast(cfg: dict[str, Any], arm: list[dict[str, Any]], base: list[dict[str, Any]], metric: str,
-             better: int, noise: float, kind: str, protocol: str | None) -> dict[str, Any] | None:
-    """The paired difference arm - base of one metric over the main runs (seed-ordered), its
-    interval and verdict; None where the metric does not apply to these arms."""
-    from sae_lens_allocation.analysis import statistics as st
-
-    n_boot = cfg["eval"]["bootstrap"]
-    if kind == "rows":
-        assert protocol is not None, f"row metric {metric} names no protocol"
-        if any(protocol not in r["_rows"] for r in arm):
-            return None
-        name = metric.removesuffix(f"_{protocol}") if protocol != "export" else metric
-        fn, keys = ROW_METRICS[name]
-        if any(key not in r["_rows"][protocol] for r in arm for key in keys):
-            return None
-        out = st.paired_bootstrap(_arm_rows(arm, protocol, keys), _arm_rows(base, "export", keys), fn, n_boot)
-    elif kind == "latents":
-        if any(r["_steering"] is None for r in [*arm, *base]):
-            return None
-        out = st.latent_bootstrap([r["_steering"] for r in arm], [r["_steering"] for r in base], n_boot)
-    else:
-        values = [r["metrics"].get(metric) for r in arm], [r["metrics"].get(metric) for r in base]
-        if any(v is None for v in [*values[0], *values[1]]):
-            return None
-        out = st.paired_seed_difference(*values)
-    return {**out, "metric": metric, "better": better, "noise": noise,
-            "verdict": st.verdict(out["diff"], out["low"], out["high"], better, noise)}
-
-
-def summarise(cfg: dict[str, Any], records: dict[str, dict[str, Any]], main: dict[str, list[str]]) -> dict[str, Any]:
-    """Per arm: mean +- sd of every metric over the seeds; per contrast: paired intervals and
-    verdicts; per arm: the convergence check."""
-    from sae_lens_allocation.analysis import statistics as st
-
-    arms = {}
-    for arm, labels in main.items():
-        recs = [records[label] for label in labels]
-        names = sorted({m for r in recs for m, v in r["metrics"].items() if v is not None})
-        arms[arm] = {
-            "runs": labels,
-            "metrics": {m: st.summarize([r["metrics"][m] for r in recs]) for m in names
-                        if all(r["metrics"].get(m) is not None for r in recs)},
-            "train_tokens_per_s": st.summarize([r["train_tokens_per_s"] for r in recs]),
-            "l0_within_5pct": all(abs(r["metrics"].get("l0_relative_error", 0.0)) <= 0.05 for r in recs),
-            "convergence": convergence_check(recs),
-        }
-    contrasts = []
-    for arm, against in cfg["contrasts"]:
-        rows = []
-        for metric, better, noise, kind, protocol, sources in CONTRAST_METRICS:
-            if cfg["source"] not in sources:
-                continue
-            c = contrast(cfg, [records[x] for x in main[arm]], [records[x] for x in main[against]], metric,
-                         better, noise, kind, protocol)
-            if c is not None:
-                rows.append(c)
-        contrasts.append({"arm": arm, "against": against, "metrics": rows})
-    return {"arms": arms, "contrasts": contrasts}
-
-
-def length_check(cfg: dict[str, Any], records: dict[str, dict[str, Any]], main: dict[str, list[str]],
-                 longer: dict[str, str], summary: dict[str, Any]) -> dict[str, Any]:
-    """Per contrast and metric of the summary: the differences on seeds[0] at the main length
-    (its main run) and at `length_check` times it (`longer`: arm -> run), and the main verdict
-    shifted by their change (statistics.shifted_verdict)."""
-    from sae_lens_allocation.analysis import statistics as st
-
-    how = {metric: (kind, protocol) for metric, _, _, kind, protocol, _ in CONTRAST_METRICS}
-    contrasts = []
-    for c in summary["contrasts"]:
-        rows = []
-        for m in c["metrics"]:
-            kind, protocol = how[m["metric"]]
-            short, long = [contrast(cfg, [records[arm]], [records[against]], m["metric"], m["better"], m["noise"],
-                                    kind, protocol)
-                           for arm, against in ((main[c["arm"]][0], main[c["against"]][0]),
-                                                (longer[c["arm"]], longer[c["against"]]))]
-            if short is not None and long is not None:
-                rows.append({"metric": m["metric"], **st.shifted_verdict(m, short["diff"], long["diff"])})
-        contrasts.append({"arm": c["arm"], "against": c["against"], "metrics": rows})
-    return {"factor": cfg["length_check"], "seed": cfg["seeds"][0], "runs": longer, "contrasts": contrasts}
-
-
-def convergence_check(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    """For EV and dead share of the training rule: per seed the change between the last two
-    evaluations, against the sd over seeds of the final value; converged when every |change| <= sd."""
-    from sae_lens_allocation.analysis import statistics as st
-
-    out: dict[str, Any] = {}
-    for metric in ("explained_variance", "dead_share"):
-        finals = [r["convergence"][-1][metric] for r in recs]
-        changes = [r["convergence"][-1][metric] - r["convergence"][-2][metric]
-                   for r in recs if len(r["convergence"]) >= 2]
-        sd = st.summarize(finals)["sd"]
-        out[metric] = {
-            "last_two_tokens": [p["tokens"] for p in recs[0]["convergence"][-2:]],
-            "changes": changes, "seed_sd": sd,
-            "converged": None if sd is None or len(changes) != len(recs)
-            else all(abs(c) <= sd for c in changes),
-        }
-    return out
 
 
 def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, override_model: Any = None,
@@ -248,8 +127,13 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
         for e in entries:
             ks = sorted({*cfg["k_values"], arm_setting(cfg, e, "k")})
             k_sweep[e["name"]] = {f"{k:g}": make_run(cfg, e, seeds[0], best_lr[e["name"]], k)["label"] for k in ks}
+    # The margins' control runs: the baseline at its best lr on seeds no contrast uses.
+    control = next(e for e in entries if e["name"] == cfg["baseline"])
+    margin_runs = [make_run(cfg, control, s, best_lr[control["name"]], None) for s in cfg["margin_seeds"] or []]
+    _execute(study, margin_runs, records)
+    margins = measure_margins(cfg, [records[r["label"]] for r in margin_runs])
     main_labels = {arm: [r["label"] for r in runs] for arm, runs in main.items()}
-    summary = summarise(cfg, records, main_labels)
+    summary = summarise(cfg, records, main_labels, margins)
     length: dict[str, Any] = {}
     if cfg["length_check"]:
         runs = [make_run(cfg, e, seeds[0], best_lr[e["name"]], None, cfg["length_check"]) for e in entries]

@@ -1,5 +1,6 @@
 """report.md and plots of a comparison (the compare package): the main table (mean +- sd over
-seeds), the verdicts with their intervals and n, the convergence and length checks, the lr and k sweeps,
+seeds), the verdicts with their intervals, margins and n, the measured margins, the anneal
+diagnostic and the length check, the lr and k sweeps,
 the two g-SAE protocols, per-token L0 and log-density histograms, and metrics against L0."""
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any
 _MAIN_COLUMNS = {
     "language_model": (("l0", "L0", 2), ("explained_variance", "EV", 4), ("ce_with_sae", "CE (nats)", 4),
                        ("ce_recovered", "CE rec.", 4), ("kl", "KL", 4), ("dead_share", "dead", 3),
-                       ("underused_share", "underused", 3), ("steering", "steering KL", 4)),
+                       ("dead_share_below_1e-05", "p < 1e-5", 3), ("underused_share", "underused*", 3),
+                       ("steering", "steering KL*", 4)),
     "synthetic": (("l0", "L0", 2), ("explained_variance", "EV", 4), ("mcc", "MCC", 3), ("f1", "F1", 3),
-                  ("dead_share", "dead", 3), ("underused_share", "underused", 3)),
+                  ("dead_share", "dead", 3), ("dead_share_below_1e-05", "p < 1e-5", 3),
+                  ("underused_share", "underused*", 3)),
 }
 
 
@@ -43,31 +46,51 @@ def main_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _num(v: float | None, fmt: str = "+.4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def verdict_table(result: dict[str, Any]) -> str:
+    """Every claim: primary (one per contrast, under Benjamini-Hochberg) or secondary, D with its
+    95% paired t interval, the measured margin, n, the adjusted p and the verdict."""
     n = len(result["seeds"])
-    lines = ["| arm | against | metric | difference | 95% interval | n | verdict |", "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | against | metric | role | difference | 95% interval | margin | n | BH-adjusted p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["summary"]["contrasts"]:
         for m in c["metrics"]:
             interval = "-" if m["low"] is None else f"[{m['low']:+.4f}, {m['high']:+.4f}]"
-            size = f"{n} seeds" + (f" x {m['n_rows']} rows" if "n_rows" in m else "") + \
-                (f" x {m['n_latents']} latents" if "n_latents" in m else "")
-            lines.append(f"| {c['arm']} | {c['against']} | {m['metric']} | {m['diff']:+.4f} | {interval} | "
-                         f"{size} | {m['verdict']} |")
+            margin = "not measured" if m["margin"] is None else f"±{m['margin']:.4f}"
+            lines.append(f"| {c['arm']} | {c['against']} | {m['metric']} | {m['role']} | {m['diff']:+.4f} | "
+                         f"{interval} | {margin} | {n} seeds | {_num(m.get('p_adjusted'), '.3f')} | {m['verdict']} |")
     return "\n".join(lines)
 
 
-def convergence_table(result: dict[str, Any]) -> str:
-    lines = ["| arm | tokens (last two) | EV change per seed | EV seed sd | dead change per seed | dead seed sd "
-             "| converged |",
-             "|---|---|---|---|---|---|---|"]
+def margin_table(result: dict[str, Any]) -> str:
+    """The margins: the control's values on the margin seeds and the margin of each metric."""
+    margins = result["summary"]["margins"]
+    if not margins["metrics"]:
+        return ("No margin seeds (config `margin_seeds`): no margin was measured, so every verdict is "
+                "\"inconclusive\".")
+    seeds = ", ".join(map(str, margins["seeds"]))
+    lines = [f"Control `{margins['control']}` at its best lr on margin seeds {seeds} (runs "
+             + ", ".join(f"`{r}`" for r in margins["runs"]) + f"); margin = t(0.975, {len(margins['seeds']) - 1}) "
+             f"x sd x sqrt(2 / {len(result['seeds'])}), the 95% bound of the difference between two independent "
+             f"groups of {len(result['seeds'])} control seeds.", "", "| metric | control values | margin |",
+             "|---|---|---|"]
+    for metric, m in margins["metrics"].items():
+        lines.append(f"| {metric} | {', '.join(f'{v:.4f}' for v in m['values'])} | {_num(m['margin'], '.4f')} |")
+    return "\n".join(lines)
+
+
+def anneal_table(result: dict[str, Any]) -> str:
+    lines = ["| arm | tokens (last two) | EV change per seed | EV seed sd | dead change per seed | dead seed sd |",
+             "|---|---|---|---|---|---|"]
     for arm, s in result["summary"]["arms"].items():
-        ev, dead = s["convergence"]["explained_variance"], s["convergence"]["dead_share"]
-        both = (ev["converged"], dead["converged"])
-        verdict = "n/a (1 seed)" if None in both else "yes" if all(both) else "no"
+        ev, dead = s["anneal"]["explained_variance"], s["anneal"]["dead_share"]
         lines.append(
             f"| {arm} | {' -> '.join(f'{t:,}' for t in ev['last_two_tokens'])} | "
             f"{', '.join(f'{c:+.4f}' for c in ev['changes'])} | {_sd(ev['seed_sd'], 4)} | "
-            f"{', '.join(f'{c:+.3f}' for c in dead['changes'])} | {_sd(dead['seed_sd'], 3)} | {verdict} |")
+            f"{', '.join(f'{c:+.3f}' for c in dead['changes'])} | {_sd(dead['seed_sd'], 3)} |")
     return "\n".join(lines)
 
 
@@ -238,11 +261,21 @@ def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> 
               "Data: " + ", ".join(f"{k} `{v}`" for k, v in result["data"].items() if not isinstance(v, dict)), "",
               *density_lines(result),
               "## Main results (mean ± sd over seeds)", "", main_table(result), "",
-              "## Verdicts against the baseline", "", verdict_table(result), "",
-              "A difference is a verdict only when its 95% interval excludes 0 and it is at least the "
-              "seed-to-seed noise of TopK (EV 0.009, CE 0.010 nats, dead share 0.06); otherwise "
-              "\"no detectable difference\", whatever its sign.", "",
-              "## Convergence (training rule, held-out rows)", "", convergence_table(result), ""]
+              "dead: latents that never fired on the tokens counted; p < 1e-5: firing density below 1e-5. "
+              "* diagnostics without a verdict: the underused share scores the Zipf prior that aux_zipf and "
+              "Zipf capacities impose, and the steering KL has no random-direction baseline or dose-response.",
+              "",
+              "## Verdicts", "", verdict_table(result), "",
+              "D is arm minus control averaged over the seeds, its interval the 95% paired t interval over "
+              "seeds (analysis/statistics.py). **better** / **worse**: the whole interval lies past the margin "
+              "on that side; **equivalent within the margin**: the interval lies inside (-margin, +margin); "
+              "**inconclusive**: anything else. One primary metric per contrast; "
+              f"{result['summary']['multiple_comparisons']} (a primary better or worse whose adjusted p is not "
+              "below 0.05 is inconclusive); the secondary claims are reported without adjustment.", "",
+              "## Margins (measured on control seeds)", "", margin_table(result), "",
+              "## Anneal diagnostic (training rule, held-out rows)", "",
+              "The change of the training rule's EV and dead share between its last two evaluations, beside "
+              "the seed sd of the final value; a diagnostic, not a convergence test.", "", anneal_table(result), ""]
     for title, text in (("Length check (do the verdicts survive longer training?)", length_tables(result)),
                         ("g-SAE: plain export vs gradient selection at evaluation", gradient_table(result)),
                         ("Learning-rate sweep", lr_table(result)), ("k sweep", k_table(result))):

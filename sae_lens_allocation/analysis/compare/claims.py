@@ -1,0 +1,118 @@
+"""The claims of a comparison (analysis/statistics.py gives every rule as a formula): per arm the
+mean +- sd of each metric over the main seeds; per contrast and claim metric (config.CLAIM_METRICS)
+the paired difference over seeds with its t interval, the margin measured on the control's margin
+seeds and the verdict; one primary metric per contrast, the others secondary; Benjamini-Hochberg
+over the primary claims of the whole table; the length check; the anneal diagnostic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sae_lens_allocation.analysis import statistics as st
+from sae_lens_allocation.analysis.compare.config import CLAIM_METRICS
+
+Record = dict[str, Any]
+
+
+def _claim_metrics(source: str) -> list[tuple[str, str, int]]:
+    return [(m, base, better) for m, base, better, sources in CLAIM_METRICS if source in sources]
+
+
+def measure_margins(cfg: dict[str, Any], control: list[Record]) -> dict[str, Any]:
+    """Per claim metric of the control: its values on the margin seeds and the margin
+    `statistics.margin(values, n)`, n the number of main seeds."""
+    metrics = {}
+    for _, base, _ in _claim_metrics(cfg["source"]):
+        values = [r["metrics"].get(base) for r in control]
+        if control and None not in values and base not in metrics:
+            metrics[base] = {"values": values, "margin": st.margin(values, len(cfg["seeds"]))}
+    return {"control": cfg["baseline"], "seeds": cfg["margin_seeds"] or [], "runs": [r["label"] for r in control],
+            "metrics": metrics}
+
+
+def contrast(arm: list[Record], base: list[Record], metric: str, base_metric: str, better: int,
+             margin: float | None) -> dict[str, Any] | None:
+    """The paired difference arm - base over the seeds (records in seed order) of one metric, its
+    interval, p beyond the margin and verdict; None where the metric does not apply to these arms."""
+    values = [r["metrics"].get(metric) for r in arm], [r["metrics"].get(base_metric) for r in base]
+    if None in values[0] or None in values[1]:
+        return None
+    out = st.paired_seed_difference(*values)
+    return {**out, "metric": metric, "better": better, "margin": margin,
+            "p_beyond_margin": st.beyond_margin_p(out["diff"], out["se"], out["n_seeds"], margin),
+            "verdict": st.verdict(out["diff"], out["low"], out["high"], better, margin)}
+
+
+def _arm_summary(recs: list[Record]) -> dict[str, Any]:
+    names = sorted({m for r in recs for m, v in r["metrics"].items() if v is not None})
+    return {
+        "runs": [r["label"] for r in recs],
+        "metrics": {m: st.summarize([r["metrics"][m] for r in recs]) for m in names
+                    if all(r["metrics"].get(m) is not None for r in recs)},
+        "train_tokens_per_s": st.summarize([r["train_tokens_per_s"] for r in recs]),
+        "l0_within_5pct": all(abs(r["metrics"].get("l0_relative_error", 0.0)) <= 0.05 for r in recs),
+        "anneal": anneal_diagnostic(recs),
+    }
+
+
+def summarise(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, list[str]],
+              margins: dict[str, Any]) -> dict[str, Any]:
+    """Per arm: mean +- sd over the seeds; per contrast: the claims with intervals and verdicts,
+    the primary claims under Benjamini-Hochberg (a "better" or "worse" whose adjusted p is not
+    below 0.05 becomes "inconclusive")."""
+    arms = {arm: _arm_summary([records[label] for label in labels]) for arm, labels in main.items()}
+    contrasts = []
+    for c in cfg["contrasts"]:
+        rows = []
+        for metric, base_metric, better in _claim_metrics(cfg["source"]):
+            m = margins["metrics"].get(base_metric, {}).get("margin")
+            row = contrast([records[x] for x in main[c["arm"]]], [records[x] for x in main[c["against"]]], metric,
+                           base_metric, better, m)
+            if row is not None:
+                rows.append({**row, "role": "primary" if metric == c["primary"] else "secondary"})
+        contrasts.append({"arm": c["arm"], "against": c["against"], "primary": c["primary"], "metrics": rows})
+    primary = [row for c in contrasts for row in c["metrics"]
+               if row["role"] == "primary" and row["p_beyond_margin"] is not None]
+    for row, adjusted in zip(primary, st.benjamini_hochberg([row["p_beyond_margin"] for row in primary])):
+        row["p_adjusted"] = adjusted
+        row["verdict_before_adjustment"] = row["verdict"]
+        if row["verdict"] in (st.BETTER, st.WORSE) and adjusted >= st.ALPHA:
+            row["verdict"] = st.INCONCLUSIVE
+    return {"arms": arms, "contrasts": contrasts, "margins": margins,
+            "multiple_comparisons": f"Benjamini-Hochberg over {len(primary)} primary claims, FDR {st.ALPHA}"}
+
+
+def length_check(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, list[str]],
+                 longer: dict[str, str], summary: dict[str, Any]) -> dict[str, Any]:
+    """Per contrast and metric of the summary: the differences on seeds[0] at the main length
+    (its main run) and at `length_check` times it (`longer`: arm -> run), and the main verdict
+    shifted by their change (statistics.shifted_verdict)."""
+    pairs = {m: base for m, base, _ in _claim_metrics(cfg["source"])}
+    contrasts = []
+    for c in summary["contrasts"]:
+        rows = []
+        for m in c["metrics"]:
+            short, long = [contrast([records[arm]], [records[against]], m["metric"], pairs[m["metric"]], m["better"],
+                                    m["margin"])
+                           for arm, against in ((main[c["arm"]][0], main[c["against"]][0]),
+                                                (longer[c["arm"]], longer[c["against"]]))]
+            if short is not None and long is not None:
+                rows.append({"metric": m["metric"], **st.shifted_verdict(m, short["diff"], long["diff"])})
+        contrasts.append({"arm": c["arm"], "against": c["against"], "metrics": rows})
+    return {"factor": cfg["length_check"], "seed": cfg["seeds"][0], "runs": longer, "contrasts": contrasts}
+
+
+def anneal_diagnostic(recs: list[Record]) -> dict[str, Any]:
+    """For EV and dead share of the training rule: per seed the change between the last two
+    evaluations (under a schedule that decays the lr to 0, the gain of the anneal), beside the sd
+    over seeds of the final value. A diagnostic: no pass or fail is read from it."""
+    out: dict[str, Any] = {}
+    for metric in ("explained_variance", "dead_share"):
+        finals = [r["convergence"][-1][metric] for r in recs]
+        out[metric] = {
+            "last_two_tokens": [p["tokens"] for p in recs[0]["convergence"][-2:]],
+            "changes": [r["convergence"][-1][metric] - r["convergence"][-2][metric]
+                        for r in recs if len(r["convergence"]) >= 2],
+            "seed_sd": st.summarize(finals)["sd"],
+        }
+    return out
