@@ -118,7 +118,7 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
 
 def _embedded_config() -> dict:
     return {
-        "source": "language_model", "seeds": [1, 2], "threads": 1,
+        "source": "language_model", "seeds": [1, 2], "margin_seeds": [5, 6], "threads": 1,
         "base": {"model_name": "embedded", "hook_name": "blocks.1.hook_resid_pre", "dataset_path": "embedded",
                  "is_dataset_tokenized": True, "streaming": False, "context_size": 64,
                  "sae": {"d_in": 128, "d_sae": 64, "k": 4}, "training_tokens": 4096,
@@ -139,7 +139,7 @@ def test_embedded_comparison_trains_each_seed_on_its_rows_and_counts_dead_latent
     train-split rows neither training nor calibration read, up to eval.density_samples."""
     result = run_compare(_embedded_config(), output_dir=tmp_path / "emb")
     data = result["data"]
-    assert set(data["density"]) == {1, 2}
+    assert set(data["density"]) == {1, 2, 5, 6}  # the margin seeds' dead shares read their own files too
     assert data["train_dataset_sha256"][1] != data["train_dataset_sha256"][2]
     assert data["density"][1]["tokens_sha256"] != data["density"][2]["tokens_sha256"]
     for run in (result["runs"][label] for labels in result["main"].values() for label in labels):
@@ -167,6 +167,7 @@ def test_embedded_comparison_trains_each_seed_on_its_rows_and_counts_dead_latent
     main = next(m for m in result["summary"]["contrasts"][0]["metrics"] if m["metric"] == "explained_variance")
     assert ev["verdict"] == main["verdict"] and ev["stable"] == (ev["shifted_verdict"] == main["verdict"])
     assert "## Length check" in report and "Dead share, seed 1 (length check):" in report
+    assert [result["runs"][r]["density"]["tokens"] >= 8000 for r in result["summary"]["margins"]["runs"]] == [True] * 2
     exports = sorted((tmp_path / "emb" / "saes").glob("mc*/cfg.json"))
     assert len(exports) == 3
     for cfg_file in exports:
@@ -346,3 +347,69 @@ def test_shipped_configs_build(name):
     if cfg["source"] == "language_model":
         betas = {a["sae"].get("beta", 1.0) for a in cfg["architectures"] if a["architecture"] == "gradient_topk"}
         assert 0 in betas and len(betas) >= 2
+
+
+def _resume_config() -> dict:
+    return {
+        "source": "synthetic", "seeds": [0, 1, 2, 3, 4], "margin_seeds": [10, 11], "threads": 1,
+        "base": {
+            "synthetic_model": {"num_features": 16, "hidden_dim": 8, "seed": 0, "firing_probability": {
+                "generator_name": "zipfian", "exponent": 1.0, "max_prob": 0.3, "min_prob": 0.01}},
+            "training_samples": 4 * 128, "batch_size": 128, "lr": 3e-3, "device": "cpu",
+            "dead_feature_window": 2, "feature_sampling_window": 2, "sae": {"d_in": 8, "d_sae": 16, "k": 2},
+        },
+        "architectures": [{"architecture": "topk"}, {"architecture": "batchtopk"}],
+        "eval": {"samples": 512, "block_samples": 64, "density_samples": 1024, "probe_rows": 256},
+    }
+
+
+def _claims_part(report: str) -> str:
+    return report[report.index("## Verdicts"):report.index("## Anneal diagnostic")]
+
+
+@pytest.mark.slow
+def test_an_interrupted_comparison_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """5 seeds of 2 arms and 2 margin seeds; the second comparison dies after 5 evaluations and is
+    run again in its folder: it trains only the runs that had not finished, and gives the same
+    claims as the uninterrupted one; a third call on the finished folder trains nothing."""
+    from sae_lens_allocation.analysis.compare.synthetic_study import SyntheticStudy
+
+    whole = run_compare(_resume_config(), output_dir=tmp_path / "whole")
+    trained: list[str] = []
+    train, evaluate = SyntheticStudy.train, SyntheticStudy.evaluate
+
+    def counting_train(self, runs):
+        trained.extend(r["label"] for r in runs)
+        return train(self, runs)
+
+    evaluated: list[str] = []
+
+    def failing_evaluate(self, run, done):
+        if len(evaluated) == 5:  # killed within the third seed's training group
+            raise KeyboardInterrupt
+        evaluated.append(run["label"])
+        return evaluate(self, run, done)
+
+    monkeypatch.setattr(SyntheticStudy, "train", counting_train)
+    monkeypatch.setattr(SyntheticStudy, "evaluate", failing_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(_resume_config(), output_dir=tmp_path / "cut")
+    assert len(trained) == 6 and len(list((tmp_path / "cut" / "records").glob("*.json"))) == 5
+    monkeypatch.setattr(SyntheticStudy, "evaluate", evaluate)
+    trained.clear()
+    resumed = run_compare(_resume_config(), output_dir=tmp_path / "cut")
+    assert len(trained) == 12 - 5
+    for key in ("contrasts", "margins"):
+        assert resumed["summary"][key] == whole["summary"][key]
+    for arm, s in whole["summary"]["arms"].items():
+        assert resumed["summary"]["arms"][arm]["metrics"] == s["metrics"]
+    report = (tmp_path / "cut" / "report.md").read_text()
+    assert _claims_part(report) == _claims_part((tmp_path / "whole" / "report.md").read_text())
+    trained.clear()
+    again = run_compare(_resume_config(), output_dir=tmp_path / "cut")
+    assert trained == [] and again["summary"]["contrasts"] == whole["summary"]["contrasts"]
+    # a changed config trains again: the runs are keyed by their resolved config
+    changed = _resume_config()
+    changed["base"]["lr"] = 1e-3
+    run_compare(changed, output_dir=tmp_path / "cut")
+    assert len(trained) == 12

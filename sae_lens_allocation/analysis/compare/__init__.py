@@ -47,6 +47,10 @@ D_1 and D_f the differences arm - against on seeds[0] at the main length and at 
 times it, is the main verdict unchanged when its difference and interval move by D_f - D_1
 (`statistics.shifted_verdict`)?
 
+Resuming: every finished run is stored in the output folder under a hash of its resolved config
+and data (store.py); a comparison reuses them, so an interrupted or extended one trains only the
+missing runs, and a finished folder rebuilds its report without training.
+
 Same data: every run of a seed reads the same rows in the same order. Language model: each run is
 a SAELens multi-SAE run (training/multi_runner.py) seeded with its seed, so an arm trained in
 lockstep with others equals the arm trained alone (tested); on the embedded corpus the runner

@@ -158,7 +158,7 @@ class LanguageModelStudy:
         self.seed_rows = {seed: dataset if seed == first.seed or not self.embedded_rows
                           else runner_dataset(run_config(cfg, make_run(cfg, cfg["architectures"][0], seed, None, None),
                                                          out), model)
-                          for seed in cfg["seeds"]}
+                          for seed in [*cfg["seeds"], *(cfg["margin_seeds"] or [])]}
         # Density rows skip the largest calibration pool any arm draws from.
         self.calibration_tokens = max(getattr(run_config(cfg, make_run(cfg, e, first.seed, None, None), out).sae,
                                               "calibration_tokens", 0) for e in cfg["architectures"])
@@ -168,19 +168,20 @@ class LanguageModelStudy:
                                                  for seed, rows in self.seed_rows.items()}
             self.data["train_dataset_rows"] = {seed: len(rows) for seed, rows in self.seed_rows.items()}
         self.data["density"] = {}
-        self._density: tuple[tuple[int, Any], dict[str, torch.Tensor] | None] | None = None
+        self._density: tuple[tuple[int, Any], dict[str, torch.Tensor] | None, dict[str, Any] | None] | None = None
 
-    def density_rows(self, run: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    def density_rows(self, run: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
         """Activations and kept positions of the rows that extend the held-out tokens to
-        `eval.density_samples` for the dead share of `run` (module docstring); None where the
-        source has none or the held-out tokens suffice. A length-check run reads more files, so
-        its rows skip those too. The rows of one (seed, length) are kept at a time."""
+        `eval.density_samples` for the dead share of `run` (module docstring), and where they come
+        from (the record's `density_source`); None, None where the source has none or the
+        held-out tokens suffice. A length-check run reads more files, so its rows skip those too.
+        The rows of one (seed, length) are kept at a time."""
         from sae_lens_allocation.embedded.splits import embedded_density_tokens
         from sae_lens_allocation.training.sources import runner_dataset
 
         seed, key = run["seed"], (run["seed"], run["length"])
         if self._density is not None and self._density[0] == key:
-            return self._density[1]
+            return self._density[1], self._density[2]
         extra = self.cfg["eval"]["density_samples"] - self.data["heldout_tokens"]
         found = None
         if self.embedded_rows and extra > 0:
@@ -188,17 +189,16 @@ class LanguageModelStudy:
                 else runner_dataset(run_config(self.cfg, run, self.out), self.model)
             found = embedded_density_tokens(self.model, training, self.first.context_size, seed,
                                             self.calibration_tokens, extra)
-        rows = None
+        rows, source = None, None
         if found is not None:
             tokens, info = found
             tokens = tokens.to(self.tokens.device)
             rows = {"acts": rm.lm_row_activations(self.model, tokens, self.hook, self.cfg["eval"]["batch_rows"]),
                     "keep": keep_mask(tokens, self.special)}
-            where = "density" if run["length"] is None else "length_check_density"
-            self.data.setdefault(where, {})[seed] = {**info, "heldout_tokens": self.data["heldout_tokens"],
-                                                     "tokens_sha256": tensor_sha256(tokens)}
-        self._density = (key, rows)
-        return rows
+            source = {"where": "density" if run["length"] is None else "length_check_density", "seed": seed,
+                      **info, "heldout_tokens": self.data["heldout_tokens"], "tokens_sha256": tensor_sha256(tokens)}
+        self._density = (key, rows, source)
+        return rows, source
 
     def train(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Train `runs` (same seed and lr) in one multi-SAE run when allowed, else one by one."""
@@ -253,7 +253,7 @@ class LanguageModelStudy:
                 self.model, self.ce_tokens, self.hook, rm.gradient_reconstruct(sae), self.special, ev["batch_rows"],
                 with_gradients=True)}
         fired, n_tokens = acts["fired"], float(self.keep.sum())
-        extra = self.density_rows(run)
+        extra, source = self.density_rows(run)
         if extra is not None:
             more = rm.activation_sums(reconstruct, extra["acts"], extra["keep"], ev["batch_rows"])
             fired, n_tokens = fired + more["fired"], n_tokens + float(extra["keep"].sum())
@@ -262,7 +262,7 @@ class LanguageModelStudy:
         steer = steering_effects(self.model, self.tokens[: ev["steering_contexts"]], self.hook, export.W_dec.detach(),
                                  latents, self.alpha, self.special)
         return {
-            "rows": rows, "steering_values": steer, "l0_tokens": acts["l0_tokens"],
+            "rows": rows, "steering_values": steer, "l0_tokens": acts["l0_tokens"], "density_source": source,
             "density": rm.density_stats(fired, n_tokens),
             "underused_share": shares["underused_share"], "gap": run_gap(run, trained, export, self.x),
             "export_architecture": export.cfg.architecture(), "d_sae": export.cfg.d_sae,

@@ -3,6 +3,7 @@ summary with intervals and verdicts; the `compare` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -17,6 +18,7 @@ from sae_lens_allocation.analysis.compare.claims import length_check, measure_ma
 from sae_lens_allocation.analysis.compare.config import arm_setting, check_compare_config, make_run
 from sae_lens_allocation.analysis.compare.heldout import sparsity_dead_share
 from sae_lens_allocation.analysis.compare.lm_study import LanguageModelStudy
+from sae_lens_allocation.analysis.compare.store import Record, RunStore, RunTensors
 from sae_lens_allocation.analysis.compare.synthetic_study import SyntheticStudy
 from sae_lens_allocation.yaml_config import apply_overrides, read_yaml
 
@@ -62,22 +64,47 @@ def _record(run: dict[str, Any], trained: dict[str, Any], evaluated: dict[str, A
         "sae_dir": str(trained["sae_dir"]), "metrics": metrics,
         "l0_per_token": l0_distribution(evaluated["l0_tokens"]), "density": evaluated["density"],
         "gap": evaluated["gap"], "training_window_dead_share": sparsity_dead_share(Path(trained["sae_dir"])),
-        "convergence": trained["convergence"],
-        "_rows": evaluated["rows"], "_steering": evaluated.get("steering_values"),
+        "convergence": trained["convergence"], "density_source": evaluated.get("density_source"),
     }
 
 
-def _execute(study: Any, runs: list[dict[str, Any]], records: dict[str, dict[str, Any]]) -> None:
-    """Train and evaluate the runs not yet done, grouped by (seed, lr): one multi-SAE run each."""
-    todo = [r for r in runs if r["label"] not in records]
-    groups: dict[tuple[int, Any], list[dict[str, Any]]] = {}
-    for run in todo:
-        groups.setdefault((run["seed"], run["lr"]), []).append(run)
-    for group in groups.values():
-        trained = study.train(group)
-        for run in group:
-            records[run["label"]] = _record(run, trained[run["label"]], study.evaluate(run, trained[run["label"]]))
-            trained[run["label"]]["sae"] = None  # the training SAE is not needed any more
+@dataclasses.dataclass
+class Runs:
+    """The finished runs of a comparison: records and held-out tensors by run label, kept in the
+    output folder's store as they finish."""
+
+    study: Any
+    store: RunStore
+    records: dict[str, Record] = dataclasses.field(default_factory=dict)
+    tensors: dict[str, RunTensors] = dataclasses.field(default_factory=dict)
+
+    def execute(self, runs: list[dict[str, Any]]) -> None:
+        """Reuse the stored runs, then train and evaluate the others grouped by (seed, lr): one
+        multi-SAE run each; then the study's data gains where each run's dead share read its
+        tokens, in the order of `runs` (the same whether a run is fresh or reused)."""
+        groups: dict[tuple[int, Any], list[dict[str, Any]]] = {}
+        for run in runs:
+            if run["label"] in self.records:
+                continue
+            stored = self.store.load(run)
+            if stored is not None:
+                self.records[run["label"]], self.tensors[run["label"]] = stored
+            else:
+                groups.setdefault((run["seed"], run["lr"]), []).append(run)
+        for group in groups.values():
+            trained = self.study.train(group)
+            for run in group:
+                evaluated = self.study.evaluate(run, trained[run["label"]])
+                tensors = RunTensors(evaluated["rows"], evaluated.get("steering_values"))
+                self.records[run["label"]] = self.store.save(run, _record(run, trained[run["label"]], evaluated),
+                                                             tensors)
+                self.tensors[run["label"]] = tensors
+                trained[run["label"]]["sae"] = None  # the training SAE is not needed any more
+        for run in runs:
+            source = self.records[run["label"]]["density_source"]
+            if source is not None:
+                info = {k: v for k, v in source.items() if k not in ("where", "seed")}
+                self.study.data.setdefault(source["where"], {})[source["seed"]] = info
 
 
 def selection_metric(source: str) -> tuple[str, int]:
@@ -89,8 +116,9 @@ def selection_metric(source: str) -> tuple[str, int]:
 def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, override_model: Any = None,
                 override_dataset: Any = None, override_heldout: Any = None,
                 config_path: str | None = None) -> dict[str, Any]:
-    """Train and evaluate every run of a compare config (module docstring); writes results.json,
-    rows.pt (per-row sums and steering values of every run), report.md and plots."""
+    """Train and evaluate every run of a compare config (module docstring), reusing the runs
+    already finished in the output folder (store.py); writes results.json, rows.pt (per-row sums
+    and steering values of every run), report.md and plots."""
     import sae_lens
 
     from sae_lens_allocation.analysis.compare.report import write_plots, write_report
@@ -105,39 +133,40 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
         study: Any = SyntheticStudy(cfg, out)
     else:
         study = LanguageModelStudy(cfg, out, override_model, override_dataset, override_heldout)
-    records: dict[str, dict[str, Any]] = {}
+    done = Runs(study, RunStore(out, cfg, study.data))
+    records = done.records
     seeds, entries = cfg["seeds"], cfg["architectures"]
     metric, better = selection_metric(cfg["source"])
     best_lr = {e["name"]: arm_setting(cfg, e, "lr") for e in entries}
     lr_sweep: dict[str, dict[str, float]] = {}
     if cfg["lr_values"]:
         runs = [make_run(cfg, e, seeds[0], lr, None) for lr in cfg["lr_values"] for e in entries]
-        _execute(study, runs, records)
+        done.execute(runs)
         for e in entries:
             scores = {lr: records[make_run(cfg, e, seeds[0], lr, None)["label"]]["metrics"][metric]
                       for lr in cfg["lr_values"]}
             lr_sweep[e["name"]] = scores
             best_lr[e["name"]] = max(scores, key=lambda lr: better * scores[lr])
     main = {e["name"]: [make_run(cfg, e, s, best_lr[e["name"]], None) for s in seeds] for e in entries}
-    _execute(study, [r for s in range(len(seeds)) for runs in main.values() for r in runs[s:s + 1]], records)
+    done.execute([r for s in range(len(seeds)) for runs in main.values() for r in runs[s:s + 1]])
     k_sweep: dict[str, dict[str, str]] = {}
     if cfg["k_values"]:
         runs = [make_run(cfg, e, seeds[0], best_lr[e["name"]], k) for k in cfg["k_values"] for e in entries]
-        _execute(study, runs, records)
+        done.execute(runs)
         for e in entries:
             ks = sorted({*cfg["k_values"], arm_setting(cfg, e, "k")})
             k_sweep[e["name"]] = {f"{k:g}": make_run(cfg, e, seeds[0], best_lr[e["name"]], k)["label"] for k in ks}
     # The margins' control runs: the baseline at its best lr on seeds no contrast uses.
     control = next(e for e in entries if e["name"] == cfg["baseline"])
     margin_runs = [make_run(cfg, control, s, best_lr[control["name"]], None) for s in cfg["margin_seeds"] or []]
-    _execute(study, margin_runs, records)
+    done.execute(margin_runs)
     margins = measure_margins(cfg, [records[r["label"]] for r in margin_runs])
     main_labels = {arm: [r["label"] for r in runs] for arm, runs in main.items()}
     summary = summarise(cfg, records, main_labels, margins)
     length: dict[str, Any] = {}
     if cfg["length_check"]:
         runs = [make_run(cfg, e, seeds[0], best_lr[e["name"]], None, cfg["length_check"]) for e in entries]
-        _execute(study, runs, records)
+        done.execute(runs)
         length = length_check(cfg, records, main_labels, {r["arm"]: r["label"] for r in runs}, summary)
     result: dict[str, Any] = {
         "source": cfg["source"], "seeds": seeds, "baseline": cfg["baseline"], "data": study.data,
@@ -149,9 +178,9 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
                     "sae_lens": sae_lens.__version__},
         "config": cfg,
     }
-    torch.save({label: {"rows": r["_rows"], "steering": r["_steering"]} for label, r in records.items()},
+    torch.save({label: {"rows": t.rows, "steering": t.steering} for label, t in done.tensors.items()},
                out / "rows.pt")
-    result["runs"] = {label: {k: v for k, v in r.items() if not k.startswith("_")} for label, r in records.items()}
+    result["runs"] = records
     result["plots"] = write_plots(result, out)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     write_report(result, out, config_path)
