@@ -4,6 +4,7 @@ and k sweeps, intervals, verdicts, convergence and steering; config errors."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from sae_lens_allocation.analysis import statistics as stats
 from sae_lens_allocation.analysis.compare import (
     check_compare_config,
+    frontier,
     run_compare,
     training_gap,
     training_rule_stats,
@@ -216,10 +218,14 @@ def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
         "k_values": [4],
         "length_check": 1.5,
         "margin_seeds": [10, 11, 12],
+        "frontier_k": [1, 4],
         "eval": {"samples": 2048, "block_samples": 64, "density_samples": 4096, "probe_rows": 512},
     }
     result = run_compare(cfg, output_dir=tmp_path / "syn")
-    assert len(result["runs"]) == 2 * 3 + 2 + 2 + 3
+    # 2 arms x 3 seeds, the k sweep, the length check, 3 margin runs, topk at k = 1 and 4 on the
+    # seeds (k = 4 on seed 0 is the k sweep's run)
+    assert len(result["runs"]) == 2 * 3 + 2 + 2 + 3 + 5
+    assert [[result["runs"][x]["k"] for x in labels] for labels in result["frontier"]] == [[1, 2, 4]] * 3
     for label in result["length_check"]["runs"].values():
         assert label.endswith(",x1.5") and result["runs"][label]["convergence"][-1]["tokens"] == 3 * 1024
     arms = result["summary"]["arms"]
@@ -241,8 +247,29 @@ def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
     assert ev["verdict"] == (INCONCLUSIVE if expected in (BETTER, WORSE) and ev["p_adjusted"] >= 0.05 else expected)
     for run in result["runs"].values():
         assert run["density"]["tokens"] == 4096
+    matched = next(m for m in c["metrics"] if m["metric"] == "explained_variance_at_matched_l0")
+    for s, label in enumerate(result["main"]["fc-uniform"]):
+        run = result["runs"][label]["metrics"]
+        pts = frontier.points([result["runs"][x] for x in result["frontier"][s]], "explained_variance")
+        assert matched["matched"]["control"][s] == pytest.approx(frontier.interpolate(pts, math.log(run["l0"])))
+    assert matched["diff"] == pytest.approx(sum(matched["matched"]["arm"]) / 3 - sum(matched["matched"]["control"]) / 3)
     report = (tmp_path / "syn" / "report.md").read_text()
+    assert "## Matched sparsity" in report
     assert "MCC" in report and "margin seeds 10, 11, 12" in report and "converged" not in report
+
+
+def test_frontier_interpolates_in_log_l0_and_inverts():
+    runs = [{"metrics": {"l0": l0, "explained_variance": ev}} for l0, ev in ((4, 0.8), (1, 0.5), (2, 0.7))]
+    pts = frontier.points(runs, "explained_variance")
+    assert [round(math.exp(x)) for x, _ in pts] == [1, 2, 4]
+    # halfway between L0 2 and 4 in log L0 is sqrt(8)
+    assert frontier.interpolate(pts, math.log(math.sqrt(8))) == pytest.approx(0.75)
+    assert frontier.l0_to_match(pts, 0.75) == pytest.approx(math.sqrt(8))
+    assert frontier.l0_to_match(pts, 0.6) == pytest.approx(math.sqrt(2))
+    assert frontier.interpolate(pts, math.log(8)) is None and frontier.l0_to_match(pts, 0.9) is None
+    arm = [{"metrics": {"l0": 2.0, "explained_variance": 0.75}}, {"metrics": {"l0": 8.0, "explained_variance": 0.9}}]
+    assert frontier.matched_values(arm[:1], [runs], "explained_variance")["control"] == [0.7]
+    assert frontier.matched_values(arm, [runs, runs], "explained_variance") is None  # L0 8 is off the frontier
 
 
 def test_training_rule_probe_leaves_a_feature_choice_sae_unchanged():
@@ -311,6 +338,8 @@ def test_training_gap_compares_export_and_batch_rule_on_the_same_whole_batches()
         (lambda c: c.update(margin_seeds=[9]), "margin_seeds"),
         (lambda c: c.update(primary_metric="steering"), "primary_metric"),
         (lambda c: c.update(primary_metric="mcc"), "primary_metric"),
+        (lambda c: c.update(primary_metric="kl_at_matched_l0"), "primary_metric"),
+        (lambda c: c.update(frontier_k=[4, 8]), "at least 3 distinct k values"),
         (lambda c: c.update(contrasts=[{"arm": "g-beta1", "against": "g-beta0", "primary": "underused_share"}]),
          "contrasts"),
         (lambda c: c["eval"].update(steering_scale=-1), "eval.steering_scale"),

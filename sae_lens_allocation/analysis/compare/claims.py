@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from sae_lens_allocation.analysis import statistics as st
-from sae_lens_allocation.analysis.compare.config import CLAIM_METRICS
+from sae_lens_allocation.analysis.compare.config import CLAIM_METRICS, MATCHED_METRICS
+from sae_lens_allocation.analysis.compare.frontier import MATCHED_SUFFIX, matched_values
 
 Record = dict[str, Any]
 
@@ -55,11 +56,30 @@ def _arm_summary(recs: list[Record]) -> dict[str, Any]:
     }
 
 
+def _matched_rows(cfg: dict[str, Any], arm: list[Record], frontier: list[list[Record]],
+                  margins: dict[str, Any]) -> list[dict[str, Any]]:
+    """The claims at matched sparsity of an arm against the control's frontier (frontier.py)."""
+    rows = []
+    for metric, better in MATCHED_METRICS:
+        if metric not in dict((m, b) for m, _, b in _claim_metrics(cfg["source"])):
+            continue
+        values = matched_values(arm, frontier, metric)
+        if values is None:
+            continue
+        margin = margins["metrics"].get(metric, {}).get("margin")
+        out = st.paired_seed_difference(values["arm"], values["control"])
+        rows.append({**out, "metric": metric + MATCHED_SUFFIX, "better": better, "margin": margin,
+                     "p_beyond_margin": st.beyond_margin_p(out["diff"], out["se"], out["n_seeds"], margin),
+                     "verdict": st.verdict(out["diff"], out["low"], out["high"], better, margin), "matched": values})
+    return rows
+
+
 def summarise(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, list[str]],
-              margins: dict[str, Any]) -> dict[str, Any]:
-    """Per arm: mean +- sd over the seeds; per contrast: the claims with intervals and verdicts,
-    the primary claims under Benjamini-Hochberg (a "better" or "worse" whose adjusted p is not
-    below 0.05 becomes "inconclusive")."""
+              margins: dict[str, Any], frontier: list[list[str]] | None = None) -> dict[str, Any]:
+    """Per arm: mean +- sd over the seeds; per contrast: the claims with intervals and verdicts
+    (against the baseline also at matched sparsity, where `frontier` holds the baseline's runs
+    per main seed); the primary claims under Benjamini-Hochberg (a "better" or "worse" whose
+    adjusted p is not below 0.05 becomes "inconclusive")."""
     arms = {arm: _arm_summary([records[label] for label in labels]) for arm, labels in main.items()}
     contrasts = []
     for c in cfg["contrasts"]:
@@ -69,7 +89,11 @@ def summarise(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, l
             row = contrast([records[x] for x in main[c["arm"]]], [records[x] for x in main[c["against"]]], metric,
                            base_metric, better, m)
             if row is not None:
-                rows.append({**row, "role": "primary" if metric == c["primary"] else "secondary"})
+                rows.append(row)
+        if frontier and c["against"] == cfg["baseline"]:
+            rows += _matched_rows(cfg, [records[x] for x in main[c["arm"]]],
+                                  [[records[x] for x in labels] for labels in frontier], margins)
+        rows = [{**row, "role": "primary" if row["metric"] == c["primary"] else "secondary"} for row in rows]
         contrasts.append({"arm": c["arm"], "against": c["against"], "primary": c["primary"], "metrics": rows})
     primary = [row for c in contrasts for row in c["metrics"]
                if row["role"] == "primary" and row["p_beyond_margin"] is not None]
@@ -91,7 +115,7 @@ def length_check(cfg: dict[str, Any], records: dict[str, Record], main: dict[str
     contrasts = []
     for c in summary["contrasts"]:
         rows = []
-        for m in c["metrics"]:
+        for m in (m for m in c["metrics"] if m["metric"] in pairs):
             short, long = [contrast([records[arm]], [records[against]], m["metric"], pairs[m["metric"]], m["better"],
                                     m["margin"])
                            for arm, against in ((main[c["arm"]][0], main[c["against"]][0]),

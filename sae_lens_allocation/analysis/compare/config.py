@@ -8,13 +8,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sae_lens_allocation.analysis.compare.frontier import MATCHED_SUFFIX
 from sae_lens_allocation.validation import one_line, reject_unknown_keys
 from sae_lens_allocation.yaml_config import ConfigError
 
 SOURCES = ("language_model", "synthetic")
 _TOP_KEYS = {"source", "output_dir", "seeds", "threads", "base", "architectures", "baseline",
              "contrasts", "lr_values", "k_values", "eval", "lockstep", "length_check", "margin_seeds",
-             "primary_metric"}
+             "primary_metric", "frontier_k"}
 _LM = ("language_model",)
 # The metrics a contrast can claim: (metric of the arm, metric of the control it is paired with,
 # better: +1 higher is better, -1 lower, sources). Gradient selection at evaluation is paired
@@ -33,6 +34,8 @@ CLAIM_METRICS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
     ("mcc", "mcc", 1, ("synthetic",)),
     ("f1", "f1", 1, ("synthetic",)),
 )
+# Metrics also claimed at matched sparsity (frontier.py), with their direction.
+MATCHED_METRICS = (("explained_variance", 1), ("ce_with_sae", -1), ("ce_recovered", 1), ("kl", -1), ("mcc", 1))
 _ARCH_KEYS = {"name", "architecture", "sae", "runner"}
 _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_rows": None,          # language model: held-out rows (null: the whole embedded held-out split)
@@ -164,7 +167,14 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
     baseline = cfg.get("baseline", "topk" if "topk" in names else names[0])
     if baseline not in names:
         raise ConfigError(f"baseline={baseline!r} is not allowed; use the name of an arm: {', '.join(names)}")
+    frontier_k = _number_list(cfg, "frontier_k")
     claimable = [m for m, _, _, sources in CLAIM_METRICS if source in sources]
+    if frontier_k:
+        main_k = arm_setting({"base": base}, next(e for e in entries if e["name"] == baseline), "k")
+        if len({*frontier_k, main_k}) < 3:
+            raise ConfigError(f"frontier_k={frontier_k!r} is not allowed: with the baseline's k ({main_k}) the "
+                              "frontier needs at least 3 distinct k values")
+        claimable += [m + MATCHED_SUFFIX for m, _ in MATCHED_METRICS if m in claimable]
     primary = cfg.get("primary_metric", "ce_with_sae" if source == "language_model" else "explained_variance")
     if primary not in claimable:
         raise ConfigError(f"primary_metric={primary!r} is not allowed; use one of {', '.join(claimable)}")
@@ -202,7 +212,7 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "source": source, "seeds": seeds, "threads": threads, "base": base, "architectures": entries,
         "baseline": baseline, "contrasts": contrasts, "lockstep": lockstep, "lr_values": lr_values,
         "k_values": k_values, "length_check": length, "eval": ev, "margin_seeds": margin_seeds,
-        "primary_metric": primary,
+        "primary_metric": primary, "frontier_k": frontier_k,
         "output_dir": str(cfg.get("output_dir") or "runs/compare"),
     }
     for entry in entries:

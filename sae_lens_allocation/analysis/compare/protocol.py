@@ -161,8 +161,14 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
     margin_runs = [make_run(cfg, control, s, best_lr[control["name"]], None) for s in cfg["margin_seeds"] or []]
     done.execute(margin_runs)
     margins = measure_margins(cfg, [records[r["label"]] for r in margin_runs])
+    # The control's L0 frontier on every main seed (frontier.py); its main-k run is one point.
+    ks = sorted({*(cfg["frontier_k"] or []), arm_setting(cfg, control, "k")})
+    frontier = [[make_run(cfg, control, s, best_lr[control["name"]], k) for k in ks] for s in seeds] \
+        if cfg["frontier_k"] else []
+    done.execute([r for runs in frontier for r in runs])
+    frontier_labels = [[r["label"] for r in runs] for runs in frontier]
     main_labels = {arm: [r["label"] for r in runs] for arm, runs in main.items()}
-    summary = summarise(cfg, records, main_labels, margins)
+    summary = summarise(cfg, records, main_labels, margins, frontier_labels)
     length: dict[str, Any] = {}
     if cfg["length_check"]:
         runs = [make_run(cfg, e, seeds[0], best_lr[e["name"]], None, cfg["length_check"]) for e in entries]
@@ -171,7 +177,8 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
     result: dict[str, Any] = {
         "source": cfg["source"], "seeds": seeds, "baseline": cfg["baseline"], "data": study.data,
         "selection": {"metric": metric, "better": better}, "best_lr": best_lr, "lr_sweep": lr_sweep,
-        "k_sweep": k_sweep, "main": main_labels, "summary": summary, "length_check": length,
+        "k_sweep": k_sweep, "main": main_labels, "frontier": frontier_labels, "summary": summary,
+        "length_check": length,
         "total_seconds": time.perf_counter() - start,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,

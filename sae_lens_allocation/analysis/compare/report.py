@@ -82,6 +82,26 @@ def margin_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def matched_table(result: dict[str, Any]) -> str:
+    """The claims at matched sparsity: per seed the arm's L0, the control's value there and the L0
+    the control needs to match the arm (frontier.py)."""
+    rows = [(c, m) for c in result["summary"]["contrasts"] for m in c["metrics"] if "matched" in m]
+    if not rows:
+        return ""
+    ks = sorted({result["runs"][label]["k"] for labels in result["frontier"] for label in labels})
+    lines = [f"The control `{result['baseline']}` on every seed at k = {', '.join(f'{k:g}' for k in ks)}; its "
+             "metric interpolated linearly in log L0 at the arm's measured L0, and the L0 at which it reaches "
+             "the arm's value (- where outside its frontier). Per seed:", "",
+             "| arm | metric | arm L0 | arm value | control at arm's L0 | L0 the control needs |",
+             "|---|---|---|---|---|---|"]
+    for c, m in rows:
+        v = m["matched"]
+        lines.append(f"| {c['arm']} | {m['metric']} | {', '.join(f'{x:.2f}' for x in v['arm_l0'])} | "
+                     f"{', '.join(f'{x:.4f}' for x in v['arm'])} | {', '.join(f'{x:.4f}' for x in v['control'])} | "
+                     f"{', '.join(_num(x, '.2f') for x in v['control_l0_needed'])} |")
+    return "\n".join(lines)
+
+
 def anneal_table(result: dict[str, Any]) -> str:
     lines = ["| arm | tokens (last two) | EV change per seed | EV seed sd | dead change per seed | dead seed sd |",
              "|---|---|---|---|---|---|"]
@@ -276,7 +296,8 @@ def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> 
               "## Anneal diagnostic (training rule, held-out rows)", "",
               "The change of the training rule's EV and dead share between its last two evaluations, beside "
               "the seed sd of the final value; a diagnostic, not a convergence test.", "", anneal_table(result), ""]
-    for title, text in (("Length check (do the verdicts survive longer training?)", length_tables(result)),
+    for title, text in (("Matched sparsity (along the control's L0 frontier)", matched_table(result)),
+                        ("Length check (do the verdicts survive longer training?)", length_tables(result)),
                         ("g-SAE: plain export vs gradient selection at evaluation", gradient_table(result)),
                         ("Learning-rate sweep", lr_table(result)), ("k sweep", k_table(result))):
         if text:
