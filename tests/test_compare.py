@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae_lens_allocation.analysis import row_metrics as rm
 from sae_lens_allocation.analysis import statistics as stats
 from sae_lens_allocation.analysis.compare import (
     check_compare_config,
@@ -52,7 +53,7 @@ def _lm_config(tmp_path: Path) -> dict:
         "margin_seeds": [7, 8],
         "lr_values": [1e-3, 3e-3],
         "k_values": [2],
-        "eval": {"heldout_rows": 16, "batch_rows": 4, "steering_latents": 4,
+        "eval": {"heldout_rows": 16, "batch_rows": 4, "selection_rows": 4, "steering_latents": 4,
                  "steering_contexts": 2, "probe_rows": 512},
     }
 
@@ -112,6 +113,16 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
         assert (out / plot).stat().st_size > 0
     rows = torch.load(out / "rows.pt")
     assert set(rows) == set(saved["runs"])
+    # the lr is chosen on the first 4 held-out rows; every reported figure is over the other 12
+    for arm in arms:
+        label = saved["main"][arm][0]
+        sums = rows[label]["rows"]["export"]
+        part = {key: sums[key] for key in ("ce_sae", "n_pred")}
+        assert result["lr_sweep"][arm][result["best_lr"][arm]] == pytest.approx(
+            float(rm.ce_with_sae({k: v[:4].double().sum(0) for k, v in part.items()})))
+        assert saved["runs"][label]["metrics"]["ce_with_sae"] == pytest.approx(
+            float(rm.ce_with_sae({k: v[4:].double().sum(0) for k, v in part.items()})))
+        assert sums["sse"].shape[0] == 16
     # The report renders the same from the saved results.json (lr keys are strings there).
     (tmp_path / "again").mkdir()
     again = write_report(saved, tmp_path / "again", None).read_text()
@@ -150,28 +161,30 @@ def test_embedded_comparison_trains_each_seed_on_its_rows_and_counts_dead_latent
         assert 0 <= run["metrics"]["dead_share"] <= run["metrics"]["underused_share"] <= 1
     report = (tmp_path / "emb" / "report.md").read_text()
     assert "Dead share, seed 1:" in report and "Training rows per seed: seed 1" in report
-    # The length check: both arms again on seed 1 with twice the tokens and the lr decay;
+    # The length check: both arms again on every seed with twice the tokens and the lr decay;
     # the dead share skips the files the longer run read.
     check = result["length_check"]
-    assert check["factor"] == 2 and check["seed"] == 1 and set(check["runs"]) == {"topk", "mc"}
-    longer = {arm: result["runs"][label] for arm, label in check["runs"].items()}
-    for arm, run in longer.items():
-        assert run["seed"] == 1 and run["convergence"][-1]["tokens"] == 2 * 4096
-        assert result["runs"][result["main"][arm][0]]["convergence"][-1]["tokens"] == 4096
-        assert run["density"]["tokens"] == data["heldout_tokens"] + data["length_check_density"][1]["tokens"] >= 8000
-    short = {arm: result["runs"][labels[0]] for arm, labels in result["main"].items()}
+    assert check["factor"] == 2 and check["seeds"] == [1, 2] and set(check["runs"]) == {"topk", "mc"}
+    longer = {arm: [result["runs"][label] for label in labels] for arm, labels in check["runs"].items()}
+    for arm, runs in longer.items():
+        for seed, run, label in zip((1, 2), runs, result["main"][arm]):
+            assert run["seed"] == seed and run["convergence"][-1]["tokens"] == 2 * 4096
+            assert result["runs"][label]["convergence"][-1]["tokens"] == 4096
+            assert run["density"]["tokens"] == data["heldout_tokens"] + data["length_check_density"][seed]["tokens"]
+            assert run["density"]["tokens"] >= 8000
     ((c),) = check["contrasts"]
     assert (c["arm"], c["against"]) == ("mc", "topk")
     ev = next(m for m in c["metrics"] if m["metric"] == "explained_variance")
-    for length, runs in (("short", short), ("long", longer)):
-        expected = runs["mc"]["metrics"]["explained_variance"] - runs["topk"]["metrics"]["explained_variance"]
-        assert ev[length] == pytest.approx(expected, abs=1e-9)
+    long = [a["metrics"]["explained_variance"] - b["metrics"]["explained_variance"]
+            for a, b in zip(longer["mc"], longer["topk"])]
+    assert ev["long"]["diff"] == pytest.approx(sum(long) / 2, abs=1e-9)
     main = next(m for m in result["summary"]["contrasts"][0]["metrics"] if m["metric"] == "explained_variance")
-    assert ev["verdict"] == main["verdict"] and ev["stable"] == (ev["shifted_verdict"] == main["verdict"])
-    assert "## Length check" in report and "Dead share, seed 1 (length check):" in report
+    assert ev["verdict"] == main["verdict"] and ev["long"]["margin"] == main["margin"]  # EV is secondary here
+    assert ev["stable"] == (ev["long_verdict"] == ev["verdict"])
+    assert "## Length check" in report and "Dead share, seed 2 (length check):" in report
     assert [result["runs"][r]["density"]["tokens"] >= 8000 for r in result["summary"]["margins"]["runs"]] == [True] * 2
     exports = sorted((tmp_path / "emb" / "saes").glob("mc*/cfg.json"))
-    assert len(exports) == 3
+    assert len(exports) == 4  # 2 seeds x (main + length check)
     for cfg_file in exports:
         calibration = json.loads(cfg_file.read_text())["metadata"]["calibration"]
         assert calibration["source"] == "embedded train split, files training never read"
@@ -222,12 +235,13 @@ def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
         "eval": {"samples": 2048, "block_samples": 64, "density_samples": 4096, "probe_rows": 512},
     }
     result = run_compare(cfg, output_dir=tmp_path / "syn")
-    # 2 arms x 3 seeds, the k sweep, the length check, 3 margin runs, topk at k = 1 and 4 on the
-    # seeds (k = 4 on seed 0 is the k sweep's run)
-    assert len(result["runs"]) == 2 * 3 + 2 + 2 + 3 + 5
+    # 2 arms x 3 seeds, the k sweep, the length check on every seed, 3 margin runs, topk at k = 1
+    # and 4 on the seeds (k = 4 on seed 0 is the k sweep's run)
+    assert len(result["runs"]) == 2 * 3 + 2 + 2 * 3 + 3 + 5
     assert [[result["runs"][x]["k"] for x in labels] for labels in result["frontier"]] == [[1, 2, 4]] * 3
-    for label in result["length_check"]["runs"].values():
-        assert label.endswith(",x1.5") and result["runs"][label]["convergence"][-1]["tokens"] == 3 * 1024
+    for labels in result["length_check"]["runs"].values():
+        for label in labels:
+            assert label.endswith(",x1.5") and result["runs"][label]["convergence"][-1]["tokens"] == 3 * 1024
     arms = result["summary"]["arms"]
     assert arms["topk"]["metrics"]["mcc"]["n"] == 3
     assert arms["topk"]["metrics"]["l0"]["mean"] == pytest.approx(2.0)
@@ -340,6 +354,7 @@ def test_training_gap_compares_export_and_batch_rule_on_the_same_whole_batches()
         (lambda c: c.update(primary_metric="mcc"), "primary_metric"),
         (lambda c: c.update(primary_metric="kl_at_matched_l0"), "primary_metric"),
         (lambda c: c.update(frontier_k=[4, 8]), "at least 3 distinct k values"),
+        (lambda c: c["eval"].update(selection_rows=256), "eval.selection_rows=256 is not allowed"),
         (lambda c: c.update(contrasts=[{"arm": "g-beta1", "against": "g-beta0", "primary": "underused_share"}]),
          "contrasts"),
         (lambda c: c["eval"].update(steering_scale=-1), "eval.steering_scale"),
@@ -372,7 +387,8 @@ def test_shipped_configs_build(name):
     archs = {a["architecture"] for a in cfg["architectures"]}
     assert {"topk", "batchtopk", "mutual_choice", "feature_choice"} <= archs
     assert ("gradient_topk" in archs) == (cfg["source"] == "language_model")
-    assert len(cfg["seeds"]) >= 5 and len(cfg["margin_seeds"]) >= 4 and cfg["lr_values"] and cfg["k_values"]
+    assert len(cfg["seeds"]) >= 5 and len(cfg["margin_seeds"]) >= 4 and len(cfg["lr_values"]) >= 4
+    assert len({*cfg["frontier_k"], cfg["base"]["sae"]["k"]}) >= 3 and cfg["eval"]["selection_rows"] > 0
     if cfg["source"] == "language_model":
         betas = {a["sae"].get("beta", 1.0) for a in cfg["architectures"] if a["architecture"] == "gradient_topk"}
         assert 0 in betas and len(betas) >= 2

@@ -22,9 +22,6 @@ no interval):
   se = sd(d) / sqrt(n), F the t CDF; p < 0.05 exactly when the interval clears the margin;
 - Benjamini-Hochberg over the claims table (m claims, p sorted p_(1) <= ... <= p_(m)): adjusted
   p_(i) = min_{j >= i} m p_(j) / j; a claim's "better"/"worse" stands when adjusted p < 0.05;
-- length check: with D_1 and D_f the differences on one seed at the main training length and at
-  f times it, the verdict at length f is estimated as the main verdict of (D + s, [low + s,
-  high + s]), s = D_f - D_1; the verdict is stable when that is the main verdict.
 
 The t CDF for integer df is the finite series of Abramowitz and Stegun 26.7.3 and 26.7.4; its
 quantile is found by bisection.
@@ -34,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 BETTER = "better"
@@ -158,15 +155,3 @@ def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
         running = min(running, pvalues[i] * m / rank)
         adjusted[i] = running
     return adjusted
-
-
-def shifted_verdict(main: Mapping[str, Any], short: float, long: float) -> dict[str, Any]:
-    """The length check of one verdict (module docstring): `main` a contrast with diff, low, high,
-    better, margin and verdict; `short` and `long` the differences on one seed at the main
-    training length and the longer one."""
-    shift = long - short
-    low = None if main["low"] is None else main["low"] + shift
-    high = None if main["high"] is None else main["high"] + shift
-    moved = verdict(main["diff"] + shift, low, high, main["better"], main["margin"])
-    return {"short": short, "long": long, "shift": shift, "verdict": main["verdict"],
-            "shifted_verdict": moved, "stable": moved == main["verdict"]}

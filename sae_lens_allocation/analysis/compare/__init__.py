@@ -29,7 +29,7 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
     frontier_k: [8, 32]               # optional: the baseline at these k on every seed (with its
                                       # own k at least 3 values): claims at matched sparsity,
                                       # <metric>_at_matched_l0 (frontier.py)
-    length_check: 2                   # optional: every arm again on seeds[0] at its best lr with
+    length_check: 2                   # optional: every arm again on every seed at its best lr with
                                       # this many times the training (tokens or samples, and
                                       # lr_decay_steps); do the verdicts survive longer training?
     lockstep: true                    # language_model: arms that share seed and lr train in one
@@ -40,15 +40,14 @@ Protocol (docs/results.md "Protocol"): (1) the lr sweep, one seed, main k; the b
 has the lowest held-out CE with the SAE spliced in (language model) or the highest explained
 variance (synthetic); (2) every arm at its best lr and the main k for every seed (the sweep's run
 at seeds[0] is reused); (3) the baseline on the margin seeds at its best lr, and at each of
-`frontier_k` on every seed; (4) the k sweep on seeds[0]; (5) the length check on seeds[0]. Main-k
+`frontier_k` on every seed; (4) the k sweep on seeds[0]; (5) the length check on every seed. Main-k
 results are reported as mean +- sd over seeds, and per contrast and claim metric
 (config.CLAIM_METRICS) as the paired difference over seeds with its t interval, the margin measured
 on the margin seeds and a verdict (claims.py, statistics.py); one primary metric per contrast,
 Benjamini-Hochberg over the primary claims. The anneal diagnostic: the training rule's held-out EV
 and dead share at the last two of `eval.convergence_points` evenly spaced evaluations (no pass or
-fail). The length check: with D_1 and D_f the differences arm - against on seeds[0] at the main
-length and at `length_check` times it, is the main verdict unchanged when its difference and
-interval move by D_f - D_1 (`statistics.shifted_verdict`)?
+fail). The length check: every claim again on the runs trained `length_check` times longer, with
+the same margin; a verdict is stable when it is the same.
 
 Resuming: every finished run is stored in the output folder under a hash of its resolved config
 and data (store.py); a comparison reuses them, so an interrupted or extended one trains only the

@@ -106,24 +106,24 @@ def summarise(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, l
             "multiple_comparisons": f"Benjamini-Hochberg over {len(primary)} primary claims, FDR {st.ALPHA}"}
 
 
-def length_check(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, list[str]],
-                 longer: dict[str, str], summary: dict[str, Any]) -> dict[str, Any]:
-    """Per contrast and metric of the summary: the differences on seeds[0] at the main length
-    (its main run) and at `length_check` times it (`longer`: arm -> run), and the main verdict
-    shifted by their change (statistics.shifted_verdict)."""
+def length_check(cfg: dict[str, Any], records: dict[str, Record], longer: dict[str, list[str]],
+                 summary: dict[str, Any]) -> dict[str, Any]:
+    """Per contrast and claim of the summary (matched-sparsity claims aside): the same claim on the
+    runs trained `length_check` times longer on every seed (`longer`: arm -> runs in seed
+    order), with the same margin; stable when its verdict is the main one before adjustment."""
     pairs = {m: base for m, base, _ in _claim_metrics(cfg["source"])}
     contrasts = []
     for c in summary["contrasts"]:
         rows = []
         for m in (m for m in c["metrics"] if m["metric"] in pairs):
-            short, long = [contrast([records[arm]], [records[against]], m["metric"], pairs[m["metric"]], m["better"],
-                                    m["margin"])
-                           for arm, against in ((main[c["arm"]][0], main[c["against"]][0]),
-                                                (longer[c["arm"]], longer[c["against"]]))]
-            if short is not None and long is not None:
-                rows.append({"metric": m["metric"], **st.shifted_verdict(m, short["diff"], long["diff"])})
+            long = contrast([records[x] for x in longer[c["arm"]]], [records[x] for x in longer[c["against"]]],
+                            m["metric"], pairs[m["metric"]], m["better"], m["margin"])
+            if long is not None:
+                main = m.get("verdict_before_adjustment", m["verdict"])
+                rows.append({"metric": m["metric"], "diff": m["diff"], "long": long, "verdict": main,
+                             "long_verdict": long["verdict"], "stable": long["verdict"] == main})
         contrasts.append({"arm": c["arm"], "against": c["against"], "metrics": rows})
-    return {"factor": cfg["length_check"], "seed": cfg["seeds"][0], "runs": longer, "contrasts": contrasts}
+    return {"factor": cfg["length_check"], "seeds": cfg["seeds"], "runs": longer, "contrasts": contrasts}
 
 
 def anneal_diagnostic(recs: list[Record]) -> dict[str, Any]:

@@ -54,10 +54,12 @@ _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_dataset_path": None,  # hub models: pretokenized held-out rows
     "heldout_split": "train",
     "heldout_skip_rows": 0,
+    "selection_rows": 0,           # the first held-out rows (synthetic: blocks) that choose the lr and
+                                   # are not reported; 0: the lr is chosen on the reported rows
 }
 _EVAL_INT_MIN = {"batch_rows": 1, "ce_rows": 1, "samples": 1, "block_samples": 1, "density_samples": 1,
                  "steering_latents": 1, "steering_contexts": 1, "convergence_points": 2,
-                 "probe_rows": 1, "heldout_skip_rows": 0}
+                 "probe_rows": 1, "heldout_skip_rows": 0, "selection_rows": 0}
 _LM_ONLY = ("gradient_topk",)
 
 
@@ -105,9 +107,13 @@ def _check_eval(ev: dict[str, Any], source: str) -> dict[str, Any]:
             raise ConfigError(f"eval.{name}={v!r} is not allowed; use a finite number > 0")
     if not (isinstance(out["fit_fraction"], (int, float)) and 0 < out["fit_fraction"] <= 1):
         raise ConfigError(f"eval.fit_fraction={out['fit_fraction']!r} is not allowed; use a number in (0, 1]")
-    if source == "synthetic" and out["samples"] < out["block_samples"] * 2:
+    if source == "synthetic" and out["samples"] < out["block_samples"] * (2 + out["selection_rows"]):
         raise ConfigError(f"eval.samples={out['samples']} is not allowed: at least 2 blocks of "
-                          f"eval.block_samples={out['block_samples']}")
+                          f"eval.block_samples={out['block_samples']} besides eval.selection_rows="
+                          f"{out['selection_rows']} blocks")
+    if source == "language_model" and out["selection_rows"] >= out["ce_rows"]:
+        raise ConfigError(f"eval.selection_rows={out['selection_rows']} is not allowed: it must leave some of "
+                          f"the eval.ce_rows={out['ce_rows']} rows that CE and KL are reported on")
     return out
 
 

@@ -263,6 +263,7 @@ class LanguageModelStudy:
                                  latents, self.alpha, self.special)
         return {
             "rows": rows, "steering_values": steer, "l0_tokens": acts["l0_tokens"], "density_source": source,
+            "selection_rows": ev["selection_rows"],
             "density": rm.density_stats(fired, n_tokens),
             "underused_share": shares["underused_share"], "gap": run_gap(run, trained, export, self.x),
             "export_architecture": export.cfg.architecture(), "d_sae": export.cfg.d_sae,

@@ -32,11 +32,11 @@ ROW_METRICS: dict[str, tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], 
 }
 
 
-def _scalar_metrics(rows: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Row-decomposable metrics over all held-out rows, per protocol (`_gradient_selection`)."""
+def _scalar_metrics(rows: dict[str, dict[str, torch.Tensor]], part: slice) -> dict[str, float]:
+    """Row-decomposable metrics over the held-out rows `part`, per protocol (`_gradient_selection`)."""
     out = {}
     for protocol, sums in rows.items():
-        total = {name: t.double().sum(0) for name, t in sums.items()}
+        total = {name: t[part].double().sum(0) for name, t in sums.items()}
         suffix = "" if protocol == "export" else f"_{protocol}"
         for name, (fn, keys) in ROW_METRICS.items():
             if all(key in total for key in keys):
@@ -47,7 +47,9 @@ def _scalar_metrics(rows: dict[str, dict[str, torch.Tensor]]) -> dict[str, float
 def _record(run: dict[str, Any], trained: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
     from sae_lens_allocation.analysis.evaluation import l0_distribution
 
-    metrics: dict[str, Any] = _scalar_metrics(evaluated["rows"])
+    # The first eval.selection_rows rows choose the lr; the others are reported (config.py).
+    n = evaluated["selection_rows"]
+    metrics: dict[str, Any] = _scalar_metrics(evaluated["rows"], slice(n, None))
     metrics.update(dead_share=evaluated["density"]["dead_share"], underused_share=evaluated["underused_share"],
                    **evaluated.get("scalars", {}))
     metrics.update({f"dead_share_below_{t}": v for t, v in evaluated["density"]["dead_share_below"].items()})
@@ -65,6 +67,7 @@ def _record(run: dict[str, Any], trained: dict[str, Any], evaluated: dict[str, A
         "l0_per_token": l0_distribution(evaluated["l0_tokens"]), "density": evaluated["density"],
         "gap": evaluated["gap"], "training_window_dead_share": sparsity_dead_share(Path(trained["sae_dir"])),
         "convergence": trained["convergence"], "density_source": evaluated.get("density_source"),
+        "selection": _scalar_metrics(evaluated["rows"], slice(None, n or None)),
     }
 
 
@@ -143,7 +146,7 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
         runs = [make_run(cfg, e, seeds[0], lr, None) for lr in cfg["lr_values"] for e in entries]
         done.execute(runs)
         for e in entries:
-            scores = {lr: records[make_run(cfg, e, seeds[0], lr, None)["label"]]["metrics"][metric]
+            scores = {lr: records[make_run(cfg, e, seeds[0], lr, None)["label"]]["selection"][metric]
                       for lr in cfg["lr_values"]}
             lr_sweep[e["name"]] = scores
             best_lr[e["name"]] = max(scores, key=lambda lr: better * scores[lr])
@@ -171,9 +174,11 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
     summary = summarise(cfg, records, main_labels, margins, frontier_labels)
     length: dict[str, Any] = {}
     if cfg["length_check"]:
-        runs = [make_run(cfg, e, seeds[0], best_lr[e["name"]], None, cfg["length_check"]) for e in entries]
-        done.execute(runs)
-        length = length_check(cfg, records, main_labels, {r["arm"]: r["label"] for r in runs}, summary)
+        longer = {e["name"]: [make_run(cfg, e, s, best_lr[e["name"]], None, cfg["length_check"]) for s in seeds]
+                  for e in entries}
+        done.execute([r for s in range(len(seeds)) for runs in longer.values() for r in runs[s:s + 1]])
+        length = length_check(cfg, records, {arm: [r["label"] for r in runs] for arm, runs in longer.items()},
+                              summary)
     result: dict[str, Any] = {
         "source": cfg["source"], "seeds": seeds, "baseline": cfg["baseline"], "data": study.data,
         "selection": {"metric": metric, "better": better}, "best_lr": best_lr, "lr_sweep": lr_sweep,

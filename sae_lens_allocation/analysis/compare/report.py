@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sae_lens_allocation.analysis.statistics import summarize
+
 # (metric, header, digits) of the main table, by source.
 _MAIN_COLUMNS = {
     "language_model": (("l0", "L0", 2), ("explained_variance", "EV", 4), ("ce_with_sae", "CE (nats)", 4),
@@ -115,34 +117,36 @@ def anneal_table(result: dict[str, Any]) -> str:
 
 
 def length_tables(result: dict[str, Any]) -> str:
-    """The length check: every arm on the first seed at both lengths, then each verdict with the
-    differences on that seed and the main verdict shifted by their change."""
+    """The length check: every arm on every seed at both lengths (mean +- sd), then each claim at
+    both lengths with its verdict."""
     check = result.get("length_check")
     if not check:
         return ""
-    f, seed = check["factor"], check["seed"]
+    f = check["factor"]
     cols = [c for c in _MAIN_COLUMNS[result["source"]] if c[0] != "steering"]
-    head = (["arm"] + [f"{name} {size}" for _, name, _ in cols for size in ("x1", f"x{f:g}")]
-            + ["tokens x1", f"tokens x{f:g}"])
-    lines = [f"Seed {seed}, every arm at its best lr, trained for 1 and {f:g} times the main length "
-             "(lr decay scaled with it); dead shares over the tokens given.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm, label in check["runs"].items():
-        short, long = result["runs"][result["main"][arm][0]], result["runs"][label]
-        cells = [arm] + [_sd(r["metrics"].get(m), d) for m, _, d in cols for r in (short, long)]
-        cells += [f"{r['density']['tokens']:,}" for r in (short, long)]
+    head = ["arm"] + [f"{name} {size}" for _, name, _ in cols for size in ("x1", f"x{f:g}")]
+    lines = [f"Every arm at its best lr on every seed, trained for 1 and {f:g} times the main length (lr decay "
+             "scaled with it); mean ± sd over seeds.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, labels in check["runs"].items():
+        runs = [[result["runs"][x] for x in result["main"][arm]], [result["runs"][x] for x in labels]]
+        cells = [arm]
+        for m, _, d in cols:
+            for group in runs:
+                values = [r["metrics"].get(m) for r in group]
+                cells.append("-" if None in values else _pm(summarize(values), d))
         lines.append("| " + " | ".join(cells) + " |")
     rows = [(c, m) for c in check["contrasts"] for m in c["metrics"]]
     stable = sum(m["stable"] for _, m in rows)
-    lines += ["", f"{stable} of {len(rows)} verdicts unchanged when the main difference and interval move by "
-              f"D x{f:g} - D x1 (the differences on seed {seed}). The shift is one seed's change between "
-              "two trainings, so it carries their noise as well as the effect of length.", "",
-              f"| arm | against | metric | D x1 | D x{f:g} | shift | verdict | shifted verdict | stable |",
+    lines += ["", f"{stable} of {len(rows)} verdicts (before the Benjamini-Hochberg adjustment) are the same "
+              f"at x{f:g}: the same claim on the longer runs of every seed, with the same margin.", "",
+              f"| arm | against | metric | D x1 | D x{f:g} | 95% interval x{f:g} | verdict x1 | verdict x{f:g} "
+              "| stable |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c, m in rows:
-        lines.append(f"| {c['arm']} | {c['against']} | {m['metric']} | {m['short']:+.4f} | {m['long']:+.4f} | "
-                     f"{m['shift']:+.4f} | {m['verdict']} | {m['shifted_verdict']} | "
-                     f"{'yes' if m['stable'] else 'no'} |")
+        long = m["long"]
+        interval = "-" if long["low"] is None else f"[{long['low']:+.4f}, {long['high']:+.4f}]"
+        lines.append(f"| {c['arm']} | {c['against']} | {m['metric']} | {m['diff']:+.4f} | {long['diff']:+.4f} | "
+                     f"{interval} | {m['verdict']} | {m['long_verdict']} | {'yes' if m['stable'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -122,7 +122,7 @@ class SyntheticStudy:
             synth = eval_sae_on_synthetic_data(export, self.model.feature_dict, self.model.activation_generator,
                                                num_samples=ev["samples"], batch_size=self.first.batch_size)
         return {
-            "rows": {"export": sums["rows"]}, "l0_tokens": sums["l0_tokens"],
+            "rows": {"export": sums["rows"]}, "l0_tokens": sums["l0_tokens"], "selection_rows": ev["selection_rows"],
             "density": rm.density_stats(density["fired"], n_density),
             "underused_share": shares["underused_share"], "gap": run_gap(run, trained, export, self.x),
             "export_architecture": export.cfg.architecture(), "d_sae": export.cfg.d_sae,
