@@ -424,7 +424,7 @@ def test_an_interrupted_comparison_resumes_to_the_report_of_an_uninterrupted_one
     train, evaluate = SyntheticStudy.train, SyntheticStudy.evaluate
 
     def counting_train(self, runs):
-        trained.extend(r["label"] for r in runs)
+        trained.extend(r.label for r in runs)
         return train(self, runs)
 
     evaluated: list[str] = []
@@ -432,7 +432,7 @@ def test_an_interrupted_comparison_resumes_to_the_report_of_an_uninterrupted_one
     def failing_evaluate(self, run, done):
         if len(evaluated) == 5:  # killed within the third seed's training group
             raise KeyboardInterrupt
-        evaluated.append(run["label"])
+        evaluated.append(run.label)
         return evaluate(self, run, done)
 
     monkeypatch.setattr(SyntheticStudy, "train", counting_train)

@@ -4,6 +4,7 @@ expands to."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -237,37 +238,52 @@ def arm_setting(cfg: dict[str, Any], entry: dict[str, Any], key: str) -> Any:
     return _merge(cfg["base"], entry["runner"]).get("lr")
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of an arm: the arm's sae and runner overrides with its k and lr (and the
+    length check's training size), its seed, and its label (the key of its record)."""
+
+    arm: str
+    architecture: str
+    sae: dict[str, Any]
+    runner: dict[str, Any]
+    seed: int
+    lr: float | None
+    k: float | None
+    length: float | None
+    label: str
+
+
 def make_run(cfg: dict[str, Any], entry: dict[str, Any], seed: int, lr: float | None,
-             k: float | None, length: float | None = None) -> dict[str, Any]:
+             k: float | None, length: float | None = None) -> Run:
     """One training run of an arm: its seed, lr and k (None: the arm's own); `length` (the
     length check) multiplies its training tokens (samples) and `lr_decay_steps`, so the lr
     schedule keeps its shape; the warm-up stays as it is."""
     lr = arm_setting(cfg, entry, "lr") if lr is None else lr
     k = arm_setting(cfg, entry, "k") if k is None else k
-    run = copy.deepcopy(entry)
-    run["runner"] = {**run["runner"], **({"lr": lr} if lr is not None else {})}
-    run["sae"] = {**run["sae"], **({"k": k} if k is not None else {})}
-    run.update(arm=entry["name"], seed=seed, lr=lr, k=k, length=length,
-               label=f"{entry['name']}@lr={lr:g},k={k:g},seed={seed}" if lr and k else f"{entry['name']}@seed={seed}")
-    if length is not None:
-        size = "training_tokens" if cfg["source"] == "language_model" else "training_samples"
-        given = run_config(cfg, run, Path(cfg["output_dir"]))
-        run["runner"].update({size: round(getattr(given, size) * length),
-                              "lr_decay_steps": round(given.lr_decay_steps * length)})
-        run["label"] += f",x{length:g}"
-    return run
+    name = entry["name"]
+    run = Run(arm=name, architecture=entry["architecture"], sae={**entry["sae"], **({"k": k} if k is not None else {})},
+              runner={**entry["runner"], **({"lr": lr} if lr is not None else {})}, seed=seed, lr=lr, k=k,
+              length=length, label=f"{name}@lr={lr:g},k={k:g},seed={seed}" if lr and k else f"{name}@seed={seed}")
+    if length is None:
+        return run
+    size = "training_tokens" if cfg["source"] == "language_model" else "training_samples"
+    given = run_config(cfg, run, Path(cfg["output_dir"]))
+    runner = {**run.runner, size: round(getattr(given, size) * length),
+              "lr_decay_steps": round(given.lr_decay_steps * length)}
+    return dataclasses.replace(run, runner=runner, label=run.label + f",x{length:g}")
 
 
-def slug(run: dict[str, Any]) -> str:
+def slug(run: Run) -> str:
     """The run's folder name under saes/: its label without /, @, ',' and =."""
-    return run["label"].replace("/", "_").replace("@", "_").replace(",", "_").replace("=", "")
+    return run.label.replace("/", "_").replace("@", "_").replace(",", "_").replace("=", "")
 
 
-def run_config(cfg: dict[str, Any], run: dict[str, Any], out: Path) -> Any:
+def run_config(cfg: dict[str, Any], run: Run, out: Path) -> Any:
     """The runner config (language model) or SyntheticSAERunnerConfig of one run."""
-    d = _merge(cfg["base"], run["runner"])
-    d["sae"] = {**_merge(_mapping(d.get("sae"), "base.sae"), run["sae"]), "architecture": run["architecture"]}
-    d["seed"] = run["seed"]
+    d = _merge(cfg["base"], run.runner)
+    d["sae"] = {**_merge(_mapping(d.get("sae"), "base.sae"), run.sae), "architecture": run.architecture}
+    d["seed"] = run.seed
     folder = str(out / "saes" / slug(run))
     if cfg["source"] == "language_model":
         from sae_lens_allocation.embedded import DEFAULT_HOOK_NAME
@@ -285,14 +301,14 @@ def run_config(cfg: dict[str, Any], run: dict[str, Any], out: Path) -> Any:
         try:
             return runner_config_from_dict(d)
         except ConfigError as err:
-            raise ConfigError(f"run {run['label']}: {err}") from None
+            raise ConfigError(f"run {run.label}: {err}") from None
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
     from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunnerConfig
 
     d.pop("seed")
     d.update(output_path=folder, checkpoint_path=None, run_final_eval=False)
     d.setdefault("logger", {"log_to_wandb": False})
-    arch = run["architecture"]
+    arch = run.architecture
     try:
         reject_unknown_keys(d, SyntheticSAERunnerConfig.__dataclass_fields__,
                             note="for the synthetic runner config", error=ConfigError)
@@ -300,9 +316,9 @@ def run_config(cfg: dict[str, Any], run: dict[str, Any], out: Path) -> Any:
                             prefix="sae.", note=f"(architecture {arch})", error=ConfigError)
         return SyntheticSAERunnerConfig.from_dict(d)
     except ConfigError as err:
-        raise ConfigError(f"run {run['label']}: {err}") from None
+        raise ConfigError(f"run {run.label}: {err}") from None
     except KeyError as err:
-        raise ConfigError(f"run {run['label']}: missing synthetic config field {err} (e.g. "
+        raise ConfigError(f"run {run.label}: missing synthetic config field {err} (e.g. "
                           "synthetic_model.firing_probability with generator_name: zipfian)") from None
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"run {run['label']}: {one_line(err)}") from None
+        raise ConfigError(f"run {run.label}: {one_line(err)}") from None

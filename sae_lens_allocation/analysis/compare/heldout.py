@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from sae_lens_allocation.analysis import row_metrics as rm
+from sae_lens_allocation.analysis.compare.config import Run
 
 # Exports whose inference rule differs from the training rule (batch allocation -> thresholds).
 _GAP_ARCHITECTURES = ("mutual_choice", "feature_choice", "batchtopk")
@@ -93,9 +94,9 @@ def heldout_stats(export: Any, training_sae: Any, x: torch.Tensor, batch_tokens:
     return out
 
 
-def run_gap(run: dict[str, Any], trained: dict[str, Any], export: Any, x: torch.Tensor) -> dict[str, float] | None:
+def run_gap(run: Run, trained: dict[str, Any], export: Any, x: torch.Tensor) -> dict[str, float] | None:
     """`training_gap` for the architectures whose export rule differs from their training rule."""
-    if run["architecture"] not in _GAP_ARCHITECTURES:
+    if run.architecture not in _GAP_ARCHITECTURES:
         return None
     return training_gap(export, trained["sae"], x, trained["batch_tokens"])
 

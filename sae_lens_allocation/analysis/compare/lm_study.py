@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from sae_lens_allocation.analysis import row_metrics as rm
-from sae_lens_allocation.analysis.compare.config import make_run, run_config, slug
+from sae_lens_allocation.analysis.compare.config import Run, make_run, run_config, slug
 from sae_lens_allocation.analysis.compare.heldout import (
     load_export,
     run_gap,
@@ -70,7 +70,7 @@ def lockstep_allowed(configs: list[Any]) -> bool:
     )
 
 
-def lockstep_config(configs: list[Any], runs: list[dict[str, Any]], out: Path, n_points: int) -> Any:
+def lockstep_config(configs: list[Any], runs: list[Run], out: Path, n_points: int) -> Any:
     """The `MultiSAETrainingRunnerConfig` training the runs on the first config's settings; run
     `<slug>` exports to out/saes/<slug> as a single run would. `n_points - 1` checkpoints without
     a checkpoint folder: SAELens then only calls the runner's checkpoint hook (the probe)."""
@@ -170,7 +170,7 @@ class LanguageModelStudy:
         self.data["density"] = {}
         self._density: tuple[tuple[int, Any], dict[str, torch.Tensor] | None, dict[str, Any] | None] | None = None
 
-    def density_rows(self, run: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    def density_rows(self, run: Run) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
         """Activations and kept positions of the rows that extend the held-out tokens to
         `eval.density_samples` for the dead share of `run` (module docstring), and where they come
         from (the record's `density_source`); None, None where the source has none or the
@@ -179,13 +179,13 @@ class LanguageModelStudy:
         from sae_lens_allocation.embedded.splits import embedded_density_tokens
         from sae_lens_allocation.training.sources import runner_dataset
 
-        seed, key = run["seed"], (run["seed"], run["length"])
+        seed, key = run.seed, (run.seed, run.length)
         if self._density is not None and self._density[0] == key:
             return self._density[1], self._density[2]
         extra = self.cfg["eval"]["density_samples"] - self.data["heldout_tokens"]
         found = None
         if self.embedded_rows and extra > 0:
-            training = self.seed_rows[seed] if run["length"] is None \
+            training = self.seed_rows[seed] if run.length is None \
                 else runner_dataset(run_config(self.cfg, run, self.out), self.model)
             found = embedded_density_tokens(self.model, training, self.first.context_size, seed,
                                             self.calibration_tokens, extra)
@@ -195,12 +195,12 @@ class LanguageModelStudy:
             tokens = tokens.to(self.tokens.device)
             rows = {"acts": rm.lm_row_activations(self.model, tokens, self.hook, self.cfg["eval"]["batch_rows"]),
                     "keep": keep_mask(tokens, self.special)}
-            source = {"where": "density" if run["length"] is None else "length_check_density", "seed": seed,
+            source = {"where": "density" if run.length is None else "length_check_density", "seed": seed,
                       **info, "heldout_tokens": self.data["heldout_tokens"], "tokens_sha256": tensor_sha256(tokens)}
         self._density = (key, rows, source)
         return rows, source
 
-    def train(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def train(self, runs: list[Run]) -> dict[str, dict[str, Any]]:
         """Train `runs` (same seed and lr) in one multi-SAE run when allowed, else one by one."""
         configs = [run_config(self.cfg, run, self.out) for run in runs]
         if self.cfg["lockstep"] and lockstep_allowed(configs):
@@ -212,10 +212,10 @@ class LanguageModelStudy:
             out.update(self._train_group(group_runs, group_configs))
         return out
 
-    def _train_group(self, runs: list[dict[str, Any]], configs: list[Any]) -> dict[str, dict[str, Any]]:
+    def _train_group(self, runs: list[Run], configs: list[Any]) -> dict[str, dict[str, Any]]:
         n_points = self.cfg["eval"]["convergence_points"]
         probe_x = self.x[: self.cfg["eval"]["probe_rows"]]
-        archs = {slug(r): r["architecture"] for r in runs}
+        archs = {slug(r): r.architecture for r in runs}
         points: dict[str, list[dict[str, float]]] = {s: [] for s in archs}
         batch = configs[0].train_batch_size_tokens
 
@@ -223,7 +223,7 @@ class LanguageModelStudy:
             for name, sae in saes.items():
                 points[name].append(training_rule_stats(sae, probe_x, batch, archs[name]))
 
-        print(f"[compare] training {', '.join(r['label'] for r in runs)} "
+        print(f"[compare] training {', '.join(r.label for r in runs)} "
               f"({configs[0].training_tokens:,} tokens, one LM pass per batch)", flush=True)
         runner = _probed_multi_runner(lockstep_config(configs, runs, self.out, n_points),
                                       None if self.embedded_rows else self.dataset, self.model, probe)
@@ -233,12 +233,12 @@ class LanguageModelStudy:
         trained = {}
         for run, c in zip(runs, configs):
             name = slug(run)
-            points[name].append(training_rule_stats(saes[name], probe_x, batch, run["architecture"]))
-            trained[run["label"]] = trained_run(saes[name], seconds, c.training_tokens, len(runs),
+            points[name].append(training_rule_stats(saes[name], probe_x, batch, run.architecture))
+            trained[run.label] = trained_run(saes[name], seconds, c.training_tokens, len(runs),
                                                 Path(self.out / "saes" / name), batch, points[name], n_points)
         return trained
 
-    def evaluate(self, run: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, run: Run, trained: dict[str, Any]) -> dict[str, Any]:
         from sae_lens_allocation.analysis.steering import pick_latents, steering_effects
 
         ev = self.cfg["eval"]
@@ -246,7 +246,7 @@ class LanguageModelStudy:
         acts = rm.activation_sums(reconstruct, self.acts, self.keep, ev["batch_rows"])
         lm = rm.lm_sae_sums(self.model, self.ce_tokens, self.hook, reconstruct, self.special, ev["batch_rows"])
         rows = {"export": {**acts["rows"], **self.reference, **lm}}
-        if run["architecture"] == "gradient_topk":
+        if run.architecture == "gradient_topk":
             sae = trained["sae"]
             sae.eval()
             rows["gradient_selection"] = {**self.reference, **rm.lm_sae_sums(
@@ -258,7 +258,7 @@ class LanguageModelStudy:
             more = rm.activation_sums(reconstruct, extra["acts"], extra["keep"], ev["batch_rows"])
             fired, n_tokens = fired + more["fired"], n_tokens + float(extra["keep"].sum())
         shares = underused_share(fired, n_tokens, ev["underused_tau"], ev["fit_fraction"])
-        latents = pick_latents(acts["fired"], ev["steering_latents"], run["seed"])
+        latents = pick_latents(acts["fired"], ev["steering_latents"], run.seed)
         steer = steering_effects(self.model, self.tokens[: ev["steering_contexts"]], self.hook, export.W_dec.detach(),
                                  latents, self.alpha, self.special)
         return {

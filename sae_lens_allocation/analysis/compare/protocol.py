@@ -15,7 +15,7 @@ import torch
 
 from sae_lens_allocation.analysis import row_metrics as rm
 from sae_lens_allocation.analysis.compare.claims import length_check, measure_margins, summarise
-from sae_lens_allocation.analysis.compare.config import arm_setting, check_compare_config, make_run
+from sae_lens_allocation.analysis.compare.config import Run, arm_setting, check_compare_config, make_run
 from sae_lens_allocation.analysis.compare.heldout import sparsity_dead_share
 from sae_lens_allocation.analysis.compare.lm_study import LanguageModelStudy
 from sae_lens_allocation.analysis.compare.store import Record, RunStore, RunTensors
@@ -44,7 +44,7 @@ def _scalar_metrics(rows: dict[str, dict[str, torch.Tensor]], part: slice) -> di
     return out
 
 
-def _record(run: dict[str, Any], trained: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+def _record(run: Run, trained: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
     from sae_lens_allocation.analysis.evaluation import l0_distribution
 
     # The first eval.selection_rows rows choose the lr; the others are reported (config.py).
@@ -53,15 +53,15 @@ def _record(run: dict[str, Any], trained: dict[str, Any], evaluated: dict[str, A
     metrics.update(dead_share=evaluated["density"]["dead_share"], underused_share=evaluated["underused_share"],
                    **evaluated.get("scalars", {}))
     metrics.update({f"dead_share_below_{t}": v for t, v in evaluated["density"]["dead_share_below"].items()})
-    if run["k"]:
-        metrics["l0_relative_error"] = metrics["l0"] / run["k"] - 1
+    if run.k:
+        metrics["l0_relative_error"] = metrics["l0"] / run.k - 1
     if "steering_values" in evaluated:
         values = evaluated["steering_values"]
         metrics["steering"] = float(values.mean()) if values.numel() else None
     return {
-        "label": run["label"], "arm": run["arm"], "architecture": run["architecture"],
-        "export_architecture": evaluated["export_architecture"], "seed": run["seed"], "lr": run["lr"],
-        "k": run["k"], "d_sae": evaluated["d_sae"], "train_seconds": trained["seconds"],
+        "label": run.label, "arm": run.arm, "architecture": run.architecture,
+        "export_architecture": evaluated["export_architecture"], "seed": run.seed, "lr": run.lr,
+        "k": run.k, "d_sae": evaluated["d_sae"], "train_seconds": trained["seconds"],
         "train_tokens_per_s": trained["tokens_per_s"], "lockstep_arms": trained["lockstep_arms"],
         "sae_dir": str(trained["sae_dir"]), "metrics": metrics,
         "l0_per_token": l0_distribution(evaluated["l0_tokens"]), "density": evaluated["density"],
@@ -81,30 +81,30 @@ class Runs:
     records: dict[str, Record] = dataclasses.field(default_factory=dict)
     tensors: dict[str, RunTensors] = dataclasses.field(default_factory=dict)
 
-    def execute(self, runs: list[dict[str, Any]]) -> None:
+    def execute(self, runs: list[Run]) -> None:
         """Reuse the stored runs, then train and evaluate the others grouped by (seed, lr): one
         multi-SAE run each; then the study's data gains where each run's dead share read its
         tokens, in the order of `runs` (the same whether a run is fresh or reused)."""
-        groups: dict[tuple[int, Any], list[dict[str, Any]]] = {}
+        groups: dict[tuple[int, Any], list[Run]] = {}
         for run in runs:
-            if run["label"] in self.records:
+            if run.label in self.records:
                 continue
             stored = self.store.load(run)
             if stored is not None:
-                self.records[run["label"]], self.tensors[run["label"]] = stored
+                self.records[run.label], self.tensors[run.label] = stored
             else:
-                groups.setdefault((run["seed"], run["lr"]), []).append(run)
+                groups.setdefault((run.seed, run.lr), []).append(run)
         for group in groups.values():
             trained = self.study.train(group)
             for run in group:
-                evaluated = self.study.evaluate(run, trained[run["label"]])
+                evaluated = self.study.evaluate(run, trained[run.label])
                 tensors = RunTensors(evaluated["rows"], evaluated.get("steering_values"))
-                self.records[run["label"]] = self.store.save(run, _record(run, trained[run["label"]], evaluated),
+                self.records[run.label] = self.store.save(run, _record(run, trained[run.label], evaluated),
                                                              tensors)
-                self.tensors[run["label"]] = tensors
-                trained[run["label"]]["sae"] = None  # the training SAE is not needed any more
+                self.tensors[run.label] = tensors
+                trained[run.label]["sae"] = None  # the training SAE is not needed any more
         for run in runs:
-            source = self.records[run["label"]]["density_source"]
+            source = self.records[run.label]["density_source"]
             if source is not None:
                 info = {k: v for k, v in source.items() if k not in ("where", "seed")}
                 self.study.data.setdefault(source["where"], {})[source["seed"]] = info
@@ -146,7 +146,7 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
         runs = [make_run(cfg, e, seeds[0], lr, None) for lr in cfg["lr_values"] for e in entries]
         done.execute(runs)
         for e in entries:
-            scores = {lr: records[make_run(cfg, e, seeds[0], lr, None)["label"]]["selection"][metric]
+            scores = {lr: records[make_run(cfg, e, seeds[0], lr, None).label]["selection"][metric]
                       for lr in cfg["lr_values"]}
             lr_sweep[e["name"]] = scores
             best_lr[e["name"]] = max(scores, key=lambda lr: better * scores[lr])
@@ -158,26 +158,26 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
         done.execute(runs)
         for e in entries:
             ks = sorted({*cfg["k_values"], arm_setting(cfg, e, "k")})
-            k_sweep[e["name"]] = {f"{k:g}": make_run(cfg, e, seeds[0], best_lr[e["name"]], k)["label"] for k in ks}
+            k_sweep[e["name"]] = {f"{k:g}": make_run(cfg, e, seeds[0], best_lr[e["name"]], k).label for k in ks}
     # The margins' control runs: the baseline at its best lr on seeds no contrast uses.
     control = next(e for e in entries if e["name"] == cfg["baseline"])
     margin_runs = [make_run(cfg, control, s, best_lr[control["name"]], None) for s in cfg["margin_seeds"] or []]
     done.execute(margin_runs)
-    margins = measure_margins(cfg, [records[r["label"]] for r in margin_runs])
+    margins = measure_margins(cfg, [records[r.label] for r in margin_runs])
     # The control's L0 frontier on every main seed (frontier.py); its main-k run is one point.
     ks = sorted({*(cfg["frontier_k"] or []), arm_setting(cfg, control, "k")})
     frontier = [[make_run(cfg, control, s, best_lr[control["name"]], k) for k in ks] for s in seeds] \
         if cfg["frontier_k"] else []
     done.execute([r for runs in frontier for r in runs])
-    frontier_labels = [[r["label"] for r in runs] for runs in frontier]
-    main_labels = {arm: [r["label"] for r in runs] for arm, runs in main.items()}
+    frontier_labels = [[r.label for r in runs] for runs in frontier]
+    main_labels = {arm: [r.label for r in runs] for arm, runs in main.items()}
     summary = summarise(cfg, records, main_labels, margins, frontier_labels)
     length: dict[str, Any] = {}
     if cfg["length_check"]:
         longer = {e["name"]: [make_run(cfg, e, s, best_lr[e["name"]], None, cfg["length_check"]) for s in seeds]
                   for e in entries}
         done.execute([r for s in range(len(seeds)) for runs in longer.values() for r in runs[s:s + 1]])
-        length = length_check(cfg, records, {arm: [r["label"] for r in runs] for arm, runs in longer.items()},
+        length = length_check(cfg, records, {arm: [r.label for r in runs] for arm, runs in longer.items()},
                               summary)
     result: dict[str, Any] = {
         "source": cfg["source"], "seeds": seeds, "baseline": cfg["baseline"], "data": study.data,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_allocation.analysis.compare.config import slug
+from sae_lens_allocation.analysis.compare.config import Run, slug
 
 Record = dict[str, Any]
 
@@ -43,11 +43,11 @@ class RunStore:
                                    "versions": {"sae_lens": sae_lens.__version__, "torch": torch.__version__}},
                                   sort_keys=True, default=str)
 
-    def key(self, run: dict[str, Any]) -> str:
-        text = json.dumps({"run": run, "context": self.context}, sort_keys=True, default=str)
+    def key(self, run: Run) -> str:
+        text = json.dumps({"run": dataclasses.asdict(run), "context": self.context}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def load(self, run: dict[str, Any]) -> tuple[Record, RunTensors] | None:
+    def load(self, run: Run) -> tuple[Record, RunTensors] | None:
         """The stored record and tensors of `run`, or None where none is stored under its key."""
         path = self.folder / f"{slug(run)}.json"
         if not path.exists() or not (self.folder / f"{slug(run)}.pt").exists():
@@ -58,7 +58,7 @@ class RunStore:
         tensors = torch.load(self.folder / f"{slug(run)}.pt")
         return stored["record"], RunTensors(tensors["rows"], tensors["steering"])
 
-    def save(self, run: dict[str, Any], record: Record, tensors: RunTensors) -> Record:
+    def save(self, run: Run, record: Record, tensors: RunTensors) -> Record:
         """Store a finished run (tensors first: a record on disk means the run is complete) and
         return the record as a reload gives it (JSON keys are strings), so a fresh and a resumed
         comparison hold the same records."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from sae_lens_allocation.analysis import row_metrics as rm
-from sae_lens_allocation.analysis.compare.config import make_run, run_config
+from sae_lens_allocation.analysis.compare.config import Run, make_run, run_config
 from sae_lens_allocation.analysis.compare.heldout import (
     load_export,
     run_gap,
@@ -69,7 +69,7 @@ class SyntheticStudy:
         bs = self.first.batch_size
         return torch.cat([b for b, _ in zip(synthetic_batches(self.model, bs, seed), range(math.ceil(n / bs)))])[:n]
 
-    def train(self, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def train(self, runs: list[Run]) -> dict[str, dict[str, Any]]:
         import dataclasses
 
         from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
@@ -82,33 +82,33 @@ class SyntheticStudy:
         for run in runs:
             rcfg = run_config(self.cfg, run, self.out)
             rcfg.sae.d_in = self.model.cfg.hidden_dim
-            print(f"[compare] training {run['label']} ({rcfg.training_samples:,} samples)", flush=True)
-            torch.manual_seed(run["seed"])
-            sae = SAE_TRAINING_CLASS_REGISTRY[run["architecture"]][0](rcfg.sae)
+            print(f"[compare] training {run.label} ({rcfg.training_samples:,} samples)", flush=True)
+            torch.manual_seed(run.seed)
+            sae = SAE_TRAINING_CLASS_REGISTRY[run.architecture][0](rcfg.sae)
             if hasattr(sae, "set_calibration_source"):
-                sae.set_calibration_source(synthetic_batches(self.model, rcfg.batch_size, run["seed"] + 1))
+                sae.set_calibration_source(synthetic_batches(self.model, rcfg.batch_size, run.seed + 1))
             points: list[dict[str, float]] = []
 
-            def probe(checkpoint_path: Path | None, sae: Any = sae, arch: str = run["architecture"],
+            def probe(checkpoint_path: Path | None, sae: Any = sae, arch: str = run.architecture,
                       bs: int = rcfg.batch_size) -> None:
                 points.append(training_rule_stats(sae, probe_x, bs, arch))
 
             tcfg = dataclasses.replace(rcfg.to_sae_trainer_config(), n_checkpoints=n_points - 1, checkpoint_path=None)
             trainer = SAETrainer(cfg=tcfg, sae=sae, save_checkpoint_fn=probe,
-                                 data_provider=synthetic_batches(self.model, rcfg.batch_size, run["seed"]))
+                                 data_provider=synthetic_batches(self.model, rcfg.batch_size, run.seed))
             start = time.perf_counter()
             training_sae = trainer.fit()
             seconds = time.perf_counter() - start
-            points.append(training_rule_stats(training_sae, probe_x, rcfg.batch_size, run["architecture"]))
+            points.append(training_rule_stats(training_sae, probe_x, rcfg.batch_size, run.architecture))
             sae_dir = Path(rcfg.output_path)
             sae_dir.mkdir(parents=True, exist_ok=True)
             training_sae.save_inference_model(str(sae_dir))
             save_file({"sparsity": trainer.log_feature_sparsity}, str(sae_dir / "sparsity.safetensors"))
-            trained[run["label"]] = trained_run(training_sae, seconds, rcfg.training_samples, 1, sae_dir,
+            trained[run.label] = trained_run(training_sae, seconds, rcfg.training_samples, 1, sae_dir,
                                                 rcfg.batch_size, points, n_points)
         return trained
 
-    def evaluate(self, run: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, run: Run, trained: dict[str, Any]) -> dict[str, Any]:
         from sae_lens.synthetic import eval_sae_on_synthetic_data
 
         ev = self.cfg["eval"]
