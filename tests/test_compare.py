@@ -261,6 +261,9 @@ def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
     assert ev["verdict"] == (INCONCLUSIVE if expected in (BETTER, WORSE) and ev["p_adjusted"] >= 0.05 else expected)
     for run in result["runs"].values():
         assert run["density"]["tokens"] == 4096
+    claimed = {m["metric"] for m in c["metrics"] if m["metric"].endswith("_at_matched_l0")}
+    assert claimed | set(c["off_frontier"]) == {"explained_variance_at_matched_l0", "mcc_at_matched_l0"}
+    assert not claimed & set(c["off_frontier"])
     matched = next(m for m in c["metrics"] if m["metric"] == "explained_variance_at_matched_l0")
     for s, label in enumerate(result["main"]["fc-uniform"]):
         run = result["runs"][label]["metrics"]

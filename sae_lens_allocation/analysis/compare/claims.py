@@ -57,21 +57,23 @@ def _arm_summary(recs: list[Record]) -> dict[str, Any]:
 
 
 def _matched_rows(cfg: dict[str, Any], arm: list[Record], frontier: list[list[Record]],
-                  margins: dict[str, Any]) -> list[dict[str, Any]]:
-    """The claims at matched sparsity of an arm against the control's frontier (frontier.py)."""
-    rows = []
+                  margins: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The claims at matched sparsity of an arm against the control's frontier (frontier.py), and
+    the metrics left out because the arm's L0 lies outside the frontier on some seed."""
+    rows, off = [], []
     for metric, better in MATCHED_METRICS:
         if metric not in dict((m, b) for m, _, b in _claim_metrics(cfg["source"])):
             continue
         values = matched_values(arm, frontier, metric)
         if values is None:
+            off.append(metric + MATCHED_SUFFIX)
             continue
         margin = margins["metrics"].get(metric, {}).get("margin")
         out = st.paired_seed_difference(values["arm"], values["control"])
         rows.append({**out, "metric": metric + MATCHED_SUFFIX, "better": better, "margin": margin,
                      "p_beyond_margin": st.beyond_margin_p(out["diff"], out["se"], out["n_seeds"], margin),
                      "verdict": st.verdict(out["diff"], out["low"], out["high"], better, margin), "matched": values})
-    return rows
+    return rows, off
 
 
 def summarise(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, list[str]],
@@ -83,7 +85,8 @@ def summarise(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, l
     arms = {arm: _arm_summary([records[label] for label in labels]) for arm, labels in main.items()}
     contrasts = []
     for c in cfg["contrasts"]:
-        rows = []
+        rows: list[dict[str, Any]] = []
+        off: list[str] = []
         for metric, base_metric, better in _claim_metrics(cfg["source"]):
             m = margins["metrics"].get(base_metric, {}).get("margin")
             row = contrast([records[x] for x in main[c["arm"]]], [records[x] for x in main[c["against"]]], metric,
@@ -91,10 +94,12 @@ def summarise(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, l
             if row is not None:
                 rows.append(row)
         if frontier and c["against"] == cfg["baseline"]:
-            rows += _matched_rows(cfg, [records[x] for x in main[c["arm"]]],
-                                  [[records[x] for x in labels] for labels in frontier], margins)
+            matched, off = _matched_rows(cfg, [records[x] for x in main[c["arm"]]],
+                                         [[records[x] for x in labels] for labels in frontier], margins)
+            rows += matched
         rows = [{**row, "role": "primary" if row["metric"] == c["primary"] else "secondary"} for row in rows]
-        contrasts.append({"arm": c["arm"], "against": c["against"], "primary": c["primary"], "metrics": rows})
+        contrasts.append({"arm": c["arm"], "against": c["against"], "primary": c["primary"], "metrics": rows,
+                          "off_frontier": off})
     primary = [row for c in contrasts for row in c["metrics"]
                if row["role"] == "primary" and row["p_beyond_margin"] is not None]
     for row, adjusted in zip(primary, st.benjamini_hochberg([row["p_beyond_margin"] for row in primary])):

@@ -88,7 +88,9 @@ def matched_table(result: dict[str, Any]) -> str:
     """The claims at matched sparsity: per seed the arm's L0, the control's value there and the L0
     the control needs to match the arm (frontier.py)."""
     rows = [(c, m) for c in result["summary"]["contrasts"] for m in c["metrics"] if "matched" in m]
-    if not rows:
+    off = [f"{c['arm']} ({', '.join(c['off_frontier'])})" for c in result["summary"]["contrasts"]
+           if c.get("off_frontier")]
+    if not rows and not off:
         return ""
     ks = sorted({result["runs"][label]["k"] for labels in result["frontier"] for label in labels})
     lines = [f"The control `{result['baseline']}` on every seed at k = {', '.join(f'{k:g}' for k in ks)}; its "
@@ -101,6 +103,9 @@ def matched_table(result: dict[str, Any]) -> str:
         lines.append(f"| {c['arm']} | {m['metric']} | {', '.join(f'{x:.2f}' for x in v['arm_l0'])} | "
                      f"{', '.join(f'{x:.4f}' for x in v['arm'])} | {', '.join(f'{x:.4f}' for x in v['control'])} | "
                      f"{', '.join(_num(x, '.2f') for x in v['control_l0_needed'])} |")
+    if off:
+        lines += ["", "No claim at matched sparsity where an arm's L0 lies outside the control's frontier on some "
+                  "seed (no extrapolation): " + "; ".join(off) + "."]
     return "\n".join(lines)
 
 
