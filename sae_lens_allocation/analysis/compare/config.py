@@ -56,7 +56,8 @@ _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_split": "train",
     "heldout_skip_rows": 0,
     "selection_rows": 0,           # the first held-out rows (synthetic: blocks) that choose the lr and
-                                   # are not reported; 0: the lr is chosen on the reported rows
+                                   # no row metric reports (synthetic MCC and F1 still read every
+                                   # held-out sample); 0: the lr is chosen on the reported rows
 }
 _EVAL_INT_MIN = {"batch_rows": 1, "ce_rows": 1, "samples": 1, "block_samples": 1, "density_samples": 1,
                  "steering_latents": 1, "steering_contexts": 1, "convergence_points": 2,
