@@ -87,7 +87,9 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
             assert tokens == sorted(tokens) and tokens[-1] == 8 * 256 and len(tokens) == 4
             assert run["density"]["tokens"] == result["data"]["heldout_tokens"]
             assert 0 <= run["metrics"]["dead_share"] <= run["metrics"]["underused_share"] <= 1
-            assert run["metrics"]["steering"] >= 0
+            assert run["metrics"]["steering"] >= 0 and run["metrics"]["steering_x2"] >= 0
+            assert run["metrics"]["steering_over_random"] == pytest.approx(
+                run["metrics"]["steering"] / saved["data"]["steering_random"])
     # beta = 0 with aux_k is SAELens TopK on the same data: the control equals the baseline exactly
     topk, g0 = (saved["summary"]["arms"][a]["metrics"] for a in ("topk", "g-beta0"))
     for m in ("explained_variance", "ce_with_sae", "dead_share"):
@@ -106,8 +108,8 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
     assert g0_vs_topk["ce_with_sae"]["margin"] > 0
     assert g0_vs_topk["ce_with_sae"]["verdict"] == EQUIVALENT
     report = (out / "report.md").read_text()
-    for section in ("Main results", "## Verdicts", "## Margins", "Anneal diagnostic", "gradient selection",
-                    "Learning-rate sweep", "k sweep"):
+    for section in ("Main results", "## Verdicts", "## Margins", "Anneal diagnostic", "## Steering",
+                    "gradient selection", "Learning-rate sweep", "k sweep"):
         assert section in report
     for plot in ("l0_histogram.png", "log_density.png", "metrics_vs_l0.png"):
         assert (out / plot).stat().st_size > 0

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sae_lens_allocation.analysis import row_metrics as rm
 from sae_lens_allocation.analysis import statistics as stats
-from sae_lens_allocation.analysis.steering import pick_latents, steering_effects
+from sae_lens_allocation.analysis.steering import pick_latents, random_directions, steering_effects
 from sae_lens_allocation.tokens import keep_mask
 
 import support
@@ -199,3 +199,9 @@ def test_steering_effects_are_zero_without_a_push_and_grow_with_it(tiny_model):
     picked = pick_latents(fired, 2, seed=0)
     assert len(picked) == 2 and set(picked.tolist()) <= {1, 3, 4}
     assert set(pick_latents(fired, 10, seed=0).tolist()) == {1, 3, 4}
+
+
+def test_random_directions_are_unit_vectors_fixed_by_their_seed():
+    v = random_directions(5, 16, seed=3)
+    assert v.shape == (5, 16) and torch.allclose(v.norm(dim=-1), torch.ones(5))
+    assert torch.equal(v, random_directions(5, 16, seed=3)) and not torch.equal(v, random_directions(5, 16, seed=4))

@@ -11,7 +11,9 @@ same alpha for every SAE); the latent's effect is
 
 (predictions of special tokens not scored). Contexts are held-out rows, the same for every SAE;
 latents are drawn uniformly at random among those that fire on held-out text (a dead latent's
-direction is whatever initialisation left).
+direction is whatever initialisation left). Controls for reading it: the same effect for random
+unit directions (Gaussian, normalised) at the same alpha, and the effect at several multiples of
+alpha (dose-response).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ def pick_latents(fired: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     alive = torch.nonzero(fired > 0).flatten()
     g = torch.Generator().manual_seed(seed)
     return alive[torch.randperm(alive.numel(), generator=g)[:n]].sort().values
+
+
+def random_directions(n: int, d: int, seed: int) -> torch.Tensor:
+    """n random unit directions in R^d (Gaussian, normalised), fixed by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, d, generator=g)
+    return v / v.norm(dim=-1, keepdim=True)
 
 
 @torch.no_grad()

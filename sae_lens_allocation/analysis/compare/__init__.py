@@ -69,7 +69,7 @@ read; other language-model sources: the held-out tokens; synthetic: fresh sample
 log10-density histogram and the shares below densities 1e-6 and 1e-5, the underused share
 (p_j < tau * p_hat_j under the Zipf fit of losses.fit_zipf, dead included; a diagnostic without a
 verdict), the exported-vs-training gap, steering (analysis/steering.py; a diagnostic without a
-verdict), MCC and per-latent F1 (synthetic, sae_lens.synthetic), training tokens/s.
+verdict, with random unit directions at the same alpha and the latents at 0.5 and 2 alpha), MCC and per-latent F1 (synthetic, sae_lens.synthetic), training tokens/s.
 gradient_topk arms are evaluated twice: the plain-TopK export, and gradient selection on the
 held-out text (teacher forcing: g = d(sum next-token CE)/dx on the clean text).
 """

@@ -21,8 +21,9 @@ _LM = ("language_model",)
 # The metrics a contrast can claim: (metric of the arm, metric of the control it is paired with,
 # better: +1 higher is better, -1 lower, sources). Gradient selection at evaluation is paired
 # with the control's plain export. Diagnostics without a claim: the underused share (it scores
-# the Zipf prior that aux_zipf and Zipf capacities impose) and steering (no random-direction
-# baseline or dose-response yet, so a larger effect need not mean a better latent).
+# the Zipf prior that aux_zipf and Zipf capacities impose) and steering (reported with a
+# random-direction baseline and a dose-response, but a larger effect need not mean a better
+# latent: a direction off the data manifold also moves the output).
 CLAIM_METRICS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
     ("explained_variance", "explained_variance", 1, SOURCES),
     ("ce_with_sae", "ce_with_sae", -1, _LM),

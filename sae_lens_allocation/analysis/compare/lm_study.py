@@ -20,6 +20,7 @@ from sae_lens_allocation.analysis.compare.heldout import (
     training_rule_stats,
     underused_share,
 )
+from sae_lens_allocation.analysis.steering import pick_latents, random_directions, steering_effects
 from sae_lens_allocation.tokens import keep_mask, special_token_ids
 from sae_lens_allocation.yaml_config import ConfigError
 
@@ -51,6 +52,8 @@ def hub_heldout_rows(path: str, split: str, skip_rows: int, n_rows: int, context
 
 
 # Runner fields that may differ between the arms of a lockstep run.
+# Multiples of alpha besides 1 for the steering dose-response: three norms in all.
+STEERING_DOSES = (0.5, 2.0)
 _PER_RUN_FIELDS = ("sae", "output_path", "checkpoint_path", "logger")
 
 
@@ -150,9 +153,16 @@ class LanguageModelStudy:
         # the gap and of the convergence probes.
         self.x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).to(x.device)]
         self.alpha = ev["steering_scale"] * float(x.norm(dim=-1).mean())
+        # The steering metric's control: random unit directions at the same alpha, the same for
+        # every run (analysis/steering.py).
+        contexts = self.tokens[: ev["steering_contexts"]]
+        random = random_directions(ev["steering_latents"], x.shape[-1], 0).to(x.device)
+        self.steering_random = float(steering_effects(model, contexts, self.hook, random,
+                                                      torch.arange(random.shape[0]), self.alpha, self.special).mean())
         self.data = {"heldout_tokens_sha256": tensor_sha256(self.tokens), "heldout_rows": n_rows,
                      "heldout_tokens": int(self.keep.sum()), "ce_rows": int(self.ce_tokens.shape[0]),
-                     "model": first.model_name, "hook_name": self.hook, "steering_alpha": self.alpha}
+                     "model": first.model_name, "hook_name": self.hook, "steering_alpha": self.alpha,
+                     "steering_random": self.steering_random}
         # The embedded corpus: each seed's runner builds that seed's rows (module docstring).
         self.embedded_rows = override_dataset is None and first.dataset_path == EMBEDDED
         self.seed_rows = {seed: dataset if seed == first.seed or not self.embedded_rows
@@ -239,8 +249,6 @@ class LanguageModelStudy:
         return trained
 
     def evaluate(self, run: Run, trained: dict[str, Any]) -> dict[str, Any]:
-        from sae_lens_allocation.analysis.steering import pick_latents, steering_effects
-
         ev = self.cfg["eval"]
         export, reconstruct = load_export(trained["sae_dir"], self.first.device)
         acts = rm.activation_sums(reconstruct, self.acts, self.keep, ev["batch_rows"])
@@ -259,10 +267,18 @@ class LanguageModelStudy:
             fired, n_tokens = fired + more["fired"], n_tokens + float(extra["keep"].sum())
         shares = underused_share(fired, n_tokens, ev["underused_tau"], ev["fit_fraction"])
         latents = pick_latents(acts["fired"], ev["steering_latents"], run.seed)
-        steer = steering_effects(self.model, self.tokens[: ev["steering_contexts"]], self.hook, export.W_dec.detach(),
-                                 latents, self.alpha, self.special)
+        contexts = self.tokens[: ev["steering_contexts"]]
+        steer = steering_effects(self.model, contexts, self.hook, export.W_dec.detach(), latents, self.alpha,
+                                 self.special)
+        # Dose-response: the same latents at multiples of alpha (analysis/steering.py).
+        dose = {f"steering_x{m:g}": float(steering_effects(self.model, contexts, self.hook, export.W_dec.detach(),
+                                                           latents, m * self.alpha, self.special).mean())
+                for m in STEERING_DOSES if latents.numel()}
+        if latents.numel():
+            dose["steering_over_random"] = float(steer.mean()) / self.steering_random
         return {
             "rows": rows, "steering_values": steer, "l0_tokens": acts["l0_tokens"], "density_source": source,
+            "scalars": dose,
             "selection_rows": ev["selection_rows"],
             "density": rm.density_stats(fired, n_tokens),
             "underused_share": shares["underused_share"], "gap": run_gap(run, trained, export, self.x),

@@ -109,6 +109,23 @@ def matched_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def steering_table(result: dict[str, Any]) -> str:
+    """The steering diagnostic with its controls: the effect at 0.5, 1 and 2 times alpha, and over
+    random unit directions at alpha (analysis/steering.py)."""
+    rows = [(arm, s["metrics"]) for arm, s in result["summary"]["arms"].items()
+            if "steering_over_random" in s["metrics"]]
+    if not rows:
+        return ""
+    lines = [f"Random unit directions at alpha: KL {result['data']['steering_random']:.4f}. Mean ± sd over seeds; "
+             "a diagnostic without a verdict.", "",
+             "| arm | KL at 0.5 alpha | KL at alpha | KL at 2 alpha | over random directions |",
+             "|---|---|---|---|---|"]
+    for arm, m in rows:
+        lines.append(f"| {arm} | {_pm(m.get('steering_x0.5'), 4)} | {_pm(m.get('steering'), 4)} | "
+                     f"{_pm(m.get('steering_x2'), 4)} | {_pm(m['steering_over_random'], 2)} |")
+    return "\n".join(lines)
+
+
 def anneal_table(result: dict[str, Any]) -> str:
     lines = ["| arm | tokens (last two) | EV change per seed | EV seed sd | dead change per seed | dead seed sd |",
              "|---|---|---|---|---|---|"]
@@ -292,7 +309,8 @@ def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> 
               "## Main results (mean ± sd over seeds)", "", main_table(result), "",
               "dead: latents that never fired on the tokens counted; p < 1e-5: firing density below 1e-5. "
               "* diagnostics without a verdict: the underused share scores the Zipf prior that aux_zipf and "
-              "Zipf capacities impose, and the steering KL has no random-direction baseline or dose-response.",
+              "Zipf capacities impose, and the steering KL is not yet validated as evidence (its random-direction "
+              "and dose-response controls are under Steering).",
               "",
               "## Verdicts", "", verdict_table(result), "",
               "D is arm minus control averaged over the seeds, its interval the 95% paired t interval over "
@@ -306,6 +324,7 @@ def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> 
               "The change of the training rule's EV and dead share between its last two evaluations, beside "
               "the seed sd of the final value; a diagnostic, not a convergence test.", "", anneal_table(result), ""]
     for title, text in (("Matched sparsity (along the control's L0 frontier)", matched_table(result)),
+                        ("Steering (diagnostic, with its controls)", steering_table(result)),
                         ("Length check (do the verdicts survive longer training?)", length_tables(result)),
                         ("g-SAE: plain export vs gradient selection at evaluation", gradient_table(result)),
                         ("Learning-rate sweep", lr_table(result)), ("k sweep", k_table(result))):
