@@ -63,16 +63,16 @@ same for every run: all rows of the embedded model's held-out split (or `eval.he
 rows), or `eval.samples` synthetic samples from a seed no run trains or calibrates on.
 
 Metrics: analysis/row_metrics.py (EV, CE with the SAE, CE recovered, KL, L0; special tokens
-excluded), the export's dead share over `eval.density_samples` tokens (all held-out tokens, then
-on the embedded corpus rows of train-split files neither training nor calibration of that seed
-read; other language-model sources: the held-out tokens; synthetic: fresh samples) with the
-log10-density histogram and the shares below densities 1e-6 and 1e-5, the underused share
-(p_j < tau * p_hat_j under the Zipf fit of losses.fit_zipf, dead included; a diagnostic without a
-verdict), the exported-vs-training gap, steering (analysis/steering.py; a diagnostic without a
-verdict, with random unit directions at the same alpha and the latents at 0.5 and 2 alpha), MCC and per-latent F1 (synthetic, sae_lens.synthetic), training tokens/s.
-gradient_topk arms are evaluated twice: the plain-TopK export, and gradient selection on the
-held-out text (teacher forcing: g = d(sum next-token CE)/dx on the clean text).
-"""
+excluded), the export's dead share over `eval.density_samples` tokens (all held-out tokens, then on
+the embedded corpus rows of train-split files neither training nor calibration of that seed read;
+other language-model sources: the held-out tokens; synthetic: fresh samples) with the log10-density
+histogram and the shares below densities 1e-6 and 1e-5, the underused share (p_j < tau * p_hat_j
+under the Zipf fit of losses.fit_zipf, dead included; a diagnostic without a verdict), the
+exported-vs-training gap, steering (analysis/steering.py; a diagnostic without a verdict, with
+random unit directions at the same alpha and the latents at 0.5 and 2 alpha), MCC and per-latent F1
+(synthetic, sae_lens.synthetic), training tokens/s. gradient_topk arms are evaluated twice: the
+plain-TopK export, and gradient selection on the held-out text (teacher forcing: g = d(sum
+next-token CE)/dx on the clean text). """
 
 from sae_lens_allocation.analysis.compare.config import check_compare_config
 from sae_lens_allocation.analysis.compare.heldout import (
