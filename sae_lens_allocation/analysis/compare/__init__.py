@@ -72,7 +72,8 @@ exported-vs-training gap, steering (analysis/steering.py; a diagnostic without a
 random unit directions at the same alpha and the latents at 0.5 and 2 alpha), MCC and per-latent F1
 (synthetic, sae_lens.synthetic), training tokens/s. gradient_topk arms are evaluated twice: the
 plain-TopK export, and gradient selection on the held-out text (teacher forcing: g = d(sum
-next-token CE)/dx on the clean text). """
+next-token CE)/dx on the clean text).
+"""
 
 from sae_lens_allocation.analysis.compare.config import check_compare_config
 from sae_lens_allocation.analysis.compare.heldout import (
