@@ -98,6 +98,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    from sae_lens_allocation.analysis.probing import format_probe_table, probe_export
+
+    check_device("--device", args.device)
+    result = probe_export(args.sae_dir, model=args.model, n_train_tokens=args.n_train_tokens,
+                          n_test_tokens=args.n_test_tokens, seed=args.seed, device=args.device)
+    print(format_probe_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"probe results written to {args.json}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sae_lens_allocation.demo import run_demo
 
@@ -157,6 +173,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _cmd_train,
     "cache": _cmd_cache,
     "eval": _cmd_eval,
+    "probe": _cmd_probe,
     "demo": _cmd_demo,
     "dashboard": _cmd_dashboard,
     "compare": _cmd_compare,

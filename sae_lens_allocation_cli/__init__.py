@@ -170,6 +170,25 @@ def _add_commands(sub: Any) -> None:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default=None, help="JSON output (default: SAE_DIR/eval.json)")
 
+    probe = sub.add_parser(
+        "probe",
+        help="sparse probing of Python code concepts on held-out files (top-1/2/5 latents vs raw and untrained)",
+        description="Per-token Python code concepts (keyword, name, string, comment, number, operator, "
+        "docstring, def body, indentation > 1) on the stdlib corpus: logistic probes on the top-k latents "
+        "chosen on train-split files, scored by balanced accuracy on held-out files, beside the same probe "
+        "on the raw hook activations (ceiling) and on an untrained SAE of the same shape (floor).",
+    )
+    probe.add_argument("sae_dir", help="exported SAE folder (or any SAELens SAE folder the plugin loads)")
+    probe.add_argument("--json", default=None, metavar="FILE", help="also write the full result as JSON")
+    probe.add_argument("--model", default=None,
+                       help="'embedded' or a TransformerLens name (default: the model in cfg.json's metadata)")
+    probe.add_argument("--n-train-tokens", type=_positive_int, default=32768,
+                       help="tokens of train-split files to choose latents and fit probes on (default %(default)s)")
+    probe.add_argument("--n-test-tokens", type=_positive_int, default=32768,
+                       help="tokens of held-out files to score on (default %(default)s)")
+    probe.add_argument("--seed", type=int, default=0, help="file order of the train split and the untrained SAE")
+    probe.add_argument("--device", default="cpu")
+
     demo = sub.add_parser(
         "demo", help="train, evaluate and visualise a Mutual Choice SAE on the embedded model, offline",
     )
