@@ -217,3 +217,68 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         assert torch.equal(torch.cat([ranks[0][i][2], ranks[1][i][2]]), leaf.grad)
         for r in range(2):
             assert torch.equal(ranks[r][i][1], single.cutoff)
+
+
+# --- the mutual_choice SAE with min_tokens_per_latent ----------------------------------------
+
+
+def _floored_sae(**fields):
+    from support import plugin_sae
+
+    return plugin_sae("mutual_choice", d_in=16, d_sae=64, k=4.0, b_enc_std=0.1, uneven_decoder=True,
+                      **fields)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2"])
+def test_a_bad_floor_is_refused_naming_the_field(value):
+    with pytest.raises(ValueError, match="min_tokens_per_latent") as error:
+        _floored_sae(min_tokens_per_latent=value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_batch_too_small_for_the_floor_is_refused_naming_the_field():
+    from sae_lens_allocation import MutualChoiceTrainingSAEConfig
+
+    cfg = MutualChoiceTrainingSAEConfig(d_in=16, d_sae=64, k=4.0, min_tokens_per_latent=2)
+    cfg.check_batch_tokens(32)  # floor(4 * 32) = 128 = 64 * 2
+    with pytest.raises(ValueError, match="min_tokens_per_latent=2 is not allowed.*m <= 1") as error:
+        cfg.check_batch_tokens(31)
+    assert "\n" not in str(error.value)
+
+
+def test_floor_zero_keeps_todays_sae():
+    plain, floored = _floored_sae(), _floored_sae(min_tokens_per_latent=0)
+    assert plain.state_dict().keys() == floored.state_dict().keys()
+
+
+def test_training_codes_are_the_floored_rule_and_the_export_keeps_the_floor(tmp_path):
+    from sae_lens import SAE
+
+    from sae_lens_allocation import calibrate
+    from sae_lens_allocation.saes.calibration import document_folds, feature_choice_thresholds
+
+    from support import training_step
+
+    sae = _floored_sae(min_tokens_per_latent=2)
+    x = torch.randn(128, 16, generator=torch.Generator().manual_seed(5))
+    output = training_step(sae, x)
+    assert torch.equal(output.feature_acts, floored_mutual_choice(output.hidden_pre, 4.0, 2).codes)
+    assert int(sae.floor_tokens) == 128
+    rows = torch.randn(2048, 16, generator=torch.Generator().manual_seed(6))
+    calibrate(sae, rows.view(64, 32, 16))
+    stats = sae.cfg.metadata.calibration
+    assert stats["in_sample_l0"] == pytest.approx(4.0, abs=0.01)
+    assert stats["floor_target_l0"] == pytest.approx(64 * 2 / 128)
+    # theta_j = min(theta, phi_j): at most one value below the floor's thresholds, phi_j
+    # computed as calibrate_thresholds does (sequences as documents, rows ordered by fold).
+    folds = document_folds(torch.arange(2048) // 32, 5, 0)
+    order = torch.argsort(folds, stable=True)
+    phi, _ = feature_choice_thresholds(sae._z_block(rows[order]), torch.full((64,), 2 / 128),
+                                       folds[order], 1 << 20)
+    theta = sae.threshold
+    assert bool((theta <= phi).all())
+    assert torch.unique(theta[theta < phi]).numel() == 1
+    sae.eval()
+    sae.save_inference_model(tmp_path)
+    exported = SAE.load_from_disk(tmp_path)
+    torch.testing.assert_close(exported.encode(rows), sae.encode(rows), rtol=1e-4, atol=1e-5)

@@ -113,7 +113,8 @@ def floor_budget(n_tokens: int, n_latents: int, k: float, floor: int) -> int:
 
 
 def floored_mutual_choice(pre_acts: torch.Tensor, k: float, floor: int) -> Allocation:
-    """Mutual Choice with a per-latent floor of m = `floor` tokens (project definition, issue 35):
+    """Mutual Choice with a per-latent floor of m = `floor` tokens (project definition,
+    docs/architectures.md#per-latent-floor):
 
         A = for every latent j, its m largest z_j down the batch (Feature Choice, capacity m)
         B = the R largest relu(z) over the entries outside A,   R = M - F m
