@@ -16,6 +16,8 @@ export is from the batch rule's large-batch limit (the SAE still trained at its 
     python benchmarks/calibration_grid.py                      # the docs' grid (54 runs)
     python benchmarks/calibration_grid.py --archs mc --ks 16 --hooks blocks.0.hook_resid_post \\
         --batches 512 --json out.json
+    python benchmarks/calibration_grid.py --archs fc-uniform-thresholds fc-zipf-thresholds \\
+        --batches 512                                          # training_rule: thresholds
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ ARCHS = {
     "mc": {"architecture": "mutual_choice", "aux_loss": "aux_k"},
     "fc-uniform": {"architecture": "feature_choice", "capacity": "uniform"},
     "fc-zipf": {"architecture": "feature_choice", "capacity": "zipf"},
+    # Feature Choice trained with its export's rule (no calibration) and Mutual Choice with a
+    # per-latent floor of one token (docs/architectures.md).
+    "fc-uniform-thresholds": {"architecture": "feature_choice", "capacity": "uniform",
+                              "training_rule": "thresholds"},
+    "fc-zipf-thresholds": {"architecture": "feature_choice", "capacity": "zipf",
+                           "training_rule": "thresholds"},
+    "mc-floor": {"architecture": "mutual_choice", "aux_loss": "aux_k", "min_tokens_per_latent": 1},
 }
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"]
 L0_BOUND, EV_BOUND = 0.05, 0.01

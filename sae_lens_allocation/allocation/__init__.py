@@ -43,7 +43,11 @@ M exist; FC: min(m_j, N) per latent before the relu), and among the entries equa
 those with the lowest index are kept: lowest flattened index for MC, lowest row for FC.
 `torch.topk` may keep other tied entries; the kept values are the same multiset.
 
-Layout: `rules` (the two rules and their dispatch), `cpu` (the candidate path and helpers shared
+Mutual Choice with a per-latent floor (`floored_mutual_choice`) is the two rules in sequence:
+Feature Choice with capacity m for every latent, then Mutual Choice over the entries left; each
+step keeps its own tie rule (its docstring).
+
+Layout: `rules` (the rules and their dispatch), `cpu` (the candidate path and helpers shared
 by every path), `static` (the static-shape path for accelerators), `capacities` (Feature Choice
 capacities and Zipf ranks), `global_merge` (the same rules over a batch split across processes).
 """
@@ -60,7 +64,14 @@ from sae_lens_allocation.allocation.global_merge import (
     Candidates,
     DataParallelError,
 )
-from sae_lens_allocation.allocation.rules import Allocation, budget, feature_choice, mutual_choice
+from sae_lens_allocation.allocation.rules import (
+    Allocation,
+    budget,
+    feature_choice,
+    floor_budget,
+    floored_mutual_choice,
+    mutual_choice,
+)
 
 __all__ = [
     "SINGLE_PROCESS",
@@ -70,6 +81,8 @@ __all__ = [
     "DataParallelError",
     "budget",
     "feature_choice",
+    "floor_budget",
+    "floored_mutual_choice",
     "mutual_choice",
     "ranks_from_frequency",
     "uniform_capacities",

@@ -46,7 +46,16 @@ from sae_lens_allocation.allocation.cpu import (
     _feature_choice_pick,
     _mutual_choice_pick,
 )
-from sae_lens_allocation.allocation.rules import Allocation, budget, feature_choice, mutual_choice
+from sae_lens_allocation.allocation.rules import (
+    Allocation,
+    _floored,
+    _outside,
+    budget,
+    feature_choice,
+    floor_budget,
+    floored_mutual_choice,
+    mutual_choice,
+)
 from sae_lens_allocation.validation import one_line
 
 _T = TypeVar("_T")
@@ -313,7 +322,13 @@ class BatchGroup:
             raise ValueError(f"mutual_choice: k must be a number >= 0, got k={k!r}")
         n_latents = pre_acts.shape[-1]
         rows = self.row_counts(pre_acts.shape[:-1].numel(), pre_acts.device)
-        m = min(budget(sum(rows), k), sum(rows) * n_latents)
+        return self._mutual_choice_of_budget(
+            pre_acts, min(budget(sum(rows), k), sum(rows) * n_latents)
+        )
+
+    def _mutual_choice_of_budget(self, pre_acts: torch.Tensor, m: int) -> Allocation:
+        """Mutual Choice over the global batch with the budget given as a count (two or more
+        ranks); this rank's codes."""
         candidates = local_mutual_choice(pre_acts, m)
         # A list is shorter than min(M, n_r F) when the rank has fewer positive entries, which
         # only that rank knows: the lengths go first, then the values padded to the longest.
@@ -348,6 +363,21 @@ class BatchGroup:
         cutoff, kept = merge_feature_choice(gathered, counts, caps)
         codes = candidates.codes(pre_acts, feature_choice_keep(candidates, kept[self.rank]))
         return Allocation(codes=codes, cutoff=cutoff)
+
+    def floored_mutual_choice(self, pre_acts: torch.Tensor, k: float, floor: int) -> Allocation:
+        """Mutual Choice with a per-latent floor over the global batch (`allocation.rules`):
+        the global Feature Choice with capacity m, then the global Mutual Choice of the rest, so
+        exact as both are; this rank's codes."""
+        if self.world_size == 1:
+            return floored_mutual_choice(pre_acts, k, floor)
+        n_latents = pre_acts.shape[-1]
+        n_tokens = self.total_rows(pre_acts.shape[:-1].numel(), pre_acts.device)
+        rest_budget = floor_budget(n_tokens, n_latents, k, floor)
+        if floor == 0:
+            return self.mutual_choice(pre_acts, k)
+        chosen = self.feature_choice(pre_acts, torch.full((n_latents,), floor, dtype=torch.long))
+        rest = _outside(pre_acts, chosen)
+        return _floored(chosen, self._mutual_choice_of_budget(rest, rest_budget))
 
 
 #: The single-process group (every collective the identity).

@@ -19,6 +19,10 @@ chooses them) so the export keeps the training sparsity budget on unseen rows:
   theta_j^(-i)(a)} / N, equals the target sum_j q_j (= k). The exported thresholds are theta_j(a)
   on all N rows.
 
+- Mutual Choice with a per-latent floor of m tokens: theta_j = min(theta, phi_j), phi_j the
+  Feature Choice threshold of the floor (q_j = m / N_train), theta the Mutual Choice threshold
+  of the entries not above their phi_j (`floored_mutual_choice_thresholds`).
+
 The out-of-fold mean L0 is reported for both rules (for Mutual Choice as a diagnostic: one global
 quantile over N F entries has little sampling error). Thresholds are clamped at 0 (relu already
 zeroes negatives) and at the dtype's largest finite value where a latent must never fire (c_j = 0),
@@ -338,6 +342,43 @@ def feature_choice_thresholds(
         "out_of_fold_l0": float(l0[best]) if n_folds > 1 else None,
         "quantile_level": float(levels[best]),
         "folds": n_folds,
+    }
+
+
+@torch.no_grad()
+def floored_mutual_choice_thresholds(
+    z_block: ZBlock,
+    n_latents: int,
+    floor_fraction: float,
+    folds: torch.Tensor,
+    k: float,
+    budget: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Thresholds of Mutual Choice with a per-latent floor: theta_j = min(theta, phi_j).
+
+    phi_j, the floor's threshold: the Feature Choice thresholds with q_j = `floor_fraction` =
+    m / N_train for every latent (cross-fitted level, `feature_choice_thresholds`). theta, the
+    global one: the Mutual Choice threshold (`mutual_choice_threshold`) of z with every entry
+    above its phi_j raised to +inf, so the M = floor(k N) entries above it are the floor's
+    entries and the largest others: the export's mean L0 on the calibration rows is k, as the
+    training rule keeps k N entries per batch of N (the floor's first, then the largest)."""
+    floor, floor_stats = feature_choice_thresholds(
+        z_block, torch.full((n_latents,), floor_fraction, dtype=torch.float64), folds, budget, dtype
+    )
+    raised = torch.tensor(float("inf"))
+
+    def rest_block(latents: torch.Tensor) -> torch.Tensor:
+        z = z_block(latents)
+        phi = floor[latents].to(device=z.device, dtype=z.dtype)
+        return torch.where(z > phi, raised.to(z.device, z.dtype), z)
+
+    theta, stats = mutual_choice_threshold(rest_block, n_latents, folds, k, budget, dtype)
+    return torch.minimum(theta, floor), {
+        **stats,
+        "floor_target_l0": floor_stats["target_l0"],
+        "floor_out_of_fold_l0": floor_stats["out_of_fold_l0"],
+        "floor_quantile_level": floor_stats["quantile_level"],
     }
 
 
