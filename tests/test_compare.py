@@ -54,7 +54,7 @@ def _lm_config(tmp_path: Path) -> dict:
         "lr_values": [1e-3, 3e-3],
         "k_values": [2],
         "eval": {"heldout_rows": 16, "batch_rows": 4, "selection_rows": 4, "steering_latents": 4,
-                 "steering_contexts": 2, "probe_rows": 512},
+                 "steering_contexts": 2, "probe_rows": 512, "sparse_probe_tokens": 2048},
     }
 
 
@@ -107,7 +107,23 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
     # every seed gives D = 0, so the interval [0, 0] lies inside the measured margin
     assert g0_vs_topk["ce_with_sae"]["margin"] > 0
     assert g0_vs_topk["ce_with_sae"]["verdict"] == EQUIVALENT
+    # Sparse probing: a per-run claim metric; its floor and ceiling once per comparison.
+    probing = saved["probing"]
+    assert probing["k"] == 5 and probing["tokens"]["train"] == probing["tokens"]["test"] == 2048
+    assert 0 <= probing["floor"] <= 1 and 0 <= probing["ceiling"] <= 1
+    for arm in arms:
+        accuracy = saved["summary"]["arms"][arm]["metrics"]["sparse_probe_accuracy"]
+        assert accuracy["n"] == 2 and 0 <= accuracy["mean"] <= 1
+    for rows in contrasts.values():
+        probe = next(m for m in rows if m["metric"] == "sparse_probe_accuracy")
+        assert probe["role"] == "secondary" and probe["n_seeds"] == 2 and probe["better"] == 1
+    # Stability: per arm over the one pair of seeds, no claim.
+    stability = saved["summary"]["stability"]
+    assert set(stability["arms"]) == set(arms) and stability["arms"]["topk"]["pairs"] == 1
+    assert all("matched_share" not in m["metric"] for rows in contrasts.values() for m in rows)
     report = (out / "report.md").read_text()
+    assert "**Sparse probing**" in report and f"{probing['ceiling']:.3f}" in report
+    assert "**Stability across seeds**" in report and "no t verdict" in report
     for section in ("Main results", "## Verdicts", "## Margins", "Anneal diagnostic", "## Steering",
                     "gradient selection", "Learning-rate sweep", "k sweep"):
         assert section in report

@@ -1,5 +1,5 @@
 """The claims of a comparison (analysis/statistics.py gives every rule as a formula): per arm the
-mean +- sd of each metric over the main seeds; per contrast and claim metric (config.CLAIM_METRICS)
+mean +- sd of each metric over the main seeds; per contrast and claim metric (config.claim_metrics)
 the paired difference over seeds with its t interval, the margin measured on the control's margin
 seeds and the verdict; one primary metric per contrast, the others secondary; Benjamini-Hochberg
 over the primary claims of the whole table; the length check; the anneal diagnostic."""
@@ -9,21 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from sae_lens_allocation.analysis import statistics as st
-from sae_lens_allocation.analysis.compare.config import CLAIM_METRICS, MATCHED_METRICS
+from sae_lens_allocation.analysis.compare.config import MATCHED_METRICS, claim_metrics
 from sae_lens_allocation.analysis.compare.frontier import MATCHED_SUFFIX, matched_values
 
 Record = dict[str, Any]
-
-
-def _claim_metrics(source: str) -> list[tuple[str, str, int]]:
-    return [(m, base, better) for m, base, better, sources in CLAIM_METRICS if source in sources]
 
 
 def measure_margins(cfg: dict[str, Any], control: list[Record]) -> dict[str, Any]:
     """Per claim metric of the control: its values on the margin seeds and the margin
     `statistics.margin(values, n)`, n the number of main seeds."""
     metrics = {}
-    for _, base, _ in _claim_metrics(cfg["source"]):
+    for _, base, _ in claim_metrics(cfg):
         values = [r["metrics"].get(base) for r in control]
         if control and None not in values and base not in metrics:
             metrics[base] = {"values": values, "margin": st.margin(values, len(cfg["seeds"]))}
@@ -62,7 +58,7 @@ def _matched_rows(cfg: dict[str, Any], arm: list[Record], frontier: list[list[Re
     the metrics left out because the arm's L0 lies outside the frontier on some seed."""
     rows, off = [], []
     for metric, better in MATCHED_METRICS:
-        if metric not in dict((m, b) for m, _, b in _claim_metrics(cfg["source"])):
+        if metric not in dict((m, b) for m, _, b in claim_metrics(cfg)):
             continue
         values = matched_values(arm, frontier, metric)
         if values is None:
@@ -87,7 +83,7 @@ def summarise(cfg: dict[str, Any], records: dict[str, Record], main: dict[str, l
     for c in cfg["contrasts"]:
         rows: list[dict[str, Any]] = []
         off: list[str] = []
-        for metric, base_metric, better in _claim_metrics(cfg["source"]):
+        for metric, base_metric, better in claim_metrics(cfg):
             m = margins["metrics"].get(base_metric, {}).get("margin")
             row = contrast([records[x] for x in main[c["arm"]]], [records[x] for x in main[c["against"]]], metric,
                            base_metric, better, m)
@@ -116,7 +112,7 @@ def length_check(cfg: dict[str, Any], records: dict[str, Record], longer: dict[s
     """Per contrast and claim of the summary (matched-sparsity claims aside): the same claim on the
     runs trained `length_check` times longer on every seed (`longer`: arm -> runs in seed
     order), with the same margin; stable when its verdict is the main one before adjustment."""
-    pairs = {m: base for m, base, _ in _claim_metrics(cfg["source"])}
+    pairs = {m: base for m, base, _ in claim_metrics(cfg)}
     contrasts = []
     for c in summary["contrasts"]:
         rows = []

@@ -16,7 +16,7 @@ from sae_lens_allocation.yaml_config import ConfigError
 SOURCES = ("language_model", "synthetic")
 _TOP_KEYS = {"source", "output_dir", "seeds", "threads", "base", "architectures", "baseline",
              "contrasts", "lr_values", "k_values", "eval", "lockstep", "length_check", "margin_seeds",
-             "primary_metric", "frontier_k"}
+             "primary_metric", "frontier_k", "hierarchies"}
 _LM = ("language_model",)
 # The metrics a contrast can claim: (metric of the arm, metric of the control it is paired with,
 # better: +1 higher is better, -1 lower, sources). Gradient selection at evaluation is paired
@@ -33,9 +33,19 @@ CLAIM_METRICS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
     ("dead_share", "dead_share", -1, SOURCES),
     ("dead_share_below_1e-06", "dead_share_below_1e-06", -1, SOURCES),
     ("dead_share_below_1e-05", "dead_share_below_1e-05", -1, SOURCES),
+    ("sparse_probe_accuracy", "sparse_probe_accuracy", 1, _LM),
     ("mcc", "mcc", 1, ("synthetic",)),
     ("f1", "f1", 1, ("synthetic",)),
 )
+
+
+def claim_metrics(cfg: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(metric, control metric, better) of every claim of a comparison: CLAIM_METRICS of its source,
+    then the absorption on each of its hierarchies (`absorption_<name>`, lower is better)."""
+    out = [(m, base, better) for m, base, better, sources in CLAIM_METRICS if cfg["source"] in sources]
+    return out + [(f"absorption_{h['name']}",) * 2 + (-1,) for h in cfg.get("hierarchies") or []]
+
+
 # Metrics also claimed at matched sparsity (frontier.py), with their direction.
 MATCHED_METRICS = (("explained_variance", 1), ("ce_with_sae", -1), ("ce_recovered", 1), ("kl", -1), ("mcc", 1))
 _ARCH_KEYS = {"name", "architecture", "sae", "runner"}
@@ -56,13 +66,17 @@ _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_dataset_path": None,  # hub models: pretokenized held-out rows
     "heldout_split": "train",
     "heldout_skip_rows": 0,
+    "sparse_probe_tokens": 8192,   # language model: tokens of each split (train, test) of the top-5
+                                   # latent probes (analysis/probing.py); 0: no sparse probing
+    "absorption_samples": 16384,   # synthetic: samples per run and hierarchy for absorption
     "selection_rows": 0,           # the first held-out rows (synthetic: blocks) that choose the lr and
                                    # no row metric reports (synthetic MCC and F1 still read every
                                    # held-out sample); 0: the lr is chosen on the reported rows
 }
 _EVAL_INT_MIN = {"batch_rows": 1, "ce_rows": 1, "samples": 1, "block_samples": 1, "density_samples": 1,
                  "steering_latents": 1, "steering_contexts": 1, "convergence_points": 2,
-                 "probe_rows": 1, "heldout_skip_rows": 0, "selection_rows": 0}
+                 "probe_rows": 1, "heldout_skip_rows": 0, "selection_rows": 0, "sparse_probe_tokens": 0,
+                 "absorption_samples": 1}
 _LM_ONLY = ("gradient_topk",)
 
 
@@ -92,6 +106,34 @@ def _number_list(cfg: dict[str, Any], key: str) -> list[float] | None:
     ):
         raise ConfigError(f"{key}={values!r} is not allowed; use null or a list of distinct numbers > 0")
     return values
+
+
+def _check_hierarchies(value: Any, source: str) -> list[dict[str, Any]]:
+    """`hierarchies`: a list of {name, ...HierarchyConfig fields of sae_lens.synthetic}, each
+    checked by building the HierarchyConfig."""
+    from sae_lens.synthetic import HierarchyConfig
+
+    if value is None:
+        return []
+    usage = ("use a list of {name: NAME, total_root_nodes: ..., branching_factor: ..., max_depth: ...} "
+             "(sae_lens.synthetic HierarchyConfig fields) with distinct names")
+    if source != "synthetic":
+        raise ConfigError("hierarchies is not allowed with source: language_model; absorption is measured on "
+                          "synthetic hierarchies")
+    if not isinstance(value, list):
+        raise ConfigError(f"hierarchies={value!r} is not allowed; {usage}")
+    names = []
+    for i, h in enumerate(value):
+        h = _mapping(h, f"hierarchies[{i}]")
+        name = h.get("name")
+        if not isinstance(name, str) or not name or name in names or not name.replace("-", "_").isidentifier():
+            raise ConfigError(f"hierarchies[{i}].name={name!r} is not allowed; {usage} (letters, digits, _ and -)")
+        names.append(name)
+        try:
+            HierarchyConfig.from_dict({k: v for k, v in h.items() if k != "name"})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"hierarchies[{i}] ({name}): {one_line(err)}") from None
+    return value
 
 
 def _check_eval(ev: dict[str, Any], source: str) -> dict[str, Any]:
@@ -222,6 +264,7 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "baseline": baseline, "contrasts": contrasts, "lockstep": lockstep, "lr_values": lr_values,
         "k_values": k_values, "length_check": length, "eval": ev, "margin_seeds": margin_seeds,
         "primary_metric": primary, "frontier_k": frontier_k,
+        "hierarchies": _check_hierarchies(cfg.get("hierarchies"), source),
         "output_dir": str(cfg.get("output_dir") or "runs/compare"),
     }
     for entry in entries:

@@ -1,5 +1,6 @@
 """The language-model source of a comparison: held-out rows and their activations, lockstep
-multi-SAE training with convergence probes, and evaluation on the held-out text."""
+multi-SAE training with convergence probes, and evaluation on the held-out text (and sparse
+probing on the embedded corpus' concepts, feature_quality.SparseProbes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from sae_lens_allocation.analysis import row_metrics as rm
 from sae_lens_allocation.analysis.compare.config import Run, make_run, run_config, slug
+from sae_lens_allocation.analysis.compare.feature_quality import SparseProbes
 from sae_lens_allocation.analysis.compare.heldout import (
     load_export,
     run_gap,
@@ -178,7 +180,25 @@ class LanguageModelStudy:
                                                  for seed, rows in self.seed_rows.items()}
             self.data["train_dataset_rows"] = {seed: len(rows) for seed, rows in self.seed_rows.items()}
         self.data["density"] = {}
+        self.probes, self.probing = self._sparse_probes(), None
+        if self.probes is not None:
+            self.probing = self.probes.reference
         self._density: tuple[tuple[int, Any], dict[str, torch.Tensor] | None, dict[str, Any] | None] | None = None
+
+    def _sparse_probes(self) -> SparseProbes | None:
+        """The sparse probes (feature_quality.SparseProbes; seed 0 for every run) with the floor on
+        the baseline's untrained SAE; None where eval.sparse_probe_tokens is 0 or the tokenizer is
+        not fast (the concept labels need its character offsets)."""
+        from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+        n = self.cfg["eval"]["sparse_probe_tokens"]
+        if not n or not getattr(self.model.tokenizer, "is_fast", False):
+            return None
+        entry = next(e for e in self.cfg["architectures"] if e["name"] == self.cfg["baseline"])
+        sae_cfg = run_config(self.cfg, make_run(self.cfg, entry, self.cfg["seeds"][0], None, None), self.out).sae
+        with torch.random.fork_rng(devices=[]):
+            floor_sae = SAE_TRAINING_CLASS_REGISTRY[entry["architecture"]][0](sae_cfg)
+        return SparseProbes(self.model, self.hook, self.first.context_size, n, 0, floor_sae)
 
     def density_rows(self, run: Run) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
         """Activations and kept positions of the rows that extend the held-out tokens to
@@ -271,11 +291,14 @@ class LanguageModelStudy:
         steer = steering_effects(self.model, contexts, self.hook, export.W_dec.detach(), latents, self.alpha,
                                  self.special)
         # Dose-response: the same latents at multiples of alpha (analysis/steering.py).
-        dose = {f"steering_x{m:g}": float(steering_effects(self.model, contexts, self.hook, export.W_dec.detach(),
-                                                           latents, m * self.alpha, self.special).mean())
-                for m in STEERING_DOSES if latents.numel()}
+        dose: dict[str, float | None] = {
+            f"steering_x{m:g}": float(steering_effects(self.model, contexts, self.hook, export.W_dec.detach(),
+                                                       latents, m * self.alpha, self.special).mean())
+            for m in STEERING_DOSES if latents.numel()}
         if latents.numel():
             dose["steering_over_random"] = float(steer.mean()) / self.steering_random
+        if self.probes is not None:
+            dose["sparse_probe_accuracy"] = self.probes.accuracy(export)
         return {
             "rows": rows, "steering_values": steer, "l0_tokens": acts["l0_tokens"], "density_source": source,
             "scalars": dose,

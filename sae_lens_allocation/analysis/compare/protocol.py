@@ -16,6 +16,7 @@ import torch
 from sae_lens_allocation.analysis import row_metrics as rm
 from sae_lens_allocation.analysis.compare.claims import length_check, measure_margins, summarise
 from sae_lens_allocation.analysis.compare.config import Run, arm_setting, check_compare_config, make_run
+from sae_lens_allocation.analysis.compare.feature_quality import arm_stability, hierarchy_config
 from sae_lens_allocation.analysis.compare.heldout import sparsity_dead_share
 from sae_lens_allocation.analysis.compare.lm_study import LanguageModelStudy
 from sae_lens_allocation.analysis.compare.store import Record, RunStore, RunTensors
@@ -110,6 +111,29 @@ class Runs:
                 self.study.data.setdefault(source["where"], {})[source["seed"]] = info
 
 
+def hierarchy_runs(cfg: dict[str, Any], hierarchy: dict[str, Any], out: Path, runs: list[Run],
+                   records: dict[str, Record]) -> dict[str, Any]:
+    """`runs` (the main and margin runs) again on the synthetic model with `hierarchy`, stored in
+    out/hierarchy-<name>; each run's absorption there joins its main record's metrics as
+    `absorption_<name>` (a claim metric, config.claim_metrics), so it is paired by seed as the other
+    metrics are. These runs report no other claim, so their dead share reads `eval.samples` samples
+    rather than `eval.density_samples`."""
+    sub = hierarchy_config(cfg, hierarchy)
+    sub["eval"]["density_samples"] = sub["eval"]["samples"]
+    folder = out / f"hierarchy-{hierarchy['name']}"
+    study = SyntheticStudy(sub, folder)
+    done = Runs(study, RunStore(folder, sub, study.data))
+    again = [make_run(sub, next(e for e in sub["architectures"] if e["name"] == r.arm), r.seed, r.lr, None)
+             for r in runs]
+    done.execute(again)
+    for run, twin in zip(runs, again):
+        m = done.records[twin.label]["metrics"]
+        records[run.label]["metrics"][f"absorption_{hierarchy['name']}"] = m["absorption"]
+        records[run.label]["metrics"][f"main_silent_{hierarchy['name']}"] = m["main_silent"]
+    return {"folder": str(folder), "data": study.data,
+            "metrics": {r.label: done.records[r.label]["metrics"] for r in again}}
+
+
 def selection_metric(source: str) -> tuple[str, int]:
     """(metric, better) choosing an arm's lr: held-out CE with the SAE spliced in (language model),
     explained variance (synthetic)."""
@@ -163,7 +187,6 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
     control = next(e for e in entries if e["name"] == cfg["baseline"])
     margin_runs = [make_run(cfg, control, s, best_lr[control["name"]], None) for s in cfg["margin_seeds"] or []]
     done.execute(margin_runs)
-    margins = measure_margins(cfg, [records[r.label] for r in margin_runs])
     # The control's L0 frontier on every main seed (frontier.py); its main-k run is one point.
     ks = sorted({*(cfg["frontier_k"] or []), arm_setting(cfg, control, "k")})
     frontier = [[make_run(cfg, control, s, best_lr[control["name"]], k) for k in ks] for s in seeds] \
@@ -171,7 +194,11 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
     done.execute([r for runs in frontier for r in runs])
     frontier_labels = [[r.label for r in runs] for runs in frontier]
     main_labels = {arm: [r.label for r in runs] for arm, runs in main.items()}
+    hierarchies = {h["name"]: hierarchy_runs(cfg, h, out, [*(r for runs in main.values() for r in runs), *margin_runs],
+                                             records) for h in cfg["hierarchies"]}
+    margins = measure_margins(cfg, [records[r.label] for r in margin_runs])
     summary = summarise(cfg, records, main_labels, margins, frontier_labels)
+    summary["stability"] = arm_stability(records, main_labels)
     length: dict[str, Any] = {}
     if cfg["length_check"]:
         longer = {e["name"]: [make_run(cfg, e, s, best_lr[e["name"]], None, cfg["length_check"]) for s in seeds]
@@ -183,6 +210,7 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
         "source": cfg["source"], "seeds": seeds, "baseline": cfg["baseline"], "data": study.data,
         "selection": {"metric": metric, "better": better}, "best_lr": best_lr, "lr_sweep": lr_sweep,
         "k_sweep": k_sweep, "main": main_labels, "frontier": frontier_labels, "summary": summary,
+        "hierarchies": hierarchies, "probing": getattr(study, "probing", None),
         "length_check": length,
         "total_seconds": time.perf_counter() - start,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),

@@ -1,5 +1,6 @@
 """report.md and plots of a comparison (the compare package): the main table (mean +- sd over
-seeds), the verdicts with their intervals, margins and n, the measured margins, the anneal
+seeds), the verdicts with their intervals, margins and n, the measured margins, feature quality
+(stability, absorption, sparse probing), the anneal
 diagnostic and the length check, the lr and k sweeps,
 the two g-SAE protocols, per-token L0 and log-density histograms, and metrics against L0."""
 
@@ -124,6 +125,54 @@ def steering_table(result: dict[str, Any]) -> str:
         lines.append(f"| {arm} | {_pm(m.get('steering_x0.5'), 4)} | {_pm(m.get('steering'), 4)} | "
                      f"{_pm(m.get('steering_x2'), 4)} | {_pm(m['steering_over_random'], 2)} |")
     return "\n".join(lines)
+
+
+def feature_quality(result: dict[str, Any]) -> str:
+    """Stability per arm (a figure over seed pairs, no verdict), absorption per hierarchy and
+    sparse probing per arm (mean +- sd over seeds; their claims are in the verdict table)."""
+    arms = result["summary"]["arms"]
+    parts = []
+    stability = result["summary"].get("stability")
+    if stability:
+        pairs = int(next(iter(stability["arms"].values()))["pairs"])
+        lines = [f"**Stability across seeds** (analysis/stability.py): the share of latents whose decoder direction "
+                 f"has a partner at cosine >= {stability['threshold']:g} in the other seed's export, pooled over both "
+                 f"directions, mean and range over the {pairs} pairs of the {len(result['seeds'])} seeds; random "
+                 f"decoders of the same shape: {stability['random']['matched_share']:.3f}. A property of a set of "
+                 "seeds, so no t verdict: the seed pairs share seeds, their differences between arms are not "
+                 "independent, and disjoint pairs leave too few for an interval (compare/feature_quality.py).", "",
+                 "| arm | matched share | min | max | mean max cosine |", "|---|---|---|---|---|"]
+        for arm, st in stability["arms"].items():
+            lines.append(f"| {arm} | {st['matched_share']:.3f} | {st['matched_share_min']:.3f} | "
+                         f"{st['matched_share_max']:.3f} | {st['mean_max_cosine']:.3f} |")
+        parts.append("\n".join(lines))
+    for name in result.get("hierarchies") or {}:
+        model = result["config"]["base"]["synthetic_model"]  # the main model; the hierarchy is added to it
+        spec = next(x for x in result["config"]["hierarchies"] if x["name"] == name)
+        shape = ", ".join(f"{k} {v}" for k, v in spec.items() if k != "name")
+        samples = result["config"]["eval"]["absorption_samples"]
+        lines = [f"**Absorption on hierarchy `{name}`** ({shape} on the {model['num_features']}-feature model; "
+                 "analysis/absorption.py): every arm retrained on each seed at its best lr on the hierarchical data, "
+                 f"absorption over {samples:,} held-out samples; lower is better. Mean ± sd over seeds; the claims "
+                 f"are `absorption_{name}` in the verdict table.", "",
+                 "| arm | absorption | parent's latent silent |", "|---|---|---|"]
+        for arm, s in arms.items():
+            lines.append(f"| {arm} | {_pm(s['metrics'].get('absorption_' + name), 3)} | "
+                         f"{_pm(s['metrics'].get('main_silent_' + name), 3)} |")
+        parts.append("\n".join(lines))
+    probing = result.get("probing")
+    if probing:
+        t = probing["tokens"]
+        lines = [f"**Sparse probing** (analysis/probing.py): mean balanced accuracy over the Python concepts of the "
+                 f"logistic probe on each export's top-{probing['k']} latents, {t['train']:,} training tokens "
+                 f"({t['train_files']} train-split files), {t['test']:,} test tokens ({t['test_files']} held-out "
+                 f"files). Floor (the same probes on the untrained baseline SAE): {_num(probing['floor'], '.3f')}; "
+                 f"ceiling (the probe on all d_in activations): {_num(probing['ceiling'], '.3f')}. The claims are "
+                 "`sparse_probe_accuracy` in the verdict table.", "", "| arm | top-k probe accuracy |", "|---|---|"]
+        for arm, s in arms.items():
+            lines.append(f"| {arm} | {_pm(s['metrics'].get('sparse_probe_accuracy'), 3)} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def anneal_table(result: dict[str, Any]) -> str:
@@ -320,6 +369,7 @@ def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> 
               f"{result['summary']['multiple_comparisons']} (a primary better or worse whose adjusted p is not "
               "below 0.05 is inconclusive); the secondary claims are reported without adjustment.", "",
               "## Margins (measured on control seeds)", "", margin_table(result), "",
+              *(["## Feature quality", "", feature_quality(result), ""] if feature_quality(result) else []),
               "## Anneal diagnostic (training rule, held-out rows)", "",
               "The change of the training rule's EV and dead share between its last two evaluations, beside "
               "the seed sd of the final value; a diagnostic, not a convergence test.", "", anneal_table(result), ""]

@@ -1,5 +1,6 @@
 """The synthetic source of a comparison (sae_lens.synthetic): seeded sample streams, training one
-run at a time with convergence probes, and evaluation with MCC and per-latent F1."""
+run at a time with convergence probes, and evaluation with MCC and per-latent F1 (and feature
+absorption, analysis/absorption.py, where the synthetic model has a hierarchy)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from sae_lens_allocation.analysis import row_metrics as rm
+from sae_lens_allocation.analysis.absorption import synthetic_absorption
 from sae_lens_allocation.analysis.compare.config import Run, make_run, run_config
 from sae_lens_allocation.analysis.compare.heldout import (
     load_export,
@@ -121,11 +123,18 @@ class SyntheticStudy:
             torch.manual_seed(self.heldout_seed)
             synth = eval_sae_on_synthetic_data(export, self.model.feature_dict, self.model.activation_generator,
                                                num_samples=ev["samples"], batch_size=self.first.batch_size)
+        scalars = {"mcc": synth.mcc, "f1": synth.classification.f1_score,
+                   "precision": synth.classification.precision, "recall": synth.classification.recall}
+        if self.model.hierarchy is not None:
+            # Samples from the held-out seed: no run trains or calibrates on them.
+            absorbed = synthetic_absorption(export, self.model, n_samples=ev["absorption_samples"],
+                                            seed=self.heldout_seed)
+            scalars.update(absorption=absorbed.mean_absorption, main_silent=absorbed.mean_main_silent,
+                           absorption_parents=absorbed.parents_scored)
         return {
             "rows": {"export": sums["rows"]}, "l0_tokens": sums["l0_tokens"], "selection_rows": ev["selection_rows"],
             "density": rm.density_stats(density["fired"], n_density),
             "underused_share": shares["underused_share"], "gap": run_gap(run, trained, export, self.x),
             "export_architecture": export.cfg.architecture(), "d_sae": export.cfg.d_sae,
-            "scalars": {"mcc": synth.mcc, "f1": synth.classification.f1_score,
-                        "precision": synth.classification.precision, "recall": synth.classification.recall},
+            "scalars": scalars,
         }
