@@ -382,11 +382,26 @@ def test_training_gap_compares_export_and_batch_rule_on_the_same_whole_batches()
         (lambda c: c["architectures"].append({"architecture": "topk"}), "used twice"),
         (lambda c: c.update(length_check=1), "length_check=1 is not allowed"),
         (lambda c: c.update(length_check="2x"), "length_check='2x' is not allowed"),
+        (lambda c: c.update(hierarchies=[{"name": "h", "max_depth": 1}]), "hierarchies is not allowed with source"),
+        (lambda c: c["eval"].update(sparse_probe_tokens=-1), "eval.sparse_probe_tokens=-1 is not allowed"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, edit, message):
     cfg = _lm_config(tmp_path)
     edit(cfg)
+    with pytest.raises(ConfigError, match=message) as err:
+        check_compare_config(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("hierarchies", "message"), [
+    ([{"name": "h", "max_depht": 1}], "hierarchies\\[0\\] \\(h\\):.*max_depht"),
+    ([{"name": "h", "total_root_nodes": 0}], "total_root_nodes must be positive"),
+    ([{"name": "h"}, {"name": "h"}], "hierarchies\\[1\\].name='h' is not allowed"),
+    ([{"max_depth": 1}], "hierarchies\\[0\\].name=None is not allowed"),
+])
+def test_hierarchy_errors_are_one_line(hierarchies, message):
+    cfg = {**_resume_config(), "hierarchies": hierarchies}
     with pytest.raises(ConfigError, match=message) as err:
         check_compare_config(cfg)
     assert "\n" not in str(err.value)
@@ -425,8 +440,53 @@ def _resume_config() -> dict:
             "dead_feature_window": 2, "feature_sampling_window": 2, "sae": {"d_in": 8, "d_sae": 16, "k": 2},
         },
         "architectures": [{"architecture": "topk"}, {"architecture": "batchtopk"}],
-        "eval": {"samples": 512, "block_samples": 64, "density_samples": 1024, "probe_rows": 256},
+        "hierarchies": [{"name": "flat", "total_root_nodes": 2, "branching_factor": 3, "max_depth": 1},
+                        {"name": "deep", "total_root_nodes": 1, "branching_factor": 2, "max_depth": 2}],
+        "eval": {"samples": 512, "block_samples": 64, "density_samples": 1024, "probe_rows": 256,
+                 "absorption_samples": 2048},
     }
+
+
+def test_synthetic_comparison_claims_absorption_on_hierarchies_and_reports_stability(tmp_path):
+    """Absorption per hierarchy is the hierarchy run's own absorption (analysis/absorption.py on its
+    export and the hierarchical model, from the held-out seed), paired by seed in a secondary claim;
+    stability is `seed_stability` of each arm's main exports, described without a claim."""
+    from safetensors.torch import load_file
+    from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
+
+    from sae_lens_allocation.analysis.absorption import synthetic_absorption
+    from sae_lens_allocation.analysis.stability import seed_stability
+    from sae_lens_allocation.loading import load_sae
+
+    cfg = _resume_config()
+    cfg.update(seeds=[0, 1, 2], margin_seeds=None)
+    result = run_compare(cfg, output_dir=tmp_path / "h")
+    model_cfg = {**cfg["base"]["synthetic_model"], "hierarchy": {k: v for k, v in cfg["hierarchies"][0].items()
+                                                                 if k != "name"}}
+    model = SyntheticModel(SyntheticModelConfig.from_dict(model_cfg))
+    folder = Path(result["hierarchies"]["flat"]["folder"])
+    label = result["main"]["batchtopk"][1]
+    export = load_sae(next((folder / "saes").glob("batchtopk_lr*seed1")), device="cpu")
+    expected = synthetic_absorption(export, model, n_samples=2048, seed=2 + 7919)
+    assert expected.parents_scored > 0
+    assert result["runs"][label]["metrics"]["absorption_flat"] == pytest.approx(expected.mean_absorption)
+    (c,) = result["summary"]["contrasts"]
+    rows = {m["metric"]: m for m in c["metrics"]}
+    for name in ("flat", "deep"):
+        row = rows[f"absorption_{name}"]
+        arm = [result["runs"][x]["metrics"][f"absorption_{name}"] for x in result["main"]["batchtopk"]]
+        control = [result["runs"][x]["metrics"][f"absorption_{name}"] for x in result["main"]["topk"]]
+        assert row["role"] == "secondary" and row["better"] == -1 and row["n_seeds"] == 3
+        assert row["diff"] == pytest.approx(sum(a - b for a, b in zip(arm, control)) / 3)
+        assert row["verdict"] == INCONCLUSIVE  # no margin seeds
+    stability = result["summary"]["stability"]
+    decoders = [load_file(str(Path(result["runs"][x]["sae_dir"]) / "sae_weights.safetensors"))["W_dec"]
+                for x in result["main"]["topk"]]
+    assert stability["arms"]["topk"] == pytest.approx(seed_stability(decoders))
+    assert stability["arms"]["topk"]["pairs"] == 3 and 0 <= stability["random"]["matched_share"] <= 1
+    report = (tmp_path / "h" / "report.md").read_text()
+    assert "**Absorption on hierarchy `flat`**" in report and "**Absorption on hierarchy `deep`**" in report
+    assert "| batchtopk | topk | absorption_deep | secondary |" in report
 
 
 def _claims_part(report: str) -> str:
@@ -437,7 +497,8 @@ def _claims_part(report: str) -> str:
 def test_an_interrupted_comparison_resumes_to_the_report_of_an_uninterrupted_one(tmp_path, monkeypatch):
     """5 seeds of 2 arms and 2 margin seeds; the second comparison dies after 5 evaluations and is
     run again in its folder: it trains only the runs that had not finished, and gives the same
-    claims as the uninterrupted one; a third call on the finished folder trains nothing."""
+    claims as the uninterrupted one; a third call on the finished folder trains nothing. The main
+    and margin runs train again on two hierarchies for absorption (12 runs each)."""
     from sae_lens_allocation.analysis.compare.synthetic_study import SyntheticStudy
 
     whole = run_compare(_resume_config(), output_dir=tmp_path / "whole")
@@ -464,8 +525,8 @@ def test_an_interrupted_comparison_resumes_to_the_report_of_an_uninterrupted_one
     monkeypatch.setattr(SyntheticStudy, "evaluate", evaluate)
     trained.clear()
     resumed = run_compare(_resume_config(), output_dir=tmp_path / "cut")
-    assert len(trained) == 12 - 5
-    for key in ("contrasts", "margins"):
+    assert len(trained) == 12 - 5 + 2 * 12
+    for key in ("contrasts", "margins", "stability"):
         assert resumed["summary"][key] == whole["summary"][key]
     for arm, s in whole["summary"]["arms"].items():
         assert resumed["summary"]["arms"][arm]["metrics"] == s["metrics"]
@@ -478,4 +539,4 @@ def test_an_interrupted_comparison_resumes_to_the_report_of_an_uninterrupted_one
     changed = _resume_config()
     changed["base"]["lr"] = 1e-3
     run_compare(changed, output_dir=tmp_path / "cut")
-    assert len(trained) == 12
+    assert len(trained) == 3 * 12
