@@ -451,8 +451,8 @@ def test_synthetic_comparison_claims_absorption_on_hierarchies_and_reports_stabi
     """Absorption per hierarchy is the hierarchy run's own absorption (analysis/absorption.py on its
     export and the hierarchical model, from the held-out seed), paired by seed in a secondary claim;
     stability is `seed_stability` of each arm's main exports, described without a claim."""
-    from safetensors.torch import load_file
     from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
+    from safetensors.torch import load_file
 
     from sae_lens_allocation.analysis.absorption import synthetic_absorption
     from sae_lens_allocation.analysis.stability import seed_stability
