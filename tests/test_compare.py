@@ -425,6 +425,7 @@ def test_shipped_configs_build(name):
     assert ("gradient_topk" in archs) == (cfg["source"] == "language_model")
     assert len(cfg["seeds"]) >= 5 and len(cfg["margin_seeds"]) >= 4 and len(cfg["lr_values"]) >= 4
     assert len({*cfg["frontier_k"], cfg["base"]["sae"]["k"]}) >= 3 and cfg["eval"]["selection_rows"] > 0
+    assert cfg["eval"]["sparse_probe_tokens"] > 0 if cfg["source"] == "language_model" else len(cfg["hierarchies"]) >= 2
     if cfg["source"] == "language_model":
         betas = {a["sae"].get("beta", 1.0) for a in cfg["architectures"] if a["architecture"] == "gradient_topk"}
         assert 0 in betas and len(betas) >= 2

@@ -66,7 +66,7 @@ _EVAL_DEFAULTS: dict[str, Any] = {
     "heldout_dataset_path": None,  # hub models: pretokenized held-out rows
     "heldout_split": "train",
     "heldout_skip_rows": 0,
-    "sparse_probe_tokens": 8192,   # language model: tokens of each split (train, test) of the top-5
+    "sparse_probe_tokens": 16384,  # language model: tokens of each split (train, test) of the top-5
                                    # latent probes (analysis/probing.py); 0: no sparse probing
     "absorption_samples": 16384,   # synthetic: samples per run and hierarchy for absorption
     "selection_rows": 0,           # the first held-out rows (synthetic: blocks) that choose the lr and
