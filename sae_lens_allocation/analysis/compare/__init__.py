@@ -32,6 +32,9 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
     length_check: 2                   # optional: every arm again on every seed at its best lr with
                                       # this many times the training (tokens or samples, and
                                       # lr_decay_steps); do the verdicts survive longer training?
+    hierarchies:                      # synthetic, optional: absorption; the main and margin runs
+      - {name: flat, total_root_nodes: 16, branching_factor: 4, max_depth: 1}   # train again on
+                                      # base.synthetic_model with each (HierarchyConfig fields)
     lockstep: true                    # language_model: arms that share seed and lr train in one
                                       # multi-SAE run (one LM pass per batch)
     eval: {...}                       # see config._EVAL_DEFAULTS
@@ -70,7 +73,10 @@ histogram and the shares below densities 1e-6 and 1e-5, the underused share (p_j
 under the Zipf fit of losses.fit_zipf, dead included; a diagnostic without a verdict), the
 exported-vs-training gap, steering (analysis/steering.py; a diagnostic without a verdict, with
 random unit directions at the same alpha and the latents at 0.5 and 2 alpha), MCC and per-latent F1
-(synthetic, sae_lens.synthetic), training tokens/s. gradient_topk arms are evaluated twice: the
+(synthetic, sae_lens.synthetic), training tokens/s; feature quality (feature_quality.py):
+absorption per hierarchy (`absorption_<name>`, a claim paired by seed), sparse probing
+(`sparse_probe_accuracy`, a claim; floor and ceiling once) and stability across each arm's seeds
+(described, no verdict). gradient_topk arms are evaluated twice: the
 plain-TopK export, and gradient selection on the held-out text (teacher forcing: g = d(sum
 next-token CE)/dx on the clean text).
 """
