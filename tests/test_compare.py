@@ -158,7 +158,7 @@ def _embedded_config() -> dict:
         "architectures": [{"architecture": "topk"},
                           {"name": "mc", "architecture": "mutual_choice", "sae": {"calibration_tokens": 1024}}],
         "eval": {"heldout_rows": 24, "ce_rows": 4, "batch_rows": 8, "steering_latents": 2,
-                 "steering_contexts": 1, "probe_rows": 1024, "density_samples": 8000},
+                 "steering_contexts": 1, "probe_rows": 1024, "density_samples": 8000, "sparse_probe_tokens": 2048},
         "length_check": 2,
     }
 
