@@ -168,7 +168,8 @@ def feature_quality(result: dict[str, Any]) -> str:
                  f"({t['train_files']} train-split files), {t['test']:,} test tokens ({t['test_files']} held-out "
                  f"files). Floor (the same probes on the untrained baseline SAE): {_num(probing['floor'], '.3f')}; "
                  f"ceiling (the probe on all d_in activations): {_num(probing['ceiling'], '.3f')}. The claims are "
-                 "`sparse_probe_accuracy` in the verdict table.", "", "| arm | top-k probe accuracy |", "|---|---|"]
+                 "`sparse_probe_accuracy` in the verdict table.", "", f"| arm | top-{probing['k']} probe accuracy |",
+                 "|---|---|"]
         for arm, s in arms.items():
             lines.append(f"| {arm} | {_pm(s['metrics'].get('sparse_probe_accuracy'), 3)} |")
         parts.append("\n".join(lines))
