@@ -200,8 +200,8 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         return self.batch_group.feature_choice(hidden_pre, self.capacities(n_tokens))
 
     @override
-    def update_running_threshold(self, allocation: Allocation) -> None:
-        self._ema_threshold(allocation.cutoff.nan_to_num(posinf=0.0), torch.isfinite(allocation.cutoff))
+    def update_running_threshold(self, cutoff: torch.Tensor) -> None:
+        self._ema_threshold(cutoff.nan_to_num(posinf=0.0), torch.isfinite(cutoff))
 
     def firing_fractions(self) -> torch.Tensor:
         """q_j = E[m_j] / N at the training batch size: k / F for uniform capacities (and during

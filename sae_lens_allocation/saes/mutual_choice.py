@@ -58,8 +58,8 @@ class MutualChoiceTrainingSAE(BatchAllocationTrainingSAE):
         return self.batch_group.mutual_choice(hidden_pre, self.cfg.k)
 
     @override
-    def update_running_threshold(self, allocation: Allocation) -> None:
-        self._ema_threshold(allocation.cutoff)
+    def update_running_threshold(self, cutoff: torch.Tensor) -> None:
+        self._ema_threshold(cutoff)
 
     @override
     def calibrated_thresholds(
