@@ -87,6 +87,9 @@ def test_sparse_step_equals_dense_step(arch: str, aux_loss: str, rescale: bool) 
     assert (per_token[30:34] == 0).all() and (per_token[10:20] == per_token[0]).all()
     assert float(dense_out.losses["auxiliary_reconstruction_loss"].detach()) > 0
     assert abs(float(sparse_loss) - float(dense_loss)) <= 1e-5 * abs(float(dense_loss))
+    for key, dense_part in dense_out.losses.items():
+        part, reference = float(sparse_out.losses[key].detach()), float(dense_part.detach())
+        assert abs(part - reference) <= 1e-5 * abs(reference), key
     for name, dense in dense_grads.items():
         error = (sparse_grads[name] - dense).abs().max()
         assert error <= 1e-4 * dense.abs().max(), (name, float(error), float(dense.abs().max()))
@@ -156,3 +159,33 @@ def test_short_training_run_exports_the_same_sae_sparse_and_dense(tmp_path, tiny
     (ev_dense, l0_dense), (ev_sparse, l0_sparse) = results[False], results[True]
     assert abs(ev_sparse - ev_dense) <= 1e-3 and abs(l0_sparse - l0_dense) <= 1e-3, results
     assert l0_dense > 0
+
+
+def _max_relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    return max(float((grads[n] - g).abs().max() / g.abs().max()) for n, g in reference.items())
+
+
+def test_sparse_step_under_compile_equals_dense_step() -> None:
+    """`compile_sae` compiles `training_forward_pass`; the sparse parts run eagerly inside it
+    (aot_eager: the same graph breaks as inductor, without its C++ build)."""
+    x = _batch("mutual_choice")
+    dense_loss, dense_grads, _ = _step(_sae("mutual_choice", False, "aux_zipf", True), x)
+    sae = _sae("mutual_choice", True, "aux_zipf", True)
+    sae.training_forward_pass = torch.compile(sae.training_forward_pass, backend="aot_eager")
+    loss, grads, out = _step(sae, x)
+    assert out.feature_acts.is_sparse
+    assert abs(float(loss) - float(dense_loss)) <= 1e-5 * abs(float(dense_loss))
+    assert _max_relative_error(grads, dense_grads) <= 1e-4
+
+
+def test_sparse_step_under_bf16_autocast_is_close_to_dense_step() -> None:
+    """Under autocast the sparse products run in the parameters' fp32, the dense ones in bf16:
+    equal to bf16 precision."""
+    x = _batch("topk_aux")
+    results = []
+    for sparse in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_step(_sae("topk_aux", sparse, "aux_k", True), x))
+    (dense_loss, dense_grads, _), (loss, grads, _) = results
+    assert abs(float(loss) - float(dense_loss)) <= 1e-2 * abs(float(dense_loss))
+    assert _max_relative_error(grads, dense_grads) <= 2e-2

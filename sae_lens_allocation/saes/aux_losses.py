@@ -191,6 +191,7 @@ def reconstruct_residual_loss(
     return cfg.aux_loss_coefficient * (s / ctx.k_aux) * error
 
 
+@torch.compiler.disable
 def _sparse_aux_reconstruction(
     encoding: SparseEncoding, candidates: torch.Tensor, slots: int, rectify: bool,
     weights: torch.Tensor | None, w_dec: torch.Tensor, rescale: bool,
@@ -198,7 +199,8 @@ def _sparse_aux_reconstruction(
     """`act_times_W_dec(aux_activations(...), w_dec)` from the N x slots selected entries only:
     the same top-`slots` of C per token (the same `topk` on the same hidden_pre), their values
     with autograd from `encoding.pre_acts`, decoded by `decode_entries` (sparse_codes.py). Every
-    selected entry is kept, also one of value 0, whose gradient is not 0 without `rectify`."""
+    selected entry is kept, also one of value 0, whose gradient is not 0 without `rectify`. Run
+    eagerly under `compile_sae` (data-dependent entry counts)."""
     with torch.no_grad():
         top = torch.where(candidates, encoding.hidden_pre, -torch.inf).topk(slots, sorted=False)
     selection = Selection.from_row_indices(top.indices, candidates.shape[-1])

@@ -261,9 +261,8 @@ class SparseActivationsMixin:
         if not feature_acts.is_sparse or encoding is None:
             return super().decode(feature_acts)  # type: ignore[misc]
         sae: Any = self
-        recons = decode_entries(
-            encoding.selection, feature_acts.values(), sae.W_dec, self.cfg.rescale_acts_by_decoder_norm
-        )
+        recons = _decode_eagerly(encoding.selection, feature_acts, sae.W_dec,
+                                 self.cfg.rescale_acts_by_decoder_norm)
         sae_out_pre = sae.hook_sae_recons(recons + sae.b_dec)
         sae_out_pre = sae.run_time_activation_norm_fn_out(sae_out_pre)
         return sae.reshape_fn_out(sae_out_pre, sae.d_head)
@@ -274,6 +273,14 @@ class SparseActivationsMixin:
         finally:
             # z of the whole batch is no longer needed once the losses are built.
             self.sparse_encoding = None
+
+
+@torch.compiler.disable
+def _decode_eagerly(selection: Selection, feature_acts: torch.Tensor, W_dec: torch.Tensor,
+                    rescale: bool) -> torch.Tensor:
+    """`decode_entries` of sparse codes, run eagerly under `compile_sae` (the compiler does not
+    trace sparse tensors or data-dependent entry counts)."""
+    return decode_entries(selection, feature_acts.values(), W_dec, rescale)
 
 
 @torch.compiler.disable
