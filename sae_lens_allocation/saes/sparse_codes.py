@@ -46,13 +46,24 @@ class Selection:
     n_cols: int
 
     @staticmethod
+    def from_sorted(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> Selection:
+        """From entries already sorted row-major."""
+        counts = torch.bincount(rows, minlength=n_rows)
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return Selection(rows, cols, crow, n_rows, n_cols)
+
+    @staticmethod
     def from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> Selection:
         """From flat indices row * n_cols + col (any order; sorted here)."""
         flat = flat.sort().values
         rows = torch.div(flat, n_cols, rounding_mode="floor")
-        counts = torch.bincount(rows, minlength=n_rows)
-        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return Selection(rows, flat - rows * n_cols, crow, n_rows, n_cols)
+        return Selection.from_sorted(rows, flat - rows * n_cols, n_rows, n_cols)
+
+    @staticmethod
+    def from_coalesced(codes: torch.Tensor) -> Selection:
+        """The entries of a coalesced 2-D sparse COO tensor (its indices are sorted row-major)."""
+        rows, cols = codes.indices()
+        return Selection.from_sorted(rows, cols, codes.shape[0], codes.shape[1])
 
     @staticmethod
     def from_nonzero(codes: torch.Tensor) -> Selection:
@@ -160,7 +171,6 @@ class SparseEncoding:
     sae_in, W_enc, b_enc: the autograd inputs of z.
     norms: ||W_dec_j|| with autograd when `rescale_acts_by_decoder_norm`, else None.
     hidden_pre: z times the norms, no autograd: what selections are made from.
-    selection: the entries of the codes.
     """
 
     z: torch.Tensor
@@ -169,7 +179,6 @@ class SparseEncoding:
     b_enc: torch.Tensor
     norms: torch.Tensor | None
     hidden_pre: torch.Tensor
-    selection: Selection
 
     def pre_acts(self, selection: Selection) -> torch.Tensor:
         """hidden_pre at the selected entries, with autograd into W_enc, b_enc, sae_in and,
@@ -235,9 +244,10 @@ class SparseActivationsMixin:
     without autograd; `decode` decodes them by `decode_entries`. The selection is the
     architecture's own: its activation function runs on hidden_pre without autograd and the
     nonzero entries of its codes are the entries kept (a kept entry whose relu is 0 has value 0
-    and gradient 0 in the dense step too). Eval mode, and inputs with more leading dims, take the
-    dense path; so does the export. `sparse_encoding` holds the step's encoder state from the
-    encode to the end of `training_forward_pass` (the auxiliary losses decode from it).
+    and gradient 0 in the dense step too). `decode` takes any 2-D sparse COO codes. Eval mode,
+    and inputs with more leading dims, take the dense path; so does the export.
+    `sparse_encoding` holds the step's encoder state from the encode to the end of
+    `training_forward_pass` (the auxiliary losses select from it).
     """
 
     cfg: Any
@@ -257,12 +267,10 @@ class SparseActivationsMixin:
         return _encode_sparse(self, x)
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        encoding = self.sparse_encoding
-        if not feature_acts.is_sparse or encoding is None:
+        if not (feature_acts.is_sparse and feature_acts.dim() == 2):
             return super().decode(feature_acts)  # type: ignore[misc]
         sae: Any = self
-        recons = _decode_eagerly(encoding.selection, feature_acts, sae.W_dec,
-                                 self.cfg.rescale_acts_by_decoder_norm)
+        recons = _decode_eagerly(feature_acts, sae.W_dec, self.cfg.rescale_acts_by_decoder_norm)
         sae_out_pre = sae.hook_sae_recons(recons + sae.b_dec)
         sae_out_pre = sae.run_time_activation_norm_fn_out(sae_out_pre)
         return sae.reshape_fn_out(sae_out_pre, sae.d_head)
@@ -276,11 +284,11 @@ class SparseActivationsMixin:
 
 
 @torch.compiler.disable
-def _decode_eagerly(selection: Selection, feature_acts: torch.Tensor, W_dec: torch.Tensor,
-                    rescale: bool) -> torch.Tensor:
-    """`decode_entries` of sparse codes, run eagerly under `compile_sae` (the compiler does not
-    trace sparse tensors or data-dependent entry counts)."""
-    return decode_entries(selection, feature_acts.values(), W_dec, rescale)
+def _decode_eagerly(feature_acts: torch.Tensor, W_dec: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """`decode_entries` of 2-D sparse COO codes, run eagerly under `compile_sae` (the compiler
+    does not trace sparse tensors or data-dependent entry counts)."""
+    feature_acts = feature_acts.coalesce()
+    return decode_entries(Selection.from_coalesced(feature_acts), feature_acts.values(), W_dec, rescale)
 
 
 @torch.compiler.disable
@@ -295,7 +303,7 @@ def _encode_sparse(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         codes = sae.activation_fn(hidden_pre)
         selection = Selection.from_nonzero(codes)
         del codes
-    encoding = SparseEncoding(z, sae_in, sae.W_enc, sae.b_enc, norms, hidden_pre, selection)
+    encoding = SparseEncoding(z, sae_in, sae.W_enc, sae.b_enc, norms, hidden_pre)
     sae.sparse_encoding = encoding
     values = encoding.pre_acts(selection).relu()
     return sae.hook_sae_acts_post(sparse_codes(selection, values)), hidden_pre
