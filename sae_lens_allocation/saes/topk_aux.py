@@ -3,6 +3,8 @@
 Training is SAELens' `TopKTrainingSAE` unchanged, except that `calculate_aux_loss` comes from
 `AuxLossMixin`: `aux_loss="aux_k"` (the default) reproduces SAELens' aux-k loss exactly, so
 `topk_aux` with default fields trains like `topk`; `aux_loss="aux_zipf"` or `"none"` swap it.
+`use_sparse_activations: true` trains with the plugin's sparse step (sparse_codes.py), which
+unlike SAELens' own sparse TopK also back-propagates sparsely and runs on the CPU.
 The inference export is a plain SAELens `topk` SAE (decoder norms folded as TopK does, the
 aux-loss buffers dropped) that loads without this plugin.
 """
