@@ -86,7 +86,7 @@ def sparse_times_dense(
     rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int, dense: torch.Tensor,
     coalesced: bool,
 ) -> torch.Tensor:
-    """S @ dense with S [n_rows, dense.shape[0]] holding `values` at (rows, cols); fp of dense."""
+    """S @ dense, S [n_rows, dense.shape[0]] holding `values` at (rows, cols), in dense's dtype."""
     with torch.autocast(device_type=dense.device.type, enabled=False):
         sparse = torch.sparse_coo_tensor(
             torch.stack([rows, cols]), values.to(dense.dtype), (n_rows, dense.shape[0]),
