@@ -338,8 +338,11 @@ class SeamedSAETrainer(PluginSAETrainer):
             )
             with torch.no_grad():
                 acts = output.feature_acts
-                acts = acts.to_dense() if acts.is_sparse else acts
-                fired = self.count_firing(acts.bool().reshape(-1, acts.shape[-1]).float().sum(0))
+                if acts.is_sparse:
+                    # Sparse codes: counted from their entries, as SAELens' own step does.
+                    fired = self.count_firing(acts.bool().float().sum(0).to_dense())
+                else:
+                    fired = self.count_firing(acts.bool().reshape(-1, acts.shape[-1]).float().sum(0))
                 self.n_forward_passes_since_fired += 1
                 self.n_forward_passes_since_fired[fired > 0] = 0
                 self.act_freq_scores += fired

@@ -131,6 +131,14 @@ VARIANTS = {
     "mutual_choice_floor": {"architecture": "mutual_choice", "k": 4.0, "min_tokens_per_latent": 1},
     "topk_aux": {"architecture": "topk_aux", "k": 4, "aux_loss": "aux_k"},
     "gradient_topk": {"architecture": "gradient_topk", "k": 4, "beta": 1.0},
+    # The sparse step (saes/sparse_codes.py): firing counts from sparse codes, sparse gradients.
+    "mutual_choice_sparse": {
+        "architecture": "mutual_choice", "k": 4.0, "aux_loss": "aux_zipf",
+        "use_sparse_activations": True,
+    },
+    "gradient_topk_sparse": {
+        "architecture": "gradient_topk", "k": 4, "beta": 1.0, "use_sparse_activations": True,
+    },
 }
 
 
@@ -154,7 +162,7 @@ def _trainer_cfg():
 def _global_batches(variant: str) -> torch.Tensor:
     """[batches, N, width] rows with a few strong directions, so latents compete and die."""
     g = torch.Generator().manual_seed(7)
-    width = 2 * D_IN if variant == "gradient_topk" else D_IN
+    width = 2 * D_IN if variant.startswith("gradient_topk") else D_IN
     codes = torch.rand(STEPS + NORM_BATCHES, N_ROWS, 8, generator=g).pow(4)
     return codes @ torch.randn(8, width, generator=g) * 3 + 0.1 * torch.randn(
         STEPS + NORM_BATCHES, N_ROWS, width, generator=g

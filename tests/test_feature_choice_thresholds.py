@@ -84,7 +84,7 @@ def test_the_rates_converge_to_their_targets():
         for step in range(200):
             z = torch.randn(512, D_SAE, generator=g) * scale + shift
             allocation = sae.allocate(z)
-            sae.update_running_threshold(allocation)
+            sae.update_running_threshold(allocation.cutoff)
             if step >= 100:
                 fired += (allocation.codes != 0).sum(0)
                 positive += (z > 0).sum(0)

@@ -177,7 +177,7 @@ def test_without_gradients_training_mode_raises_and_eval_mode_is_topk():
         ("grad_rms_ema_rate", 0.0),
         ("normalize_activations", "expected_average_only_in"),
         ("normalize_activations", "layer_norm"),
-        ("use_sparse_activations", True),
+        ("use_sparse_activations", "yes"),
         ("aux_loss", "no_such_loss"),
     ],
 )

@@ -33,6 +33,12 @@ from sae_lens.saes.topk_sae import act_times_W_dec
 
 from sae_lens_allocation.allocation import ranks_from_frequency
 from sae_lens_allocation.saes.batch_group import BatchGroupMixin
+from sae_lens_allocation.saes.sparse_codes import (
+    Selection,
+    SparseEncoding,
+    decode_entries,
+    firing_per_latent,
+)
 from sae_lens_allocation.saes.zipf import (
     ema_warmup_steps,
     expected_frequency,
@@ -94,6 +100,8 @@ class AuxLossContext:
     zipf_ready: 0-dim bool, the EMA has seen `ema_warmup_steps` steps and a Zipf fit exists.
     underused, underuse_weights: U and w from `zipf_underuse` (U includes the dead latents).
     k_aux: latents per token in the auxiliary reconstruction (`aux_k`, default d_in // 2).
+    encoding: the step's sparse encoder state under `use_sparse_activations` (hidden_pre then
+        has no autograd and reconstructions are decoded from selected entries), else None.
     """
 
     step_input: TrainStepInput
@@ -109,6 +117,7 @@ class AuxLossContext:
     underused: torch.Tensor
     underuse_weights: torch.Tensor
     k_aux: int
+    encoding: SparseEncoding | None = None
 
 
 def scale_gradient(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -157,12 +166,17 @@ def reconstruct_residual_loss(
         return ctx.sae_out.new_zeros(())
     cfg = sae.cfg
     residual = (ctx.step_input.sae_in - ctx.sae_out).detach()
-    aux_acts = aux_activations(ctx.hidden_pre, candidates, s, rectify)
     w_dec = sae.W_dec
     if weights is not None:
-        aux_acts = scale_gradient(aux_acts, weights.to(aux_acts.dtype))
         w_dec = scale_gradient(w_dec, weights.to(w_dec.dtype)[:, None])
-    recons = act_times_W_dec(aux_acts, w_dec, cfg.rescale_acts_by_decoder_norm)
+    if ctx.encoding is not None:
+        recons = _sparse_aux_reconstruction(ctx.encoding, candidates, s, rectify, weights, w_dec,
+                                            cfg.rescale_acts_by_decoder_norm)
+    else:
+        aux_acts = aux_activations(ctx.hidden_pre, candidates, s, rectify)
+        if weights is not None:
+            aux_acts = scale_gradient(aux_acts, weights.to(aux_acts.dtype))
+        recons = act_times_W_dec(aux_acts, w_dec, cfg.rescale_acts_by_decoder_norm)
     recons = sae.reshape_fn_out(recons, sae.d_head)
     error = (recons - residual).pow(2).sum(dim=-1).mean()
     if cfg.aux_loss_normalization == "residual_variance":
@@ -175,6 +189,27 @@ def reconstruct_residual_loss(
         # Guards a residual with zero variance (e.g. a perfect reconstruction).
         error = error / variance.clamp_min(torch.finfo(variance.dtype).eps)
     return cfg.aux_loss_coefficient * (s / ctx.k_aux) * error
+
+
+@torch.compiler.disable
+def _sparse_aux_reconstruction(
+    encoding: SparseEncoding, candidates: torch.Tensor, slots: int, rectify: bool,
+    weights: torch.Tensor | None, w_dec: torch.Tensor, rescale: bool,
+) -> torch.Tensor:
+    """`act_times_W_dec(aux_activations(...), w_dec)` from the N x slots selected entries only:
+    the same top-`slots` of C per token (the same `topk` on the same hidden_pre), their values
+    with autograd from `encoding.pre_acts`, decoded by `decode_entries` (sparse_codes.py). Every
+    selected entry is kept, also one of value 0, whose gradient is not 0 without `rectify`. Run
+    eagerly under `compile_sae` (data-dependent entry counts)."""
+    with torch.no_grad():
+        top = torch.where(candidates, encoding.hidden_pre, -torch.inf).topk(slots, sorted=False)
+    selection = Selection.from_row_indices(top.indices, candidates.shape[-1])
+    values = encoding.pre_acts(selection)
+    if rectify:
+        values = values.relu()
+    if weights is not None:
+        values = scale_gradient(values, weights.to(values.dtype)[selection.cols])
+    return decode_entries(selection, values, w_dec, rescale)
 
 
 @register_aux_loss("none")
@@ -306,6 +341,7 @@ class AuxLossMixin(BatchGroupMixin):
     AUX_STATE_BUFFERS: tuple[str, ...] = ("firing_ema", "firing_ema_steps", "zipf_fit")
 
     cfg: Any
+    sparse_encoding: SparseEncoding | None = None
     firing_ema: torch.Tensor
     firing_ema_steps: torch.Tensor
     zipf_fit: torch.Tensor
@@ -323,10 +359,8 @@ class AuxLossMixin(BatchGroupMixin):
     def update_firing_stats(self, feature_acts: torch.Tensor) -> None:
         """One EMA update from (feature_acts != 0) over all leading dims (and every rank of
         `batch_group`), then refit Zipf."""
-        acts = feature_acts.to_dense() if feature_acts.is_sparse else feature_acts
-        fired = (acts != 0).reshape(-1, acts.shape[-1])
-        rows = self.batch_group.total_rows(fired.shape[0], fired.device)
-        fired = self.batch_group.sum(fired.sum(dim=0, dtype=torch.float32)) / rows
+        rows = self.batch_group.total_rows(feature_acts.shape[:-1].numel(), feature_acts.device)
+        fired = self.batch_group.sum(firing_per_latent(feature_acts)) / rows
         self.firing_ema_steps += 1
         decay = self.cfg.firing_ema_decay
         ema = update_firing_ema(self.firing_ema.to(torch.float32), fired, self.firing_ema_steps, decay)
@@ -387,6 +421,7 @@ class AuxLossMixin(BatchGroupMixin):
             underused=underused,
             underuse_weights=weights,
             k_aux=self.k_aux(),
+            encoding=self.sparse_encoding,
         )
         loss, metrics = AUX_LOSSES[self.cfg.aux_loss](self, ctx)
         self._aux_metrics = {

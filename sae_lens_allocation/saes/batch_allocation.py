@@ -42,6 +42,12 @@ from sae_lens_allocation.saes.calibration import (
     document_folds,
 )
 from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
+from sae_lens_allocation.saes.sparse_codes import (
+    SparseActivationsMixin,
+    firing_per_latent,
+    firing_per_token,
+    validate_sparse_activations,
+)
 from sae_lens_allocation.validation import field_error, is_finite_number
 
 RowSource = torch.Tensor | Iterable[torch.Tensor] | Callable[[], torch.Tensor]
@@ -82,14 +88,11 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_aux_loss()
+        validate_sparse_activations(self)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
             raise field_error("k", self.k, "a number with 0 < k < d_sae")
         if not (math.isfinite(self.k) and 0 < self.k < self.d_sae):
             raise field_error("k", self.k, f"0 < k < d_sae (d_sae={self.d_sae})")
-        if self.use_sparse_activations:
-            raise field_error(
-                "use_sparse_activations", True, "False (batch allocation produces dense codes)"
-            )
         if self.normalize_activations not in _SUPPORTED_NORMALIZATION:
             raise field_error(
                 "normalize_activations",
@@ -110,10 +113,10 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
             raise field_error("threshold_ema_rate", self.threshold_ema_rate, "0 < rate <= 1")
 
 
-class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE):
+class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMixin, TopKTrainingSAE):
     """Training SAE whose codes come from a batch allocation rule and whose export is `jumprelu`.
 
-    Subclasses implement `allocate(hidden_pre)`, `update_running_threshold(allocation)` and
+    Subclasses implement `allocate(hidden_pre)`, `update_running_threshold(cutoff)` and
     `calibrated_thresholds(z_block, folds)`.
     """
 
@@ -142,8 +145,8 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE)
         """The training-time selection over the whole batch (all leading dims)."""
 
     @abstractmethod
-    def update_running_threshold(self, allocation: Allocation) -> None:
-        """Fold this batch's cut-off into the running threshold estimate."""
+    def update_running_threshold(self, cutoff: torch.Tensor) -> None:
+        """Fold this batch's cut-off (`Allocation.cutoff`) into the running threshold estimate."""
 
     @abstractmethod
     def calibrated_thresholds(
@@ -163,7 +166,9 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE)
         export's JumpReLU, relu(z) * [z > theta], which depends on no other token."""
         if self.training:
             allocation = _allocate_eagerly(self, hidden_pre)
-            self._last_allocation = allocation
+            # Only the cut-off is kept: the codes are the step's own (or, in a sparse step, a
+            # dense intermediate to free before the backward pass).
+            self._last_cutoff = allocation.cutoff
             return allocation.codes
         theta = self.threshold.to(hidden_pre.dtype)
         return hidden_pre.relu() * (hidden_pre > theta)
@@ -192,8 +197,7 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE)
         # attached (once full, each update costs two host-to-device copies).
         if self._calibration_source is None:
             self.training_reservoir.add(step_input.sae_in)
-        allocation = self._last_allocation
-        self.update_running_threshold(allocation)
+        self.update_running_threshold(self._last_cutoff)
         self.calibrated.fill_(False)
         output.metrics.update(self._step_metrics(output.feature_acts))
         output.metrics.update(self.aux_loss_metrics())
@@ -201,15 +205,16 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE)
 
     def _step_metrics(self, feature_acts: torch.Tensor) -> dict[str, Any]:
         # Lazy: the trainer only evaluates callables on logging steps.
-        fired = feature_acts.detach() != 0
-        per_token = fired.reshape(-1, fired.shape[-1]).sum(-1).float()
+        acts = feature_acts.detach()
+        per_token = firing_per_token(acts)
+        per_latent = firing_per_latent(acts)
         threshold = self.threshold.detach()
         return {
             "l0_per_token_mean": lambda: per_token.mean(),
             "l0_per_token_std": lambda: per_token.std(),
             "l0_per_token_min": lambda: per_token.min(),
             "l0_per_token_max": lambda: per_token.max(),
-            "latents_fired_in_batch": lambda: fired.reshape(-1, fired.shape[-1]).any(0).sum(),
+            "latents_fired_in_batch": lambda: (per_latent > 0).sum(),
             "threshold_estimate": lambda: threshold.mean(),
         }
 

@@ -240,7 +240,10 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
                 self.threshold.copy_(start.cutoff.to(self.threshold.dtype).clamp(min=0))
             self._thresholds_started = True
         theta = self.threshold.to(hidden_pre.dtype)
-        return Allocation(codes=hidden_pre.relu() * (hidden_pre > theta), cutoff=self.threshold)
+        codes = hidden_pre.relu() * (hidden_pre > theta)
+        # This rank's firing counts, for the step's threshold update (the codes are not kept).
+        self._last_fired = (codes.detach() != 0).reshape(-1, codes.shape[-1]).sum(0)
+        return Allocation(codes=codes, cutoff=self.threshold)
 
     @override
     @torch.no_grad()
@@ -252,22 +255,23 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
             self.calibrated.fill_(True)
 
     @override
-    def update_running_threshold(self, allocation: Allocation) -> None:
+    def update_running_threshold(self, cutoff: torch.Tensor) -> None:
         if self.cfg.training_rule == "thresholds":
-            self.update_thresholds(allocation.codes)
+            self.update_thresholds(self._last_fired)
             return
-        self._ema_threshold(allocation.cutoff.nan_to_num(posinf=0.0), torch.isfinite(allocation.cutoff))
+        self._ema_threshold(cutoff.nan_to_num(posinf=0.0), torch.isfinite(cutoff))
 
     @torch.no_grad()
-    def update_thresholds(self, codes: torch.Tensor) -> None:
+    def update_thresholds(self, fired: torch.Tensor) -> None:
         """One step of quantile tracking (training_rule="thresholds"; Robbins-Monro on the
         firing rate, project definition, docs/architectures.md#feature-choice-trained-with-thresholds):
 
             theta_j <- max(0, theta_j + eta s_j (r_j - q_j) / q_j)
 
-        r_j = the fraction of the batch's N tokens on which latent j fired (codes != 0; over the
-        global batch, one all-reduce of F counts), q_j = `firing_fractions()` (E[m_j] / N),
-        s_j = max(theta_j, 0.1 mean_i theta_i), eta = `threshold_learning_rate`.
+        r_j = the fraction of the batch's N tokens on which latent j fired (`fired`: this rank's
+        counts of codes != 0; over the global batch, one all-reduce of F counts),
+        q_j = `firing_fractions()` (E[m_j] / N), s_j = max(theta_j, 0.1 mean_i theta_i),
+        eta = `threshold_learning_rate`.
 
         The fixed point has E[r_j] = q_j: the rate is the target on average, whatever the scale.
         The error is relative to q_j, so a latent moves as fast at q_j = 1e-3 as at 1e-1; the step
@@ -278,7 +282,7 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         grows fast, the large errors let the thresholds catch up (measured on the embedded model:
         a clip at 3 let the training L0 reach 38 k, none 9 k). theta >= 0: below 0 the code
         relu(z) [z > theta] no longer changes."""
-        fired = self.batch_group.sum((codes.detach() != 0).reshape(-1, codes.shape[-1]).sum(0))
+        fired = self.batch_group.sum(fired)
         n_tokens = self.capacity_tokens.to(self.threshold.dtype)
         target = self.firing_fractions().to(self.threshold)
         error = (fired.to(self.threshold.dtype) / n_tokens - target) / target

@@ -36,6 +36,10 @@ from typing_extensions import override
 
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
+from sae_lens_allocation.saes.sparse_codes import (
+    SparseActivationsMixin,
+    validate_sparse_activations,
+)
 from sae_lens_allocation.validation import field_error
 
 GRADIENT_STATE_BUFFERS = ("grad_rms", "grad_rms_updates")
@@ -101,7 +105,8 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     aux_loss: default "aux_zipf" (aux_losses.py); fields as AuxLossConfig.
     Inherited from SAELens TopK: rescale_acts_by_decoder_norm (default True), decoder_init_norm.
     normalize_activations must be "none" (a scaling of x changes g by the inverse factor, and
-    SAELens would estimate the norm over [acts | grads]); use_sparse_activations must be False.
+    SAELens would estimate the norm over [acts | grads]).
+    use_sparse_activations (SAELens' field): the sparse training step (sparse_codes.py).
     """
 
     needs_activation_gradients: ClassVar[bool] = True
@@ -122,6 +127,7 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_aux_loss()
+        validate_sparse_activations(self)
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
             raise field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
         if (
@@ -142,13 +148,9 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
                 "'none' for gradient_topk (activation scaling would need the gradient scaled by "
                 "the inverse factor, and SAELens estimates norms over whole [acts | grads] rows)",
             )
-        if self.use_sparse_activations:
-            raise field_error(
-                "use_sparse_activations", True, "False (gradient_topk builds dense codes)"
-            )
 
 
-class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE):
+class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMixin, TopKTrainingSAE):
     """Gradient TopK training SAE; see the module docstring for the rule.
 
     Buffers (training checkpoints only, dropped on export): grad_rms, the running RMS of a;

@@ -107,8 +107,8 @@ class MutualChoiceTrainingSAE(BatchAllocationTrainingSAE):
         return allocation
 
     @override
-    def update_running_threshold(self, allocation: Allocation) -> None:
-        self._ema_threshold(allocation.cutoff)
+    def update_running_threshold(self, cutoff: torch.Tensor) -> None:
+        self._ema_threshold(cutoff)
 
     @override
     def calibrated_thresholds(

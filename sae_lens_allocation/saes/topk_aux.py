@@ -3,6 +3,8 @@
 Training is SAELens' `TopKTrainingSAE` unchanged, except that `calculate_aux_loss` comes from
 `AuxLossMixin`: `aux_loss="aux_k"` (the default) reproduces SAELens' aux-k loss exactly, so
 `topk_aux` with default fields trains like `topk`; `aux_loss="aux_zipf"` or `"none"` swap it.
+`use_sparse_activations: true` trains with the plugin's sparse step (sparse_codes.py), which
+unlike SAELens' own sparse TopK also back-propagates sparsely and runs on the CPU.
 The inference export is a plain SAELens `topk` SAE (decoder norms folded as TopK does, the
 aux-loss buffers dropped) that loads without this plugin.
 """
@@ -18,6 +20,10 @@ from typing_extensions import override
 
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
+from sae_lens_allocation.saes.sparse_codes import (
+    SparseActivationsMixin,
+    validate_sparse_activations,
+)
 from sae_lens_allocation.validation import field_error, is_int
 
 
@@ -37,11 +43,12 @@ class TopKAuxTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_aux_loss()
+        validate_sparse_activations(self)
         if not (is_int(self.k) and 1 <= self.k <= self.d_sae):
             raise field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
 
 
-class TopKAuxTrainingSAE(FiniteLossGuard, AuxLossMixin, TopKTrainingSAE):
+class TopKAuxTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMixin, TopKTrainingSAE):
     """SAELens `TopKTrainingSAE` whose auxiliary loss is chosen by `cfg.aux_loss`."""
 
     cfg: TopKAuxTrainingSAEConfig
