@@ -26,6 +26,9 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "feature_choice": {"k": 4.0},
     "topk_aux": {"k": 4},
     "gradient_topk": {"k": 4, "beta": 1.0},
+    # The variants select differently; each label names its architecture.
+    "mutual_choice_floor": {"architecture": "mutual_choice", "k": 4.0, "min_tokens_per_latent": 1},
+    "feature_choice_thresholds": {"architecture": "feature_choice", "k": 4.0, "training_rule": "thresholds"},
 }
 
 
