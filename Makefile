@@ -1,7 +1,8 @@
 # Two entry points: `make demo` (the main job) and `make test`. Both build .venv from nothing
 # on first use and reuse it afterwards (the stamp is rebuilt only when the set-up files change).
 # Other stacks (.ci/run uses these): VENV=<folder> EXTRAS=test (no dashboard extra),
-# PINS="sae-lens==6.49.2" (extra requirements), PACKAGE=. (a built wheel instead of editable).
+# PINS="sae-lens==6.49.2" (extra requirements), PACKAGE=. (a built wheel instead of editable),
+# `make test-some TESTS=...` (a part of the suite).
 PYTHON ?= python3
 VENV ?= .venv
 EXTRAS ?= test,dashboard
@@ -13,7 +14,7 @@ PIP := $(BIN)/python -m pip
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 DASHBOARD := $(findstring dashboard,$(EXTRAS))
 
-.PHONY: test lint demo env bench gpu-check gpu-bundle gpu-bundle-wheel clean
+.PHONY: test test-some lint demo env bench gpu-check gpu-bundle gpu-bundle-wheel clean
 
 env: $(STAMP)
 
@@ -53,6 +54,12 @@ lint: $(STAMP)
 # -P: the package is imported as installed (editable by default), never from the current folder.
 test: $(STAMP) lint $(REHEARSAL_BUNDLE)/.built
 	$(OFFLINE) $(BIN)/python -P -m pytest -q -p no:cacheprovider tests
+
+# Lint, then only the tests in TESTS, without the GPU-bundle rehearsal: .ci/run's bench stack,
+# e.g. make test-some VENV=... EXTRAS=test,dashboard,bench TESTS=tests/test_saebench.py
+TESTS ?= tests
+test-some: $(STAMP) lint
+	$(OFFLINE) $(BIN)/python -P -m pytest -q -p no:cacheprovider $(TESTS)
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/sae-lens-allocation demo --out out/demo
