@@ -245,3 +245,32 @@ def test_shipped_multi_config_builds():
         "gtopk-l1": "gradient_topk"}
     assert set(cfg.hook_names_per_sae.values()) == {H0, H1}
     assert cfg.n_batches_in_buffer * cfg.context_size >= cfg.train_batch_size_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mutual_choice", "gradient_topk"])
+def test_multi_run_trains_the_sparse_step_as_the_dense_one(embedded, tmp_path, arch):
+    """use_sparse_activations under the multi runner: an SAE trained with the sparse step next to
+    its dense twin (same seed, same batches) ends with the same weights, firing counts and
+    export, up to floating-point summation order."""
+    model, dataset = embedded
+    multi_cfg = {
+        **_runner_fields(tmp_path),
+        "saes": {"dense": _sae_section(arch), "sparse": {**_sae_section(arch), "use_sparse_activations": True}},
+        "hook_names": {"dense": H0, "sparse": H0},
+        "output_path": str(tmp_path / "multi"),
+    }
+    trained = build_multi_runner(multi_runner_config_from_dict(multi_cfg), model, dataset).run()
+    sparse_state = trained["sparse"].state_dict()
+    for key, value in trained["dense"].state_dict().items():
+        torch.testing.assert_close(sparse_state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    dense_export, sparse_export = (_export_tensors(tmp_path / "multi" / n) for n in ("dense", "sparse"))
+    for key in dense_export:
+        torch.testing.assert_close(sparse_export[key], dense_export[key], rtol=1e-4, atol=1e-5)
+    dense_sparsity, sparse_sparsity = (
+        load_file(str(tmp_path / "multi" / n / "sparsity.safetensors"))["sparsity"] for n in ("dense", "sparse")
+    )
+    torch.testing.assert_close(sparse_sparsity, dense_sparsity)
+    # The runner built the sparse twin with the flag on: its training mode encodes sparse codes.
+    rows = torch.randn(8, 2 * 128 if arch == "gradient_topk" else 128)  # g-SAE rows: [acts | grads]
+    assert trained["sparse"].train().encode_with_hidden_pre(rows)[0].is_sparse
