@@ -66,6 +66,9 @@ STEP_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("feature_choice", "feature_choice", {"aux_loss": "aux_k"}),
     ("feature_choice_zipf", "feature_choice", {"aux_loss": "aux_k", "capacity": "zipf"}),
     ("gradient_topk", "gradient_topk", {}),
+    # The sparse step (docs/performance.md): SAELens' own for topk, the plugin's for Mutual Choice.
+    ("topk_sparse", "topk", {"use_sparse_activations": True}),
+    ("mutual_choice_sparse", "mutual_choice", {"aux_loss": "aux_k", "use_sparse_activations": True}),
 ]
 # Compiling costs about a minute per row on a GPU: one row by default.
 COMPILED_ROWS = ("mutual_choice",)
