@@ -426,6 +426,9 @@ def test_shipped_configs_build(name):
     assert len(cfg["seeds"]) >= 5 and len(cfg["margin_seeds"]) >= 4 and len(cfg["lr_values"]) >= 4
     assert len({*cfg["frontier_k"], cfg["base"]["sae"]["k"]}) >= 3 and cfg["eval"]["selection_rows"] > 0
     assert cfg["eval"]["sparse_probe_tokens"] > 0 if cfg["source"] == "language_model" else len(cfg["hierarchies"]) >= 2
+    if cfg["source"] == "synthetic":  # settings that break the Zipf, magnitude, independence and width priors
+        wider = [s for s in cfg["settings"] if s.get("d_sae", 0) > cfg["base"]["sae"]["d_sae"]]
+        assert len(cfg["settings"]) >= 2 and wider
     if cfg["source"] == "language_model":
         betas = {a["sae"].get("beta", 1.0) for a in cfg["architectures"] if a["architecture"] == "gradient_topk"}
         assert 0 in betas and len(betas) >= 2
