@@ -542,6 +542,8 @@ def test_synthetic_settings_claim_on_their_own_model_and_resume(tmp_path, monkey
     report = (tmp_path / "s" / "report.md").read_text()
     assert "**Setting `wide`**" in report and "| topk | a fixed count of k latents on every sample |" in report
     assert "| batchtopk | topk | mcc@wide | secondary |" in report
+    assert "Breaks: Zipf firing (constant firing probabilities)" in report
+    assert "d_sae = number of true features (here 32 latents for 12 features)" in report
     trained: list[str] = []
     train = SyntheticStudy.train
     monkeypatch.setattr(SyntheticStudy, "train", lambda self, runs: trained.extend(r.label for r in runs)

@@ -75,9 +75,11 @@ def check_settings(value: Any, source: str, base: dict[str, Any]) -> list[dict[s
                               "_ and -)")
         names.append(name)
         unknown = sorted(set(s) - _SETTING_KEYS)
-        if unknown or len(s) < 2:
-            raise ConfigError(f"settings[{i}] ({name}): keys {unknown or sorted(s)} are not allowed; {usage} "
-                              "(at least one of synthetic_model and d_sae)")
+        if unknown:
+            raise ConfigError(f"settings[{i}] ({name}): keys {unknown} are not allowed; {usage}")
+        if len(s) < 2:
+            raise ConfigError(f"settings[{i}] ({name}) changes nothing; {usage} (at least one of synthetic_model "
+                              "and d_sae)")
         model = s.get("synthetic_model", {})
         if not isinstance(model, dict) or not model and "d_sae" not in s:
             raise ConfigError(f"settings[{i}] ({name}).synthetic_model={model!r} is not allowed; {usage}")
@@ -123,12 +125,10 @@ def broken_priors(base: dict[str, Any], setting: dict[str, Any]) -> list[str]:
         out.append("unit magnitudes: every rule ranks by the size of z, which now also carries the magnitude")
     if "correlation" in model:
         out.append("independent features: co-firing spreads the true count per sample, against TopK's fixed k")
-    if setting.get("d_sae", base["sae"].get("d_sae")) != base_model.get("num_features", base["sae"].get("d_sae")) \
-            or "num_features" in model:
-        d = setting.get("d_sae", base["sae"].get("d_sae"))
-        out.append(f"d_sae = number of true features (here {d} latents for "
-                   f"{model.get('num_features', base_model.get('num_features'))} features): Feature Choice gives "
-                   "every latent a capacity, so latents beyond the features must fire anyway; aux_k revives them")
+    d, features = setting.get("d_sae", base["sae"].get("d_sae")), model.get("num_features", base_model["num_features"])
+    if d != features:
+        out.append(f"d_sae = number of true features (here {d} latents for {features} features): Feature Choice "
+                   "gives every latent a capacity, so latents beyond the features must fire anyway; aux_k revives them")
     return out
 
 
