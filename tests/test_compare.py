@@ -426,6 +426,9 @@ def test_shipped_configs_build(name):
     assert len(cfg["seeds"]) >= 5 and len(cfg["margin_seeds"]) >= 4 and len(cfg["lr_values"]) >= 4
     assert len({*cfg["frontier_k"], cfg["base"]["sae"]["k"]}) >= 3 and cfg["eval"]["selection_rows"] > 0
     assert cfg["eval"]["sparse_probe_tokens"] > 0 if cfg["source"] == "language_model" else len(cfg["hierarchies"]) >= 2
+    if cfg["source"] == "synthetic":  # settings that break the Zipf, magnitude, independence and width priors
+        wider = [s for s in cfg["settings"] if s.get("d_sae", 0) > cfg["base"]["sae"]["d_sae"]]
+        assert len(cfg["settings"]) >= 2 and wider
     if cfg["source"] == "language_model":
         betas = {a["sae"].get("beta", 1.0) for a in cfg["architectures"] if a["architecture"] == "gradient_topk"}
         assert 0 in betas and len(betas) >= 2
@@ -488,6 +491,95 @@ def test_synthetic_comparison_claims_absorption_on_hierarchies_and_reports_stabi
     report = (tmp_path / "h" / "report.md").read_text()
     assert "**Absorption on hierarchy `flat`**" in report and "**Absorption on hierarchy `deep`**" in report
     assert "| batchtopk | topk | absorption_deep | secondary |" in report
+
+
+def _settings_config() -> dict:
+    """Two arms, 3 seeds, 2 margin seeds and one setting: 12 features firing at a constant 0.1 under
+    a dictionary of 32 latents (the main model: 16 Zipf features, 16 latents)."""
+    cfg = _resume_config()
+    cfg.update(seeds=[0, 1, 2], hierarchies=None, settings=[{
+        "name": "wide", "d_sae": 32,
+        "synthetic_model": {"num_features": 12, "firing_probability": {"generator_name": "constant",
+                                                                       "probability": 0.1}}}])
+    return cfg
+
+
+def test_synthetic_settings_claim_on_their_own_model_and_resume(tmp_path, monkeypatch):
+    """A setting's claims `<metric>@<name>` are the setting runs' metrics (its own synthetic model
+    and d_sae), paired by seed, with margins from the control's margin seeds on the setting; a
+    second call on the finished folder trains nothing and gives the same claims."""
+    from sae_lens_allocation.analysis.compare.settings import SETTING_METRICS
+    from sae_lens_allocation.analysis.compare.synthetic_study import SyntheticStudy
+
+    result = run_compare(_settings_config(), output_dir=tmp_path / "s")
+    setting = result["settings"]["wide"]
+    assert setting["data"]["synthetic_model"]["num_features"] == 12
+    assert result["data"]["synthetic_model"]["num_features"] == 16
+    assert setting["data"]["true_l0"] == pytest.approx(12 * 0.1)
+    assert result["data"]["true_l0"] != pytest.approx(1.2)
+    twins = list(setting["metrics"])  # main runs arm by arm in seed order, then the margin runs
+    labels = [*result["main"]["topk"], *result["main"]["batchtopk"], *result["summary"]["margins"]["runs"]]
+    assert len(twins) == len(labels) == 8
+    for label, twin in zip(labels, twins):
+        for metric, _ in SETTING_METRICS:
+            assert result["runs"][label]["metrics"][f"{metric}@wide"] == setting["metrics"][twin][metric]
+    folder = Path(setting["folder"])
+    stored = [json.loads(p.read_text())["record"] for p in (folder / "records").glob("*.json")]
+    assert stored and {r["d_sae"] for r in stored} == {32}
+    assert {r["d_sae"] for r in result["runs"].values()} == {16}
+    (c,) = result["summary"]["contrasts"]
+    rows = {m["metric"]: m for m in c["metrics"]}
+    for metric, better in SETTING_METRICS:
+        row = rows[f"{metric}@wide"]
+        arm = [result["runs"][x]["metrics"][f"{metric}@wide"] for x in result["main"]["batchtopk"]]
+        control = [result["runs"][x]["metrics"][f"{metric}@wide"] for x in result["main"]["topk"]]
+        margin = result["summary"]["margins"]["metrics"][f"{metric}@wide"]
+        assert margin["values"] == [result["runs"][x]["metrics"][f"{metric}@wide"]
+                                    for x in result["summary"]["margins"]["runs"]]
+        assert row["role"] == "secondary" and row["better"] == better and row["margin"] == margin["margin"]
+        assert row["diff"] == pytest.approx(sum(a - b for a, b in zip(arm, control)) / 3)
+        assert row["verdict"] in VERDICTS
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "**Setting `wide`**" in report and "| topk | a fixed count of k latents on every sample |" in report
+    assert "| batchtopk | topk | mcc@wide | secondary |" in report
+    assert "Breaks: Zipf firing (constant firing probabilities)" in report
+    assert "d_sae = number of true features (here 32 latents for 12 features)" in report
+    trained: list[str] = []
+    train = SyntheticStudy.train
+    monkeypatch.setattr(SyntheticStudy, "train", lambda self, runs: trained.extend(r.label for r in runs)
+                        or train(self, runs))
+    again = run_compare(_settings_config(), output_dir=tmp_path / "s")
+    assert trained == [] and again["summary"]["contrasts"] == result["summary"]["contrasts"]
+    assert again["summary"]["margins"] == result["summary"]["margins"]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s.update(name="main"), None),
+    (lambda s: s.update(d_sae=0), "settings\\[0\\] \\(wide\\).d_sae=0 is not allowed"),
+    (lambda s: s.update(colour="red"), "settings\\[0\\] \\(wide\\): keys \\['colour'\\] are not allowed"),
+    (lambda s: s.pop("synthetic_model") and s.pop("d_sae"), "at least one of synthetic_model and d_sae"),
+    (lambda s: s["synthetic_model"].update(firing_probability={"generator_name": "poisson"}),
+     "settings\\[0\\] \\(wide\\).synthetic_model:.*poisson"),
+    (lambda s: s["synthetic_model"].update(num_feature=3), "settings\\[0\\] \\(wide\\).synthetic_model:.*num_feature"),
+    (lambda s: s["synthetic_model"].update(hierarchy={"max_depth": 1}), "hierarchies are the `hierarchies` key"),
+    (lambda s: s.update(name="a b"), "settings\\[0\\].name='a b' is not allowed"),
+])
+def test_setting_errors_are_one_line(edit, message):
+    cfg = _settings_config()
+    edit(cfg["settings"][0])
+    if message is None:  # a valid edit: the check passes
+        assert check_compare_config(cfg)["settings"][0]["name"] == "main"
+        return
+    with pytest.raises(ConfigError, match=message) as err:
+        check_compare_config(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_settings_need_the_synthetic_source(tmp_path):
+    cfg = _lm_config(tmp_path)
+    cfg["settings"] = [{"name": "wide", "d_sae": 32}]
+    with pytest.raises(ConfigError, match="settings is not allowed with source: language_model"):
+        check_compare_config(cfg)
 
 
 def _claims_part(report: str) -> str:

@@ -35,6 +35,9 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
     hierarchies:                      # synthetic, optional: absorption; the main and margin runs
       - {name: flat, total_root_nodes: 16, branching_factor: 4, max_depth: 1}   # train again on
                                       # base.synthetic_model with each (HierarchyConfig fields)
+    settings:                         # synthetic, optional: priors that differ (settings.py); the
+      - {name: wide, d_sae: 1024}     # main and margin runs train again with each one's
+                                      # synthetic_model fields and/or d_sae; claims <metric>@<name>
     lockstep: true                    # language_model: arms that share seed and lr train in one
                                       # multi-SAE run (one LM pass per batch)
     eval: {...}                       # see config._EVAL_DEFAULTS
@@ -76,7 +79,8 @@ random unit directions at the same alpha and the latents at 0.5 and 2 alpha), MC
 (synthetic, sae_lens.synthetic), training tokens/s; feature quality (feature_quality.py):
 absorption per hierarchy (`absorption_<name>`, a claim paired by seed), sparse probing
 (`sparse_probe_accuracy`, a claim; floor and ceiling once) and stability across each arm's seeds
-(described, no verdict). gradient_topk arms are evaluated twice: the
+(described, no verdict); per synthetic setting (settings.py) EV, MCC, F1 and dead share
+(`<metric>@<name>`, claims paired by seed). gradient_topk arms are evaluated twice: the
 plain-TopK export, and gradient selection on the held-out text (teacher forcing: g = d(sum
 next-token CE)/dx on the clean text).
 """

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from sae_lens_allocation.analysis.compare.frontier import MATCHED_SUFFIX
+from sae_lens_allocation.analysis.compare.settings import SETTING_METRICS, check_settings, setting_config
 from sae_lens_allocation.validation import one_line, reject_unknown_keys
 from sae_lens_allocation.yaml_config import ConfigError
 
 SOURCES = ("language_model", "synthetic")
 _TOP_KEYS = {"source", "output_dir", "seeds", "threads", "base", "architectures", "baseline",
              "contrasts", "lr_values", "k_values", "eval", "lockstep", "length_check", "margin_seeds",
-             "primary_metric", "frontier_k", "hierarchies"}
+             "primary_metric", "frontier_k", "hierarchies", "settings"}
 _LM = ("language_model",)
 # The metrics a contrast can claim: (metric of the arm, metric of the control it is paired with,
 # better: +1 higher is better, -1 lower, sources). Gradient selection at evaluation is paired
@@ -41,9 +42,12 @@ CLAIM_METRICS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
 
 def claim_metrics(cfg: dict[str, Any]) -> list[tuple[str, str, int]]:
     """(metric, control metric, better) of every claim of a comparison: CLAIM_METRICS of its source,
-    then the absorption on each of its hierarchies (`absorption_<name>`, lower is better)."""
+    then the absorption on each of its hierarchies (`absorption_<name>`, lower is better), then
+    settings.SETTING_METRICS on each of its settings (`<metric>@<name>`)."""
     out = [(m, base, better) for m, base, better, sources in CLAIM_METRICS if cfg["source"] in sources]
-    return out + [(f"absorption_{h['name']}",) * 2 + (-1,) for h in cfg.get("hierarchies") or []]
+    out += [(f"absorption_{h['name']}",) * 2 + (-1,) for h in cfg.get("hierarchies") or []]
+    return out + [(f"{m}@{s['name']}",) * 2 + (better,) for s in cfg.get("settings") or []
+                  for m, better in SETTING_METRICS]
 
 
 # Metrics also claimed at matched sparsity (frontier.py), with their direction.
@@ -265,6 +269,7 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "k_values": k_values, "length_check": length, "eval": ev, "margin_seeds": margin_seeds,
         "primary_metric": primary, "frontier_k": frontier_k,
         "hierarchies": _check_hierarchies(cfg.get("hierarchies"), source),
+        "settings": check_settings(cfg.get("settings"), source, base),
         "output_dir": str(cfg.get("output_dir") or "runs/compare"),
     }
     for entry in entries:
@@ -273,6 +278,12 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
                 run_config(out, make_run(out, entry, seeds[0], lr, k), Path(out["output_dir"]))
         if length:
             run_config(out, make_run(out, entry, seeds[0], None, None, length), Path(out["output_dir"]))
+        for setting in out["settings"]:
+            try:
+                sub = setting_config(out, setting)
+                run_config(sub, make_run(sub, entry, seeds[0], None, None), Path(out["output_dir"]))
+            except ConfigError as err:
+                raise ConfigError(f"settings ({setting['name']}): {err}") from None
     return out
 
 

@@ -19,6 +19,7 @@ from sae_lens_allocation.analysis.compare.config import Run, arm_setting, check_
 from sae_lens_allocation.analysis.compare.feature_quality import arm_stability, hierarchy_config
 from sae_lens_allocation.analysis.compare.heldout import sparsity_dead_share
 from sae_lens_allocation.analysis.compare.lm_study import LanguageModelStudy
+from sae_lens_allocation.analysis.compare.settings import SETTING_METRICS, setting_config
 from sae_lens_allocation.analysis.compare.store import Record, RunStore, RunTensors
 from sae_lens_allocation.analysis.compare.synthetic_study import SyntheticStudy
 from sae_lens_allocation.yaml_config import apply_overrides, read_yaml
@@ -111,16 +112,11 @@ class Runs:
                 self.study.data.setdefault(source["where"], {})[source["seed"]] = info
 
 
-def hierarchy_runs(cfg: dict[str, Any], hierarchy: dict[str, Any], out: Path, runs: list[Run],
-                   records: dict[str, Record]) -> dict[str, Any]:
-    """`runs` (the main and margin runs) again on the synthetic model with `hierarchy`, stored in
-    out/hierarchy-<name>; each run's absorption there joins its main record's metrics as
-    `absorption_<name>` (a claim metric, config.claim_metrics), so it is paired by seed as the other
-    metrics are. These runs report no other claim, so their dead share reads `eval.samples` samples
-    rather than `eval.density_samples`."""
-    sub = hierarchy_config(cfg, hierarchy)
-    sub["eval"]["density_samples"] = sub["eval"]["samples"]
-    folder = out / f"hierarchy-{hierarchy['name']}"
+def _runs_again(sub: dict[str, Any], folder: Path, runs: list[Run], records: dict[str, Record],
+                names: dict[str, str]) -> dict[str, Any]:
+    """`runs` (the main and margin runs, each at its own seed and lr) again under the comparison
+    config `sub`, stored in `folder`; each run's metric m there joins its main record's metrics as
+    names[m], so it is paired by seed as the other metrics are (a claim metric, config.claim_metrics)."""
     study = SyntheticStudy(sub, folder)
     done = Runs(study, RunStore(folder, sub, study.data))
     again = [make_run(sub, next(e for e in sub["architectures"] if e["name"] == r.arm), r.seed, r.lr, None)
@@ -128,10 +124,30 @@ def hierarchy_runs(cfg: dict[str, Any], hierarchy: dict[str, Any], out: Path, ru
     done.execute(again)
     for run, twin in zip(runs, again):
         m = done.records[twin.label]["metrics"]
-        records[run.label]["metrics"][f"absorption_{hierarchy['name']}"] = m["absorption"]
-        records[run.label]["metrics"][f"main_silent_{hierarchy['name']}"] = m["main_silent"]
+        records[run.label]["metrics"].update({new: m[old] for old, new in names.items()})
     return {"folder": str(folder), "data": study.data,
             "metrics": {r.label: done.records[r.label]["metrics"] for r in again}}
+
+
+def hierarchy_runs(cfg: dict[str, Any], hierarchy: dict[str, Any], out: Path, runs: list[Run],
+                   records: dict[str, Record]) -> dict[str, Any]:
+    """`runs` again on the synthetic model with `hierarchy`, in out/hierarchy-<name>; their
+    absorption becomes `absorption_<name>`. These runs report no other claim, so their dead share
+    reads `eval.samples` samples rather than `eval.density_samples`."""
+    sub = hierarchy_config(cfg, hierarchy)
+    sub["eval"]["density_samples"] = sub["eval"]["samples"]
+    name = hierarchy["name"]
+    return _runs_again(sub, out / f"hierarchy-{name}", runs, records,
+                       {"absorption": f"absorption_{name}", "main_silent": f"main_silent_{name}"})
+
+
+def setting_runs(cfg: dict[str, Any], setting: dict[str, Any], out: Path, runs: list[Run],
+                 records: dict[str, Record]) -> dict[str, Any]:
+    """`runs` again on a setting's synthetic model and d_sae (compare/settings.py), in
+    out/setting-<name>; each of settings.SETTING_METRICS m becomes `m@<name>`."""
+    name = setting["name"]
+    return _runs_again(setting_config(cfg, setting), out / f"setting-{name}", runs, records,
+                       {m: f"{m}@{name}" for m, _ in SETTING_METRICS})
 
 
 def selection_metric(source: str) -> tuple[str, int]:
@@ -194,8 +210,9 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
     done.execute([r for runs in frontier for r in runs])
     frontier_labels = [[r.label for r in runs] for runs in frontier]
     main_labels = {arm: [r.label for r in runs] for arm, runs in main.items()}
-    hierarchies = {h["name"]: hierarchy_runs(cfg, h, out, [*(r for runs in main.values() for r in runs), *margin_runs],
-                                             records) for h in cfg["hierarchies"]}
+    again = [*(r for runs in main.values() for r in runs), *margin_runs]
+    hierarchies = {h["name"]: hierarchy_runs(cfg, h, out, again, records) for h in cfg["hierarchies"]}
+    settings = {s["name"]: setting_runs(cfg, s, out, again, records) for s in cfg["settings"]}
     margins = measure_margins(cfg, [records[r.label] for r in margin_runs])
     summary = summarise(cfg, records, main_labels, margins, frontier_labels)
     summary["stability"] = arm_stability(records, main_labels)
@@ -210,7 +227,7 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
         "source": cfg["source"], "seeds": seeds, "baseline": cfg["baseline"], "data": study.data,
         "selection": {"metric": metric, "better": better}, "best_lr": best_lr, "lr_sweep": lr_sweep,
         "k_sweep": k_sweep, "main": main_labels, "frontier": frontier_labels, "summary": summary,
-        "hierarchies": hierarchies, "probing": getattr(study, "probing", None),
+        "hierarchies": hierarchies, "settings": settings, "probing": getattr(study, "probing", None),
         "length_check": length,
         "total_seconds": time.perf_counter() - start,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sae_lens_allocation.analysis.compare.settings import settings_report
 from sae_lens_allocation.analysis.statistics import summarize
 
 # (metric, header, digits) of the main table, by source.
@@ -371,6 +372,8 @@ def write_report(result: dict[str, Any], out: Path, config_path: str | None) -> 
               "below 0.05 is inconclusive); the secondary claims are reported without adjustment.", "",
               "## Margins (measured on control seeds)", "", margin_table(result), "",
               *(["## Feature quality", "", feature_quality(result), ""] if feature_quality(result) else []),
+              *(["## Synthetic settings (priors that differ from the main model)", "", settings_report(result, _pm),
+                 ""] if result["config"].get("settings") else []),
               "## Anneal diagnostic (training rule, held-out rows)", "",
               "The change of the training rule's EV and dead share between its last two evaluations, beside "
               "the seed sd of the final value; a diagnostic, not a convergence test.", "", anneal_table(result), ""]
