@@ -66,13 +66,17 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
     saved = json.loads((out / "results.json").read_text())
     arms = ["topk", "mc-aux_zipf", "fc-zipf", "g-beta1", "g-beta0"]
     assert list(saved["summary"]["arms"]) == arms
-    # 2 lrs x 5 arms on seed 3, the second seed at each arm's best lr, k = 2 at the best lr,
-    # topk on the two margin seeds
-    assert len(saved["runs"]) == 2 * 5 + 5 + 5 + 2
+    # 2 lrs x 5 arms on the two selection seeds (the main runs among them), k = 2 at the best lr
+    # on both seeds, topk on the two margin seeds
+    assert len(saved["runs"]) == 2 * 5 * 2 + 5 * 2 + 2
+    assert saved["selection"]["seeds"] == [3, 4] and saved["lr_at_edge"] == []
     for arm in arms:
         assert saved["best_lr"][arm] in (1e-3, 3e-3)
         best = min(result["lr_sweep"][arm].values())  # lowest CE with the SAE spliced in
         assert result["lr_sweep"][arm][result["best_lr"][arm]] == best
+        for lr, score in result["lr_sweep"][arm].items():  # the mean over the two selection seeds
+            per_seed = [saved["runs"][f"{arm}@lr={lr:g},k=4,seed={s}"]["selection"]["ce_with_sae"] for s in (3, 4)]
+            assert score == pytest.approx(sum(per_seed) / 2)
         labels = saved["main"][arm]
         assert [saved["runs"][x]["seed"] for x in labels] == [3, 4]
         assert {saved["runs"][x]["lr"] for x in labels} == {saved["best_lr"][arm]}
@@ -81,6 +85,8 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
         assert ev["n"] == 2 and ev["low"] <= ev["mean"] <= ev["high"]
         assert set(s["anneal"]) == {"explained_variance", "dead_share"}
         assert set(saved["k_sweep"][arm]) == {"2", "4"}
+        assert [saved["runs"][x]["seed"] for x in saved["k_sweep"][arm]["2"]] == [3, 4]
+        assert saved["k_sweep"][arm]["4"] == labels
         for x in labels:
             run = saved["runs"][x]
             tokens = [p["tokens"] for p in run["convergence"]]
@@ -133,13 +139,13 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
     assert set(rows) == set(saved["runs"])
     # the lr is chosen on the first 4 held-out rows; every reported figure is over the other 12
     for arm in arms:
-        label = saved["main"][arm][0]
-        sums = rows[label]["rows"]["export"]
-        part = {key: sums[key] for key in ("ce_sae", "n_pred")}
-        assert result["lr_sweep"][arm][result["best_lr"][arm]] == pytest.approx(
-            float(rm.ce_with_sae({k: v[:4].double().sum(0) for k, v in part.items()})))
+        chosen = []
+        for label in saved["main"][arm]:
+            sums = rows[label]["rows"]["export"]
+            chosen.append(float(rm.ce_with_sae({k: sums[k][:4].double().sum(0) for k in ("ce_sae", "n_pred")})))
+        assert result["lr_sweep"][arm][result["best_lr"][arm]] == pytest.approx(sum(chosen) / 2)
         assert saved["runs"][label]["metrics"]["ce_with_sae"] == pytest.approx(
-            float(rm.ce_with_sae({k: v[4:].double().sum(0) for k, v in part.items()})))
+            float(rm.ce_with_sae({k: sums[k][4:].double().sum(0) for k in ("ce_sae", "n_pred")})))
         assert sums["sse"].shape[0] == 16
     # The report renders the same from the saved results.json (lr keys are strings there).
     (tmp_path / "again").mkdir()
@@ -253,9 +259,10 @@ def test_synthetic_comparison_with_seeds_and_k_sweep(tmp_path):
         "eval": {"samples": 2048, "block_samples": 64, "density_samples": 4096, "probe_rows": 512},
     }
     result = run_compare(cfg, output_dir=tmp_path / "syn")
-    # 2 arms x 3 seeds, the k sweep, the length check on every seed, 3 margin runs, topk at k = 1
-    # and 4 on the seeds (k = 4 on seed 0 is the k sweep's run)
-    assert len(result["runs"]) == 2 * 3 + 2 + 2 * 3 + 3 + 5
+    # 2 arms x 3 seeds, the k sweep on every seed, the length check on every seed, 3 margin runs,
+    # topk at k = 1 on the seeds (its k = 4 runs are the k sweep's)
+    assert len(result["runs"]) == 2 * 3 + 2 * 3 + 2 * 3 + 3 + 3
+    assert [result["runs"][x]["seed"] for x in result["k_sweep"]["fc-uniform"]["4"]] == [0, 1, 2]
     assert [[result["runs"][x]["k"] for x in labels] for labels in result["frontier"]] == [[1, 2, 4]] * 3
     for labels in result["length_check"]["runs"].values():
         for label in labels:
@@ -380,6 +387,8 @@ def test_training_gap_compares_export_and_batch_rule_on_the_same_whole_batches()
          "contrasts"),
         (lambda c: c["eval"].update(steering_scale=-1), "eval.steering_scale"),
         (lambda c: c["architectures"].append({"architecture": "topk"}), "used twice"),
+        (lambda c: c.update(selection_seeds=3), "selection_seeds=3 is not allowed"),
+        (lambda c: c.update(selection_seeds=0), "selection_seeds=0 is not allowed"),
         (lambda c: c.update(length_check=1), "length_check=1 is not allowed"),
         (lambda c: c.update(length_check="2x"), "length_check='2x' is not allowed"),
         (lambda c: c.update(hierarchies=[{"name": "h", "max_depth": 1}]), "hierarchies is not allowed with source"),

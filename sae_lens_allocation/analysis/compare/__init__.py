@@ -23,9 +23,10 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
                                       # arm named topk, else the first)
     contrasts: [{arm: g-beta1, against: g-beta0, primary: kl}]   # further paired comparisons
                                       # (primary optional, default primary_metric)
-    lr_values: [3.0e-4, 1.0e-3, 3.0e-3]   # optional lr sweep on seeds[0] at the main k; every arm
-                                      # is then reported at its best lr
-    k_values: [8, 32]                 # optional k sweep on seeds[0] at each arm's best lr
+    lr_values: [3.0e-4, 1.0e-3, 3.0e-3]   # optional lr sweep on the first selection_seeds seeds at
+                                      # the main k; every arm is then reported at its best lr
+    selection_seeds: 2                # seeds the lr is chosen on (default 2, or 1 with one seed)
+    k_values: [8, 32]                 # optional: every arm at these k on every seed at its best lr
     frontier_k: [8, 32]               # optional: the baseline at these k on every seed (with its
                                       # own k at least 3 values): claims at matched sparsity,
                                       # <metric>_at_matched_l0 (frontier.py)
@@ -42,11 +43,13 @@ Config (YAML mapping; every key checked, errors are one-line `ConfigError`s):
                                       # multi-SAE run (one LM pass per batch)
     eval: {...}                       # see config._EVAL_DEFAULTS
 
-Protocol (docs/results.md "Protocol"): (1) the lr sweep, one seed, main k; the best lr of an arm
-has the lowest held-out CE with the SAE spliced in (language model) or the highest explained
-variance (synthetic); (2) every arm at its best lr and the main k for every seed (the sweep's run
-at seeds[0] is reused); (3) the baseline on the margin seeds at its best lr, and at each of
-`frontier_k` on every seed; (4) the k sweep on seeds[0]; (5) the length check on every seed. Main-k
+Protocol (docs/results.md "Protocol"): (1) the lr sweep on the first `selection_seeds` seeds at
+the main k; the best lr of an arm has the lowest mean selection-row CE with the SAE spliced in
+(language model) or the highest mean selection EV (synthetic), and an arm whose best lr is an end
+point of the grid is named in the report; (2) every arm at its best lr and the main k for every
+seed (the sweep's runs are reused); (3) the k sweep: every arm at each of `k_values` on every
+seed; (4) the baseline on the margin seeds at its best lr, and at each of `frontier_k` on every
+seed (the k sweep's runs where the k values coincide); (5) the length check on every seed. Main-k
 results are reported as mean +- sd over seeds, and per contrast and claim metric
 (config.CLAIM_METRICS) as the paired difference over seeds with its t interval, the margin measured
 on the margin seeds and a verdict (claims.py, statistics.py); one primary metric per contrast,

@@ -17,7 +17,7 @@ from sae_lens_allocation.yaml_config import ConfigError
 SOURCES = ("language_model", "synthetic")
 _TOP_KEYS = {"source", "output_dir", "seeds", "threads", "base", "architectures", "baseline",
              "contrasts", "lr_values", "k_values", "eval", "lockstep", "length_check", "margin_seeds",
-             "primary_metric", "frontier_k", "hierarchies", "settings"}
+             "primary_metric", "frontier_k", "hierarchies", "settings", "selection_seeds"}
 _LM = ("language_model",)
 # The metrics a contrast can claim: (metric of the arm, metric of the control it is paired with,
 # better: +1 higher is better, -1 lower, sources). Gradient selection at evaluation is paired
@@ -255,6 +255,11 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"margin_seeds={margin_seeds!r} is not allowed; use null or a list of at least 2 "
                           "distinct integers >= 0 that are not in seeds (the margins need control seeds that "
                           "take no part in the contrasts)")
+    selection_seeds = cfg.get("selection_seeds", min(2, len(seeds)))
+    if (isinstance(selection_seeds, bool) or not isinstance(selection_seeds, int)
+            or not 1 <= selection_seeds <= len(seeds)):
+        raise ConfigError(f"selection_seeds={selection_seeds!r} is not allowed; use an integer from 1 to the "
+                          f"number of seeds ({len(seeds)}): the lr is chosen on that many of the first seeds")
     lockstep = cfg.get("lockstep", True)
     if not isinstance(lockstep, bool):
         raise ConfigError(f"lockstep={lockstep!r} is not allowed; use true or false")
@@ -267,7 +272,7 @@ def check_compare_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "source": source, "seeds": seeds, "threads": threads, "base": base, "architectures": entries,
         "baseline": baseline, "contrasts": contrasts, "lockstep": lockstep, "lr_values": lr_values,
         "k_values": k_values, "length_check": length, "eval": ev, "margin_seeds": margin_seeds,
-        "primary_metric": primary, "frontier_k": frontier_k,
+        "primary_metric": primary, "frontier_k": frontier_k, "selection_seeds": selection_seeds,
         "hierarchies": _check_hierarchies(cfg.get("hierarchies"), source),
         "settings": check_settings(cfg.get("settings"), source, base),
         "output_dir": str(cfg.get("output_dir") or "runs/compare"),

@@ -182,23 +182,30 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
     metric, better = selection_metric(cfg["source"])
     best_lr = {e["name"]: arm_setting(cfg, e, "lr") for e in entries}
     lr_sweep: dict[str, dict[str, float]] = {}
+    lr_at_edge: list[str] = []
     if cfg["lr_values"]:
-        runs = [make_run(cfg, e, seeds[0], lr, None) for lr in cfg["lr_values"] for e in entries]
+        # The lr with the best mean selection metric over the first selection_seeds seeds.
+        chosen_on = seeds[:cfg["selection_seeds"]]
+        runs = [make_run(cfg, e, s, lr, None) for s in chosen_on for lr in cfg["lr_values"] for e in entries]
         done.execute(runs)
         for e in entries:
-            scores = {lr: records[make_run(cfg, e, seeds[0], lr, None).label]["selection"][metric]
-                      for lr in cfg["lr_values"]}
+            scores = {lr: sum(records[make_run(cfg, e, s, lr, None).label]["selection"][metric]
+                              for s in chosen_on) / len(chosen_on) for lr in cfg["lr_values"]}
             lr_sweep[e["name"]] = scores
             best_lr[e["name"]] = max(scores, key=lambda lr: better * scores[lr])
+            if len(scores) > 2 and best_lr[e["name"]] in (min(scores), max(scores)):
+                lr_at_edge.append(e["name"])
     main = {e["name"]: [make_run(cfg, e, s, best_lr[e["name"]], None) for s in seeds] for e in entries}
     done.execute([r for s in range(len(seeds)) for runs in main.values() for r in runs[s:s + 1]])
-    k_sweep: dict[str, dict[str, str]] = {}
+    # Every arm at every k of k_values on every seed (its main k is the main run).
+    k_sweep: dict[str, dict[str, list[str]]] = {}
     if cfg["k_values"]:
-        runs = [make_run(cfg, e, seeds[0], best_lr[e["name"]], k) for k in cfg["k_values"] for e in entries]
-        done.execute(runs)
+        done.execute([make_run(cfg, e, s, best_lr[e["name"]], k)
+                      for s in seeds for k in cfg["k_values"] for e in entries])
         for e in entries:
             ks = sorted({*cfg["k_values"], arm_setting(cfg, e, "k")})
-            k_sweep[e["name"]] = {f"{k:g}": make_run(cfg, e, seeds[0], best_lr[e["name"]], k).label for k in ks}
+            k_sweep[e["name"]] = {f"{k:g}": [make_run(cfg, e, s, best_lr[e["name"]], k).label for s in seeds]
+                                  for k in ks}
     # The margins' control runs: the baseline at its best lr on seeds no contrast uses.
     control = next(e for e in entries if e["name"] == cfg["baseline"])
     margin_runs = [make_run(cfg, control, s, best_lr[control["name"]], None) for s in cfg["margin_seeds"] or []]
@@ -225,7 +232,8 @@ def run_compare(cfg: dict[str, Any], output_dir: str | Path | None = None, overr
                               summary)
     result: dict[str, Any] = {
         "source": cfg["source"], "seeds": seeds, "baseline": cfg["baseline"], "data": study.data,
-        "selection": {"metric": metric, "better": better}, "best_lr": best_lr, "lr_sweep": lr_sweep,
+        "selection": {"metric": metric, "better": better, "seeds": seeds[:cfg["selection_seeds"]]},
+        "best_lr": best_lr, "lr_sweep": lr_sweep, "lr_at_edge": lr_at_edge,
         "k_sweep": k_sweep, "main": main_labels, "frontier": frontier_labels, "summary": summary,
         "hierarchies": hierarchies, "settings": settings, "probing": getattr(study, "probing", None),
         "length_check": length,

@@ -7,6 +7,7 @@ the two g-SAE protocols, per-token L0 and log-density histograms, and metrics ag
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -234,20 +235,38 @@ def lr_table(result: dict[str, Any]) -> str:
     for arm, scores in sweep.items():
         best = result["best_lr"][arm]
         cells = [f"**{scores[lr]:.4f}**" if lr == best else f"{scores[lr]:.4f}" for lr in lrs]
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {best:g} |")
-    return f"Selection metric: {metric} on seed {result['seeds'][0]}.\n\n" + "\n".join(lines)
+        edge = " (end of the grid)" if arm in result["lr_at_edge"] else ""
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {best:g}{edge} |")
+    seeds = ", ".join(str(s) for s in result["selection"]["seeds"])
+    edge = (f" The best lr is an end point of the grid for {', '.join(result['lr_at_edge'])}: the grid does "
+            "not bracket it." if result["lr_at_edge"] else " Every arm's best lr lies inside the grid.")
+    return (f"Selection metric: {metric} on the selection rows, mean over seeds {seeds}.{edge}\n\n"
+            + "\n".join(lines))
+
+
+def _k_sweep_metrics(result: dict[str, Any], labels: dict[str, list[str]]) -> list[dict[str, float]]:
+    """Per k (in increasing order) the mean over seeds of each metric of the arm's runs."""
+    out = []
+    for k in sorted(labels, key=float):
+        runs = [result["runs"][label]["metrics"] for label in labels[k]]
+        names = [m for m in ("l0", "explained_variance", "ce_recovered", "kl", "mcc") if m in runs[0]]
+        out.append({"k": float(k), **{m: sum(r[m] for r in runs) / len(runs) for m in names},
+                    "sd_explained_variance": statistics.stdev([r["explained_variance"] for r in runs])
+                    if len(runs) > 1 else 0.0})
+    return out
 
 
 def k_table(result: dict[str, Any]) -> str:
     if not result["k_sweep"]:
         return ""
     lm = result["source"] == "language_model"
-    head = ["arm", "k", "L0", "EV"] + (["CE rec.", "KL"] if lm else ["MCC"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["arm", "k", "L0", "EV (sd)"] + (["CE rec.", "KL"] if lm else ["MCC"])
+    lines = [f"Means over seeds {', '.join(str(s) for s in result['seeds'])}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, labels in result["k_sweep"].items():
-        for k, label in labels.items():
-            m = result["runs"][label]["metrics"]
-            cells = [arm, k, f"{m['l0']:.2f}", f"{m['explained_variance']:.4f}"]
+        for m in _k_sweep_metrics(result, labels):
+            cells = [arm, f"{m['k']:g}", f"{m['l0']:.2f}",
+                     f"{m['explained_variance']:.4f} ({m['sd_explained_variance']:.4f})"]
             cells += [f"{m['ce_recovered']:.4f}", f"{m['kl']:.4f}"] if lm else [f"{m['mcc']:.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -313,13 +332,13 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
         for ax, (metric, name) in zip(axes[0], metrics):
             for arm, labels in result["k_sweep"].items():
-                ms = sorted((result["runs"][lab]["metrics"] for lab in labels.values()), key=lambda m: m["l0"])
+                ms = _k_sweep_metrics(result, labels)
                 ax.plot([m["l0"] for m in ms], [m[metric] for m in ms], marker="o", label=arm)
             ax.set_xscale("log")
             ax.set_xlabel("mean L0 of the export (held-out)")
             ax.set_ylabel(name)
         axes[0][0].legend(fontsize=6)
-        fig.suptitle(f"k sweep, seed {result['seeds'][0]}: metrics against measured L0")
+        fig.suptitle("k sweep, means over seeds: metrics against measured L0")
         fig.tight_layout()
         fig.savefig(out / "metrics_vs_l0.png", dpi=100)
         plt.close(fig)
