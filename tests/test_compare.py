@@ -96,6 +96,7 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
             assert run["metrics"]["steering"] >= 0 and run["metrics"]["steering_x2"] >= 0
             assert run["metrics"]["steering_over_random"] == pytest.approx(
                 run["metrics"]["steering"] / saved["data"]["steering_random"])
+            assert math.isfinite(run["metrics"]["steering_specificity"])
     # beta = 0 with aux_k is SAELens TopK on the same data: the control equals the baseline exactly
     topk, g0 = (saved["summary"]["arms"][a]["metrics"] for a in ("topk", "g-beta0"))
     for m in ("explained_variance", "ce_with_sae", "dead_share"):
@@ -128,6 +129,7 @@ def test_language_model_comparison_end_to_end(tmp_path, tiny_model):
     assert set(stability["arms"]) == set(arms) and stability["arms"]["topk"]["pairs"] == 1
     assert all("matched_share" not in m["metric"] for rows in contrasts.values() for m in rows)
     report = (out / "report.md").read_text()
+    assert "specificity (nats)" in report and math.isfinite(saved["data"]["steering_specificity_random"])
     assert "**Sparse probing**" in report and f"{probing['ceiling']:.3f}" in report
     assert "**Stability across seeds**" in report and "no t verdict" in report
     for section in ("Main results", "## Verdicts", "## Margins", "Anneal diagnostic", "## Steering",

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sae_lens_allocation.analysis import row_metrics as rm
 from sae_lens_allocation.analysis import statistics as stats
-from sae_lens_allocation.analysis.steering import pick_latents, random_directions, steering_effects
+from sae_lens_allocation.analysis.steering import own_tokens, pick_latents, random_directions, steering_effects
 from sae_lens_allocation.tokens import keep_mask
 
 import support
@@ -193,12 +193,28 @@ def test_steering_effects_are_zero_without_a_push_and_grow_with_it(tiny_model):
     none = steering_effects(tiny_model, contexts, support.HOOK_NAME, W, latents, 0.0, [])
     small = steering_effects(tiny_model, contexts, support.HOOK_NAME, W, latents, 1.0, [])
     large = steering_effects(tiny_model, contexts, support.HOOK_NAME, W, latents, 10.0, [])
-    assert torch.allclose(none, torch.zeros(2), atol=1e-6)
-    assert torch.all(small > 0) and torch.all(large > small)
+    assert torch.allclose(none.kl, torch.zeros(2), atol=1e-6)
+    assert torch.allclose(none.specificity, torch.zeros(2), atol=1e-6)
+    assert torch.all(small.kl > 0) and torch.all(large.kl > small.kl)
     fired = torch.tensor([0.0, 2.0, 0.0, 5.0, 1.0])
     picked = pick_latents(fired, 2, seed=0)
     assert len(picked) == 2 and set(picked.tolist()) <= {1, 3, 4}
     assert set(pick_latents(fired, 10, seed=0).tolist()) == {1, 3, 4}
+
+
+def test_steering_specificity_at_the_final_layernorm_is_the_direct_logit_gain_of_the_own_tokens(tiny_model):
+    # Added after the final LayerNorm's division, u moves every logit by alpha (u * w_ln) W_U, so
+    # Delta_t is that gain less the log-partition shift, which the difference of means cancels.
+    contexts = torch.tensor(support.tiny_dataset(2, seed=4)["tokens"])
+    W = torch.randn(3, support.D_MODEL, generator=torch.Generator().manual_seed(0))
+    units = W / W.norm(dim=-1, keepdim=True)
+    alpha = 0.5
+    got = steering_effects(tiny_model, contexts, "ln_final.hook_normalized", W, torch.arange(3), alpha, [])
+    gain = alpha * (units * tiny_model.ln_final.w) @ tiny_model.W_U
+    own = own_tokens(tiny_model, units)
+    assert own.shape == (3, 10) and torch.equal(own, gain.topk(10, dim=-1).indices)
+    expected = gain.gather(1, own).mean(1) - gain.mean(1)
+    assert torch.allclose(got.specificity, expected, atol=1e-4) and torch.all(got.specificity > 0)
 
 
 def test_random_directions_are_unit_vectors_fixed_by_their_seed():

@@ -159,12 +159,14 @@ class LanguageModelStudy:
         # every run (analysis/steering.py).
         contexts = self.tokens[: ev["steering_contexts"]]
         random = random_directions(ev["steering_latents"], x.shape[-1], 0).to(x.device)
-        self.steering_random = float(steering_effects(model, contexts, self.hook, random,
-                                                      torch.arange(random.shape[0]), self.alpha, self.special).mean())
+        control = steering_effects(model, contexts, self.hook, random, torch.arange(random.shape[0]), self.alpha,
+                                   self.special)
+        self.steering_random = float(control.kl.mean())
         self.data = {"heldout_tokens_sha256": tensor_sha256(self.tokens), "heldout_rows": n_rows,
                      "heldout_tokens": int(self.keep.sum()), "ce_rows": int(self.ce_tokens.shape[0]),
                      "model": first.model_name, "hook_name": self.hook, "steering_alpha": self.alpha,
-                     "steering_random": self.steering_random}
+                     "steering_random": self.steering_random,
+                     "steering_specificity_random": float(control.specificity.mean())}
         # The embedded corpus: each seed's runner builds that seed's rows (module docstring).
         self.embedded_rows = override_dataset is None and first.dataset_path == EMBEDDED
         self.seed_rows = {seed: dataset if seed == first.seed or not self.embedded_rows
@@ -288,15 +290,17 @@ class LanguageModelStudy:
         shares = underused_share(fired, n_tokens, ev["underused_tau"], ev["fit_fraction"])
         latents = pick_latents(acts["fired"], ev["steering_latents"], run.seed)
         contexts = self.tokens[: ev["steering_contexts"]]
-        steer = steering_effects(self.model, contexts, self.hook, export.W_dec.detach(), latents, self.alpha,
-                                 self.special)
+        effects = steering_effects(self.model, contexts, self.hook, export.W_dec.detach(), latents, self.alpha,
+                                   self.special)
+        steer = effects.kl
         # Dose-response: the same latents at multiples of alpha (analysis/steering.py).
         dose: dict[str, float | None] = {
             f"steering_x{m:g}": float(steering_effects(self.model, contexts, self.hook, export.W_dec.detach(),
-                                                       latents, m * self.alpha, self.special).mean())
+                                                       latents, m * self.alpha, self.special).kl.mean())
             for m in STEERING_DOSES if latents.numel()}
         if latents.numel():
             dose["steering_over_random"] = float(steer.mean()) / self.steering_random
+            dose["steering_specificity"] = float(effects.specificity.mean())
         if self.probes is not None:
             dose["sparse_probe_accuracy"] = self.probes.accuracy(export)
         return {

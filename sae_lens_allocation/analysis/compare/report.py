@@ -113,19 +113,22 @@ def matched_table(result: dict[str, Any]) -> str:
 
 
 def steering_table(result: dict[str, Any]) -> str:
-    """The steering diagnostic with its controls: the effect at 0.5, 1 and 2 times alpha, and over
-    random unit directions at alpha (analysis/steering.py)."""
+    """The steering diagnostic with its controls: the effect at 0.5, 1 and 2 times alpha, over
+    random unit directions at alpha, and its specificity beside theirs (analysis/steering.py)."""
     rows = [(arm, s["metrics"]) for arm, s in result["summary"]["arms"].items()
             if "steering_over_random" in s["metrics"]]
     if not rows:
         return ""
-    lines = [f"Random unit directions at alpha: KL {result['data']['steering_random']:.4f}. Mean ± sd over seeds; "
+    data = result["data"]
+    lines = [f"Random unit directions at alpha: KL {data['steering_random']:.4f}, specificity "
+             f"{_num(data.get('steering_specificity_random'), '+.4f')} nats. Mean ± sd over seeds; "
              "a diagnostic without a verdict.", "",
-             "| arm | KL at 0.5 alpha | KL at alpha | KL at 2 alpha | over random directions |",
-             "|---|---|---|---|---|"]
+             "| arm | KL at 0.5 alpha | KL at alpha | KL at 2 alpha | over random directions | specificity (nats) |",
+             "|---|---|---|---|---|---|"]
     for arm, m in rows:
         lines.append(f"| {arm} | {_pm(m.get('steering_x0.5'), 4)} | {_pm(m.get('steering'), 4)} | "
-                     f"{_pm(m.get('steering_x2'), 4)} | {_pm(m['steering_over_random'], 2)} |")
+                     f"{_pm(m.get('steering_x2'), 4)} | {_pm(m['steering_over_random'], 2)} | "
+                     f"{_pm(m.get('steering_specificity'), 4)} |")
     return "\n".join(lines)
 
 
