@@ -616,7 +616,7 @@ def test_an_interrupted_comparison_resumes_to_the_report_of_an_uninterrupted_one
     evaluated: list[str] = []
 
     def failing_evaluate(self, run, done):
-        if len(evaluated) == 5:  # killed within the third seed's training group
+        if len(evaluated) == 5:  # killed at the sixth evaluation: the five before it are stored
             raise KeyboardInterrupt
         evaluated.append(run.label)
         return evaluate(self, run, done)

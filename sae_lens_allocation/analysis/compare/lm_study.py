@@ -110,6 +110,8 @@ class LanguageModelStudy:
 
     def __init__(self, cfg: dict[str, Any], out: Path, override_model: Any, override_dataset: Any,
                  override_heldout: Any) -> None:
+        # Runs of one seed and lr train together (one LM pass per batch) when the config allows.
+        self.lockstep: bool = cfg["lockstep"]
         from sae_lens_allocation.training.sources import (
             EMBEDDED,
             embedded_tokens,

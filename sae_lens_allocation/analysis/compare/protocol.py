@@ -84,10 +84,12 @@ class Runs:
     tensors: dict[str, RunTensors] = dataclasses.field(default_factory=dict)
 
     def execute(self, runs: list[Run]) -> None:
-        """Reuse the stored runs, then train and evaluate the others grouped by (seed, lr): one
-        multi-SAE run each; then the study's data gains where each run's dead share read its
-        tokens, in the order of `runs` (the same whether a run is fresh or reused)."""
-        groups: dict[tuple[int, Any], list[Run]] = {}
+        """Reuse the stored runs, then train and evaluate the others, grouped by (seed, lr) where
+        the study trains in lockstep (one multi-SAE run each), else one at a time; each group is
+        stored as soon as it is evaluated, so an interruption loses at most one group. Then the
+        study's data gains where each run's dead share read its tokens, in the order of `runs`
+        (the same whether a run is fresh or reused)."""
+        groups: dict[Any, list[Run]] = {}
         for run in runs:
             if run.label in self.records:
                 continue
@@ -95,7 +97,7 @@ class Runs:
             if stored is not None:
                 self.records[run.label], self.tensors[run.label] = stored
             else:
-                groups.setdefault((run.seed, run.lr), []).append(run)
+                groups.setdefault((run.seed, run.lr) if self.study.lockstep else run.label, []).append(run)
         for group in groups.values():
             trained = self.study.train(group)
             for run in group:

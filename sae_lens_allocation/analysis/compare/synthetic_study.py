@@ -40,6 +40,9 @@ def synthetic_batches(model: Any, batch_size: int, seed: int) -> Iterator[torch.
 class SyntheticStudy:
     """Held-out samples of a synthetic comparison, and training and evaluation of its runs."""
 
+    # Runs share nothing while training, so each is trained, evaluated and stored on its own.
+    lockstep = False
+
     def __init__(self, cfg: dict[str, Any], out: Path) -> None:
         from sae_lens.synthetic import SyntheticModel
 
