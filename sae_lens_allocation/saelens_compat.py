@@ -311,10 +311,10 @@ class PluginMultiSAETrainer(MultiSAETrainer):
 
 
 class SeamedSAETrainer(PluginSAETrainer):
-    """SAELens' `SAETrainer` whose training step has two seams: `count_firing` (the per-latent
-    firing counts of the batch, before they update the dead-latent statistics) and
-    `before_clip` (after the backward pass, before the grad-norm clip). Without overrides it is
-    SAELens' step exactly."""
+    """SAELens' `SAETrainer` whose training step has three seams: `count_firing` (the per-latent
+    firing counts of the batch, before they update the dead-latent statistics), `before_clip`
+    (after the backward pass, before the grad-norm clip) and `clip_gradients` (SAELens' clip at
+    norm 1.0). Without overrides it is SAELens' step exactly."""
 
     def count_firing(self, fired: torch.Tensor) -> torch.Tensor:
         """Per-latent firing counts of this step's batch [d_sae] (float)."""
@@ -322,6 +322,10 @@ class SeamedSAETrainer(PluginSAETrainer):
 
     def before_clip(self) -> None:
         """Called after `loss.backward()`, before the grad-norm clip and the optimiser step."""
+
+    def clip_gradients(self) -> None:
+        """SAELens' grad-norm clip: every gradient scaled by min(1, 1 / (||g|| + 1e-6))."""
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
 
     def _train_step(self, sae: TrainingSAE[Any], sae_in: torch.Tensor) -> TrainStepOutput:
         # Copied: SAETrainer._train_step (sae-lens 6.54), with the two seams.
@@ -350,7 +354,7 @@ class SeamedSAETrainer(PluginSAETrainer):
 
         output.loss.backward()
         self.before_clip()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.lr_scheduler.step()

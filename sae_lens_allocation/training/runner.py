@@ -15,6 +15,7 @@ SAEs from one LM pass: multi_runner.py.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,26 @@ def needs_activation_gradients(cfg: LanguageModelSAERunnerConfig[Any]) -> bool:
     return bool(getattr(cfg.sae, "needs_activation_gradients", False))
 
 
+def check_latent_shards(shards: int) -> None:
+    """`latent_shards` S > 1 needs W = WORLD_SIZE a multiple of S, and the runner does not
+    build the sharded run (its checkpoints and gathered export): refused in one line, never
+    trained unsharded."""
+    if shards == 1:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % shards:
+        raise field_error(
+            "sae.latent_shards", shards,
+            f"a divisor of the number of processes ({world}; torchrun --nproc-per-node W)",
+        )
+    raise field_error(
+        "sae.latent_shards", shards,
+        "1 under `train`: the runner does not write latent-sharded checkpoints or gathered "
+        "exports yet; train a sharded SAE with training.latent_shards.LatentShardedSAETrainer "
+        "(docs/distributed.md#latent-sharding)",
+    )
+
+
 def build_runner(
     cfg: LanguageModelSAERunnerConfig[Any] | Mapping[str, Any],
     override_model: HookedRootModule | None = None,
@@ -58,6 +79,7 @@ def build_runner(
     check_output_paths([("output_path", cfg.output_path), ("checkpoint_path", cfg.checkpoint_path)])
     if hasattr(cfg.sae, "check_batch_tokens"):
         cfg.sae.check_batch_tokens(cfg.train_batch_size_tokens)
+    check_latent_shards(getattr(cfg.sae, "latent_shards", 1))
     changed = check_resume_checkpoint(cfg) if cfg.resume_from_checkpoint is not None else {}
     gradients = needs_activation_gradients(cfg)
     # SAELens does not seed the SAE's initialisation; seeding here makes a config reproducible.
