@@ -367,10 +367,13 @@ def run_language_model_runner(
     runner: LanguageModelSAETrainingRunner,
     make_trainer: Callable[[Any], SAETrainer[Any, Any]],
     finish: Callable[[TrainingSAE[Any], SAETrainer[Any, Any]], None],
+    resume: Callable[[SAETrainer[Any, Any], str], None] | None = None,
 ) -> TrainingSAE[Any]:
-    """`LanguageModelSAETrainingRunner.run` (sae-lens 6.54, copied) with two seams: the trainer
-    comes from `make_trainer(data_provider)`, and `finish(sae, trainer)` replaces the final save.
-    The runner's own (public) `run_trainer_with_interruption_handling` trains."""
+    """`LanguageModelSAETrainingRunner.run` (sae-lens 6.54, copied) with three seams: the trainer
+    comes from `make_trainer(data_provider)`, `finish(sae, trainer)` replaces the final save, and
+    `resume(trainer, resume_from_checkpoint)`, when given, replaces SAELens' three loads of a
+    checkpoint (trainer state, SAE weights, store). The runner's own (public)
+    `run_trainer_with_interruption_handling` trains."""
     import wandb
     from sae_lens.training.prefetch import PrefetchingIterator
 
@@ -385,7 +388,9 @@ def run_language_model_runner(
         data_provider = PrefetchingIterator(iter(runner.activations_store), prefetch=size)
     try:
         trainer = make_trainer(data_provider)
-        if cfg.resume_from_checkpoint is not None:
+        if cfg.resume_from_checkpoint is not None and resume is not None:
+            resume(trainer, cfg.resume_from_checkpoint)
+        elif cfg.resume_from_checkpoint is not None:
             trainer.load_trainer_state(cfg.resume_from_checkpoint)
             runner.sae.load_weights_from_checkpoint(cfg.resume_from_checkpoint)
             runner.activations_store.load_from_checkpoint(cfg.resume_from_checkpoint)

@@ -261,6 +261,11 @@ class BatchGroup:
         """This shard's slice of the last dim of a [..., F] tensor (all of it with one shard)."""
         return tensor
 
+    def gather_latent_lists(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Every latent shard's 1-D `values` (any lengths), in shard order ([values] with one
+        shard)."""
+        return [values]
+
     @classmethod
     def from_default_group(cls) -> BatchGroup:
         """The default process group (after `torch.distributed.init_process_group`)."""

@@ -155,6 +155,10 @@ class ShardedBatchGroup(BatchGroup):
         width = tensor.shape[-1] // self.shards
         return tensor[..., self.shard * width : (self.shard + 1) * width]
 
+    def gather_latent_lists(self, values: torch.Tensor) -> list[torch.Tensor]:
+        lengths = self.latents.row_counts(values.numel(), values.device)
+        return self.latents._gather_padded(values.contiguous(), lengths)
+
     def shard_input(self, x: torch.Tensor) -> torch.Tensor:
         """x for this shard's encoder; its gradient is summed over the shards."""
         return _ShardInput.apply(x, self)

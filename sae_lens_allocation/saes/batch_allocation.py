@@ -348,7 +348,9 @@ class BatchAllocationTrainingSAE(
 
         return z_block
 
-    def _calibrate_for_export(self) -> None:
+    def calibrate_for_export(self) -> None:
+        """What an export calibrates on: nothing when already calibrated for these weights, else
+        the default rows (`default_calibration_rows`), else the running estimate (a warning)."""
         if bool(self.calibrated):
             return
         rows = self.default_calibration_rows()
@@ -366,7 +368,7 @@ class BatchAllocationTrainingSAE(
     @override
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
         """Calibrate (unless already calibrated for these weights), then save as `jumprelu`."""
-        self._calibrate_for_export()
+        self.calibrate_for_export()
         return super().save_inference_model(path)
 
     @override

@@ -308,16 +308,22 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
 
     def firing_fractions(self) -> torch.Tensor:
         """q_j = E[m_j] / N at the training batch size: k / F for uniform capacities (and during
-        the Zipf warm-up), the expected Zipf capacity by `capacity_ranks` over N otherwise."""
+        the Zipf warm-up), the expected Zipf capacity by `capacity_ranks` over N otherwise. With
+        latent shards, F counts every shard's latents and this shard's slice is returned."""
+        group = self.batch_group
+        n_latents = self.cfg.d_sae * group.shards
         if not self.zipf_ranked():
-            return torch.full((self.cfg.d_sae,), self.cfg.k / self.cfg.d_sae, dtype=torch.float64)
+            return torch.full((self.cfg.d_sae,), self.cfg.k / n_latents, dtype=torch.float64)
         n_tokens = int(self.capacity_tokens) or self.cfg.calibration_tokens
-        ranks = self.capacity_ranks.cpu()
-        return zipf_targets(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent).double() / n_tokens
+        ranks = group.gather_latents(self.capacity_ranks).cpu()
+        targets = zipf_targets(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent).double()
+        return group.local_latents(targets / n_tokens)
 
     @override
     def calibrated_thresholds(
         self, z_block: ZBlock, folds: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         budget = self.cfg.calibration_chunk_tokens * self.cfg.d_sae
-        return feature_choice_thresholds(z_block, self.firing_fractions(), folds, budget)
+        return feature_choice_thresholds(
+            z_block, self.firing_fractions(), folds, budget, shards=self.batch_group
+        )

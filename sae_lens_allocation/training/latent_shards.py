@@ -15,13 +15,16 @@ unsharded one (each rule: where it is implemented):
   ||g||^2 = sum_s ||g_sharded,s||^2 + ||g_b_dec||^2 (`clip_gradients`);
 - statistics over latents (Zipf fits and ranks, dead counts, gradient_topk's RMS) gathered or
   summed over the latent group inside the SAE; SAELens' firing counts and dead mask stay per
-  shard (each shard counts its own latents over the data group).
+  shard (each shard counts its own latents over the data group);
+- checkpoints: every rank writes its folder of the checkpoint (`save_checkpoint`), and rank 0
+  publishes the checkpoint once all have (latent_shard_runner.py gives the layout).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +34,9 @@ from sae_lens.training.sae_trainer import Evaluator, SaveCheckpointFn
 from sae_lens.training.types import DataProvider
 
 from sae_lens_allocation.allocation.latent_merge import ShardedBatchGroup
+from sae_lens_allocation.saelens_compat import SeamedSAETrainer
 from sae_lens_allocation.training.distributed import DataParallelSAETrainer
+from sae_lens_allocation.training.resume import rank_folder
 from sae_lens_allocation.validation import field_error
 
 #: Tensors of a training SAE that every latent shard holds whole.
@@ -105,6 +110,10 @@ class LatentShardedSAETrainer(DataParallelSAETrainer):
     """SAELens' `SAETrainer` for one rank of the data x latents mesh: `sae` is this rank's shard
     (built from `local_config`), `cfg` the global trainer config, `group` the mesh."""
 
+    #: Called on global rank 0 with a checkpoint folder once every rank has written its part
+    #: (the runner completes and renames it into place); None: the folder stays where written.
+    publish_checkpoint: Callable[[Path], None] | None = None
+
     def __init__(
         self,
         cfg: SAETrainerConfig,
@@ -148,3 +157,26 @@ class LatentShardedSAETrainer(DataParallelSAETrainer):
         coefficient = (1.0 / (total + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(coefficient.to(grad.dtype))
+
+    def save_checkpoint(self, checkpoint_name: str, *args: Any, **kwargs: Any) -> None:
+        """Every rank g writes folder rank_g of checkpoint `checkpoint_name` under
+        `cfg.checkpoint_path`: the ranks of data rank 0 (g = s) SAELens' checkpoint of shard s
+        (weights, cfg.json, sparsity, trainer state with the optimiser; the other data ranks hold
+        the same shard), every rank what `save_checkpoint_fn` adds (its store and RNG). When all
+        have written, rank 0 calls `publish_checkpoint` with the folder."""
+        if self.cfg.checkpoint_path is None:
+            return
+        folder = Path(self.cfg.checkpoint_path) / checkpoint_name
+        world = self.group.world  # type: ignore[attr-defined]
+        name = rank_folder(world.rank)
+        if self.group.rank == 0:
+            # SAELens' checkpoint (DataParallelSAETrainer's would write on rank 0 only).
+            SeamedSAETrainer.save_checkpoint(self, name, base_path=folder)
+        else:
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            if self.save_checkpoint_fn is not None:
+                self.save_checkpoint_fn(checkpoint_path=folder / name)
+        world.barrier()
+        if world.rank == 0 and self.publish_checkpoint is not None:
+            self.publish_checkpoint(folder)
+        world.barrier()
