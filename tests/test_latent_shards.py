@@ -263,15 +263,50 @@ def test_per_shard_allocation_without_the_exchange_is_not_the_unsharded_run(two_
     assert worst > 1e-3
 
 
-def test_train_refuses_latent_shards_in_one_line(monkeypatch):
+def test_latent_shards_need_a_divisor_of_the_processes_in_one_line(monkeypatch):
     from sae_lens_allocation.training.runner import check_latent_shards
     from sae_lens_allocation.validation import UsageError
 
     check_latent_shards(1)
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(UsageError, match=r"sae.latent_shards=2 .*divisor of the number of processes \(3"):
-        check_latent_shards(2)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(UsageError, match="does not write latent-sharded checkpoints") as error:
+    with pytest.raises(UsageError, match=r"sae.latent_shards=2 .*divisor of the number of processes \(3") as error:
         check_latent_shards(2)
     assert "\n" not in str(error.value)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check_latent_shards(2)
+
+
+def test_a_sharded_config_refuses_what_it_cannot_honour_in_one_line(tmp_path):
+    from sae_lens_allocation.training.latent_shard_runner import check_latent_sharded_config
+    from sae_lens_allocation.validation import UsageError
+
+    from support import runner_cfg
+
+    cfg = runner_cfg("mutual_choice", tmp_path, sae_latent_shards=2)
+    check_latent_sharded_config(cfg, 4)
+    with pytest.raises(UsageError, match=r"sae.latent_shards=2 .*divisor of the number of processes \(3\)"):
+        check_latent_sharded_config(cfg, 3)
+    cfg.logger.log_to_wandb = True
+    with pytest.raises(UsageError, match="logger.log_to_wandb=True") as error:
+        check_latent_sharded_config(cfg, 2)
+    assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_resumes_only_on_the_mesh_that_wrote_it(tmp_path, monkeypatch):
+    import json
+
+    from sae_lens_allocation.training.resume import sharded_checkpoint_rank
+    from sae_lens_allocation.validation import UsageError
+
+    assert sharded_checkpoint_rank(tmp_path, 0, 1) == tmp_path
+    with pytest.raises(UsageError, match="a checkpoint of a latent-sharded run"):
+        sharded_checkpoint_rank(tmp_path, 0, 2)
+    (tmp_path / "latent_shards.json").write_text(json.dumps(
+        {"world_size": 4, "data_parallel_size": 2, "latent_shards": 2}))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert sharded_checkpoint_rank(tmp_path, 3, 2) == tmp_path / "rank_3"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="written by .*'world_size': 4"):
+        sharded_checkpoint_rank(tmp_path, 0, 2)
+    with pytest.raises(UsageError, match="written by"):
+        sharded_checkpoint_rank(tmp_path, 0, 1)
