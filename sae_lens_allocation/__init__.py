@@ -14,6 +14,7 @@ from sae_lens_allocation.saes.mutual_choice import MutualChoiceTrainingSAE, Mutu
 from sae_lens_allocation.saes.topk_aux import TopKAuxTrainingSAE, TopKAuxTrainingSAEConfig
 from sae_lens_allocation.training.distributed import train_data_parallel
 from sae_lens_allocation.training.gradients import GradientActivationsStore, activation_gradients
+from sae_lens_allocation.training.latent_shard_runner import train_latent_sharded
 from sae_lens_allocation.training.multi_runner import build_multi_runner, train_multi
 from sae_lens_allocation.training.runner import build_runner, train
 
@@ -53,5 +54,6 @@ __all__ = [
     "TopKAuxTrainingSAEConfig",
     "train",
     "train_data_parallel",
+    "train_latent_sharded",
     "train_multi",
 ]

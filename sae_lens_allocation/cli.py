@@ -20,6 +20,7 @@ PROG = "sae-lens-allocation"
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from sae_lens_allocation.training import distributed
+    from sae_lens_allocation.training.latent_shard_runner import train_latent_sharded
     from sae_lens_allocation.training.runner import train
     from sae_lens_allocation.yaml_config import load_runner_config, read_yaml
 
@@ -38,10 +39,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not distributed.launched_by_torchrun():
         train(cfg)
     else:
-        # `torchrun --nproc-per-node W -m sae_lens_allocation train ...`: data parallel
-        # (docs/distributed.md); rank 0 writes the export.
+        # `torchrun --nproc-per-node W -m sae_lens_allocation train ...`: data parallel, with
+        # the latents sharded when sae.latent_shards > 1 (docs/distributed.md); rank 0 writes
+        # the export.
+        sharded = getattr(cfg.sae, "latent_shards", 1) != 1
         try:
-            distributed.train_data_parallel(cfg)
+            (train_latent_sharded if sharded else distributed.train_data_parallel)(cfg)
         except distributed.DataParallelError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return 1

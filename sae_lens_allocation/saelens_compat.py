@@ -311,10 +311,10 @@ class PluginMultiSAETrainer(MultiSAETrainer):
 
 
 class SeamedSAETrainer(PluginSAETrainer):
-    """SAELens' `SAETrainer` whose training step has two seams: `count_firing` (the per-latent
-    firing counts of the batch, before they update the dead-latent statistics) and
-    `before_clip` (after the backward pass, before the grad-norm clip). Without overrides it is
-    SAELens' step exactly."""
+    """SAELens' `SAETrainer` whose training step has three seams: `count_firing` (the per-latent
+    firing counts of the batch, before they update the dead-latent statistics), `before_clip`
+    (after the backward pass, before the grad-norm clip) and `clip_gradients` (SAELens' clip at
+    norm 1.0). Without overrides it is SAELens' step exactly."""
 
     def count_firing(self, fired: torch.Tensor) -> torch.Tensor:
         """Per-latent firing counts of this step's batch [d_sae] (float)."""
@@ -322,6 +322,10 @@ class SeamedSAETrainer(PluginSAETrainer):
 
     def before_clip(self) -> None:
         """Called after `loss.backward()`, before the grad-norm clip and the optimiser step."""
+
+    def clip_gradients(self) -> None:
+        """SAELens' grad-norm clip: every gradient scaled by min(1, 1 / (||g|| + 1e-6))."""
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
 
     def _train_step(self, sae: TrainingSAE[Any], sae_in: torch.Tensor) -> TrainStepOutput:
         # Copied: SAETrainer._train_step (sae-lens 6.54), with the two seams.
@@ -350,7 +354,7 @@ class SeamedSAETrainer(PluginSAETrainer):
 
         output.loss.backward()
         self.before_clip()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.lr_scheduler.step()
@@ -363,10 +367,13 @@ def run_language_model_runner(
     runner: LanguageModelSAETrainingRunner,
     make_trainer: Callable[[Any], SAETrainer[Any, Any]],
     finish: Callable[[TrainingSAE[Any], SAETrainer[Any, Any]], None],
+    resume: Callable[[SAETrainer[Any, Any], str], None] | None = None,
 ) -> TrainingSAE[Any]:
-    """`LanguageModelSAETrainingRunner.run` (sae-lens 6.54, copied) with two seams: the trainer
-    comes from `make_trainer(data_provider)`, and `finish(sae, trainer)` replaces the final save.
-    The runner's own (public) `run_trainer_with_interruption_handling` trains."""
+    """`LanguageModelSAETrainingRunner.run` (sae-lens 6.54, copied) with three seams: the trainer
+    comes from `make_trainer(data_provider)`, `finish(sae, trainer)` replaces the final save, and
+    `resume(trainer, resume_from_checkpoint)`, when given, replaces SAELens' three loads of a
+    checkpoint (trainer state, SAE weights, store). The runner's own (public)
+    `run_trainer_with_interruption_handling` trains."""
     import wandb
     from sae_lens.training.prefetch import PrefetchingIterator
 
@@ -381,7 +388,9 @@ def run_language_model_runner(
         data_provider = PrefetchingIterator(iter(runner.activations_store), prefetch=size)
     try:
         trainer = make_trainer(data_provider)
-        if cfg.resume_from_checkpoint is not None:
+        if cfg.resume_from_checkpoint is not None and resume is not None:
+            resume(trainer, cfg.resume_from_checkpoint)
+        elif cfg.resume_from_checkpoint is not None:
             trainer.load_trainer_state(cfg.resume_from_checkpoint)
             runner.sae.load_weights_from_checkpoint(cfg.resume_from_checkpoint)
             runner.activations_store.load_from_checkpoint(cfg.resume_from_checkpoint)

@@ -150,6 +150,7 @@ def test_layout_groups_the_modules():
     assert saes == {
         "batch_allocation", "mutual_choice", "feature_choice", "gradient_topk", "topk_aux",
         "aux_losses", "zipf", "calibration", "batch_group", "finite_loss", "sparse_codes",
+        "latent_shards",
     }
     assert not any(m.startswith(f"{PACKAGE}.training.") and m.rsplit(".", 1)[1] in {"losses", "calibration"}
                    for m in graph)

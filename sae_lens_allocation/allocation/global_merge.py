@@ -118,24 +118,32 @@ def merge_mutual_choice(values: list[torch.Tensor], m: int) -> tuple[torch.Tenso
     Counting, no sort: with v = the M-th largest candidate value, rank r keeps its candidates
     > v and t_r of its candidates = v, t_r = clamp(T - sum_{s<r} e_s, 0, e_r), e_s the ties of
     rank s and T = M - #(> v) the tied slots (lowest global index first = lower ranks first)."""
-    if m == 0:
-        return values[0].new_tensor(float("inf")), [0] * len(values)
-    work = [_exact_float(v) for v in values]
-    total = sum(int(v.numel()) for v in work)
-    if total < m:
-        # Fewer than M positive entries in the whole batch: all of them are kept.
-        return values[0].new_zeros(()), [int(v.numel()) for v in work]
-    everything = torch.cat(work)
-    cutoff = torch.kthvalue(everything, total - m + 1).values
-    greater = [int((v > cutoff).sum()) for v in work]
-    ties = [int((v == cutoff).sum()) for v in work]
+    cutoff, greater, ties = cutoff_counts(values, m)
     slots = m - sum(greater)
     kept = []
     for g, e in zip(greater, ties):
         take = min(max(slots, 0), e)
         kept.append(g + take)
         slots -= take
-    return cutoff.to(values[0].dtype), kept
+    return cutoff, kept
+
+
+def cutoff_counts(values: list[torch.Tensor], m: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """(cutoff, greater, ties) of a global top-M over every rank's candidate values: cutoff = the
+    M-th largest value v (0 when fewer than M candidates exist, +inf when M = 0), greater[r] =
+    #(rank r's values > v), ties[r] = #(rank r's values = v). With fewer than M candidates every
+    candidate counts as greater. The M - sum(greater) tied slots go by the caller's tie rule."""
+    if m == 0:
+        return values[0].new_tensor(float("inf")), [0] * len(values), [0] * len(values)
+    work = [_exact_float(v) for v in values]
+    total = sum(int(v.numel()) for v in work)
+    if total < m:
+        # Fewer than M positive entries in the whole batch: all of them are kept.
+        return values[0].new_zeros(()), [int(v.numel()) for v in work], [0] * len(values)
+    cutoff = torch.kthvalue(torch.cat(work), total - m + 1).values
+    greater = [int((v > cutoff).sum()) for v in work]
+    ties = [int((v == cutoff).sum()) for v in work]
+    return cutoff.to(values[0].dtype), greater, ties
 
 
 # --- Feature Choice ----------------------------------------------------------------------------
@@ -236,6 +244,27 @@ class BatchGroup:
             self.rank, self.world_size = 0, 1
         # Values sent by this rank in the last allocation (for benchmarks and docs).
         self.last_sent_values = 0
+
+    #: Latent shards of the SAE (allocation/latent_merge.py): one here, every latent local.
+    shards = 1
+    shard = 0
+
+    def sum_latents(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the latent shards (the identity with one shard)."""
+        return tensor
+
+    def gather_latents(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[..., F_local] of every latent shard -> [..., F] (the identity with one shard)."""
+        return tensor
+
+    def local_latents(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This shard's slice of the last dim of a [..., F] tensor (all of it with one shard)."""
+        return tensor
+
+    def gather_latent_lists(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Every latent shard's 1-D `values` (any lengths), in shard order ([values] with one
+        shard)."""
+        return [values]
 
     @classmethod
     def from_default_group(cls) -> BatchGroup:

@@ -169,14 +169,28 @@ def reconstruct_residual_loss(
     w_dec = sae.W_dec
     if weights is not None:
         w_dec = scale_gradient(w_dec, weights.to(w_dec.dtype)[:, None])
+    # With latent shards the top-s per token is over all F latents and each shard decodes its
+    # own (saes/latent_shards.py); one all-reduce sums the shards' reconstructions.
+    group = sae.batch_group
+    mask = None
+    if group.shards > 1:
+        hidden_pre = ctx.hidden_pre.reshape(-1, ctx.hidden_pre.shape[-1])
+        scores = torch.where(candidates, hidden_pre.detach(), -torch.inf)
+        mask = group.row_topk_mask(scores, s)
     if ctx.encoding is not None:
         recons = _sparse_aux_reconstruction(ctx.encoding, candidates, s, rectify, weights, w_dec,
-                                            cfg.rescale_acts_by_decoder_norm)
+                                            cfg.rescale_acts_by_decoder_norm, mask)
     else:
-        aux_acts = aux_activations(ctx.hidden_pre, candidates, s, rectify)
+        if mask is None:
+            aux_acts = aux_activations(ctx.hidden_pre, candidates, s, rectify)
+        else:
+            values = ctx.hidden_pre.relu() if rectify else ctx.hidden_pre
+            aux_acts = torch.where(mask.reshape(values.shape), values, torch.zeros_like(values))
         if weights is not None:
             aux_acts = scale_gradient(aux_acts, weights.to(aux_acts.dtype))
         recons = act_times_W_dec(aux_acts, w_dec, cfg.rescale_acts_by_decoder_norm)
+    if group.shards > 1:
+        recons = group.reduce_partial(recons)
     recons = sae.reshape_fn_out(recons, sae.d_head)
     error = (recons - residual).pow(2).sum(dim=-1).mean()
     if cfg.aux_loss_normalization == "residual_variance":
@@ -195,15 +209,20 @@ def reconstruct_residual_loss(
 def _sparse_aux_reconstruction(
     encoding: SparseEncoding, candidates: torch.Tensor, slots: int, rectify: bool,
     weights: torch.Tensor | None, w_dec: torch.Tensor, rescale: bool,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`act_times_W_dec(aux_activations(...), w_dec)` from the N x slots selected entries only:
     the same top-`slots` of C per token (the same `topk` on the same hidden_pre), their values
     with autograd from `encoding.pre_acts`, decoded by `decode_entries` (sparse_codes.py). Every
     selected entry is kept, also one of value 0, whose gradient is not 0 without `rectify`. Run
-    eagerly under `compile_sae` (data-dependent entry counts)."""
-    with torch.no_grad():
-        top = torch.where(candidates, encoding.hidden_pre, -torch.inf).topk(slots, sorted=False)
-    selection = Selection.from_row_indices(top.indices, candidates.shape[-1])
+    eagerly under `compile_sae` (data-dependent entry counts). `mask`: the selection made over
+    all latent shards (bool [N, F_local]), when sharded."""
+    if mask is not None:
+        selection = Selection.from_nonzero(mask)
+    else:
+        with torch.no_grad():
+            top = torch.where(candidates, encoding.hidden_pre, -torch.inf).topk(slots, sorted=False)
+        selection = Selection.from_row_indices(top.indices, candidates.shape[-1])
     values = encoding.pre_acts(selection)
     if rectify:
         values = values.relu()
@@ -223,8 +242,8 @@ def aux_k_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossMetr
     """Aux-k (Gao et al. 2024) exactly as SAELens codes it: C = dead latents, w = 1,
     scale min(n_dead / k_aux, 1), normalisation `aux_loss_normalization` (default "none", SAELens';
     the paper divides by the residual's variance: "residual_variance")."""
-    # One host sync for the dead count, as SAELens' aux-k has.
-    n_dead = int(ctx.dead_mask.sum())
+    # One host sync for the dead count, as SAELens' aux-k has (counted over all latent shards).
+    n_dead = int(sae.batch_group.sum_latents(ctx.dead_mask.sum()))
     return reconstruct_residual_loss(sae, ctx, ctx.dead_mask, n_dead), {}
 
 
@@ -237,7 +256,8 @@ def aux_zipf_loss(sae: Any, ctx: AuxLossContext) -> tuple[torch.Tensor, AuxLossM
     relu(z), latent j's gradient weighted by w_j; the normalisation aux_k uses. With U = dead
     and w = 1 (tau = 0, or during the EMA warm-up) the second term is 0: aux_k exactly."""
     # One host read for both slot sizes (aux_k reads the dead count too).
-    n_dead, n_underused = torch.stack([ctx.dead_mask.sum(), ctx.underused.sum()]).cpu().tolist()
+    counts = sae.batch_group.sum_latents(torch.stack([ctx.dead_mask.sum(), ctx.underused.sum()]))
+    n_dead, n_underused = counts.cpu().tolist()
     loss = reconstruct_residual_loss(sae, ctx, ctx.dead_mask, n_dead)
     free = min(ctx.k_aux, n_underused) - min(ctx.k_aux, n_dead)
     if free > 0:
@@ -365,7 +385,9 @@ class AuxLossMixin(BatchGroupMixin):
         decay = self.cfg.firing_ema_decay
         ema = update_firing_ema(self.firing_ema.to(torch.float32), fired, self.firing_ema_steps, decay)
         self.firing_ema.copy_(ema)
-        fit = fit_zipf(ema, self.cfg.aux_zipf_fit_fraction, self.cfg.aux_zipf_exponent)
+        # The fit ranks all F latents: with latent shards, the gathered EMA.
+        fit = fit_zipf(self.batch_group.gather_latents(ema), self.cfg.aux_zipf_fit_fraction,
+                       self.cfg.aux_zipf_exponent)
         self.zipf_fit.copy_(fit)
 
     def zipf_ready(self) -> torch.Tensor:
@@ -376,7 +398,8 @@ class AuxLossMixin(BatchGroupMixin):
 
     def _underuse(self, dead: torch.Tensor) -> tuple[torch.Tensor, ...]:
         p = self.firing_ema.to(torch.float32)
-        ranks = ranks_from_frequency(p).to(torch.float32)
+        group = self.batch_group
+        ranks = group.local_latents(ranks_from_frequency(group.gather_latents(p))).to(torch.float32)
         p_hat = expected_frequency(ranks, self.zipf_fit[0], self.zipf_fit[1])
         ready = self.zipf_ready()
         underused, weights = zipf_underuse(p, p_hat, dead, self.cfg.aux_zipf_tau, ready)

@@ -42,6 +42,11 @@ from sae_lens_allocation.saes.calibration import (
     document_folds,
 )
 from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
+from sae_lens_allocation.saes.latent_shards import (
+    LatentShardMixin,
+    LatentShardsConfig,
+    validate_latent_shards,
+)
 from sae_lens_allocation.saes.sparse_codes import (
     SparseActivationsMixin,
     firing_per_latent,
@@ -58,7 +63,7 @@ _SUPPORTED_NORMALIZATION = ("none", "expected_average_only_in")
 
 
 @dataclass(kw_only=True)
-class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+class BatchAllocationTrainingSAEConfig(AuxLossConfig, LatentShardsConfig, TopKTrainingSAEConfig):
     """Fields shared by Mutual Choice and Feature Choice.
 
     k: mean L0 per token, the budget M = floor(k * N) per batch of N tokens (float, 0 < k < d_sae).
@@ -89,6 +94,7 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         super().__post_init__()
         self.validate_aux_loss()
         validate_sparse_activations(self)
+        validate_latent_shards(self)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
             raise field_error("k", self.k, "a number with 0 < k < d_sae")
         if not (math.isfinite(self.k) and 0 < self.k < self.d_sae):
@@ -113,7 +119,9 @@ class BatchAllocationTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
             raise field_error("threshold_ema_rate", self.threshold_ema_rate, "0 < rate <= 1")
 
 
-class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMixin, TopKTrainingSAE):
+class BatchAllocationTrainingSAE(
+    FiniteLossGuard, AuxLossMixin, LatentShardMixin, SparseActivationsMixin, TopKTrainingSAE
+):
     """Training SAE whose codes come from a batch allocation rule and whose export is `jumprelu`.
 
     Subclasses implement `allocate(hidden_pre)`, `update_running_threshold(cutoff)` and
@@ -340,7 +348,9 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivation
 
         return z_block
 
-    def _calibrate_for_export(self) -> None:
+    def calibrate_for_export(self) -> None:
+        """What an export calibrates on: nothing when already calibrated for these weights, else
+        the default rows (`default_calibration_rows`), else the running estimate (a warning)."""
         if bool(self.calibrated):
             return
         rows = self.default_calibration_rows()
@@ -358,7 +368,7 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivation
     @override
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
         """Calibrate (unless already calibrated for these weights), then save as `jumprelu`."""
-        self._calibrate_for_export()
+        self.calibrate_for_export()
         return super().save_inference_model(path)
 
     @override

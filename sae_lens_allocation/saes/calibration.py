@@ -23,6 +23,17 @@ chooses them) so the export keeps the training sparsity budget on unseen rows:
   Feature Choice threshold of the floor (q_j = m / N_train), theta the Mutual Choice threshold
   of the entries not above their phi_j (`floored_mutual_choice_thresholds`).
 
+Latent shards (docs/distributed.md#latent-sharding; `shards`, a `BatchGroup`, gives the latent
+group of a sharded SAE; one shard by default): `z_block` covers this shard's latents and every
+rule is computed over all F latents. Mutual Choice: each fold's M+1 largest relu(z) over F are the
+M+1 largest of the union of every shard's M+1 largest (the argument that lets blocks of latents
+be merged one after the other), so each shard's per-fold lists are gathered over the latent group
+and cut to M+1: the same multisets of values, hence the same theta. Feature Choice: theta_j(a)
+depends on latent j's column only; the level a is global, so the out-of-fold firings per level
+(integer counts) are summed over the shards and the target sum_j q_j is summed over the gathered
+q of all F latents in latent order (the same float64 sum as one process). The in-sample and
+out-of-fold L0s are summed the same way.
+
 The out-of-fold mean L0 is reported for both rules (for Mutual Choice as a diagnostic: one global
 quantile over N F entries has little sampling error). Thresholds are clamped at 0 (relu already
 zeroes negatives) and at the dtype's largest finite value where a latent must never fire (c_j = 0),
@@ -38,6 +49,7 @@ from typing import Any
 
 import torch
 
+from sae_lens_allocation.allocation import SINGLE_PROCESS, BatchGroup
 from sae_lens_allocation.allocation.transfer import to_device_async
 
 # Cross-fitted quantile levels a: a log grid 1/4 .. 2 with ratio 2^(1/64) (1.1% apart).
@@ -187,6 +199,7 @@ def mutual_choice_threshold(
     k: float,
     budget: int,
     dtype: torch.dtype = torch.float32,
+    shards: BatchGroup = SINGLE_PROCESS,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One global theta over N rows (M = floor(k N) entries above it) and its out-of-fold mean L0.
 
@@ -210,6 +223,11 @@ def mutual_choice_threshold(
                 flat = torch.cat([kept[i], flat])
             top = torch.topk(flat, bound, sorted=False).values if flat.numel() > bound else flat
             kept[i:i + 1] = [top]
+    if shards.shards > 1:
+        # Every fold's M+1 largest over all F latents (module doc: latent shards).
+        for i, mine in enumerate(kept):
+            union = torch.cat(shards.gather_latent_lists(mine))
+            kept[i] = torch.topk(union, bound, sorted=False).values if union.numel() > bound else union
 
     def theta_over(parts: list[torch.Tensor], rows: int) -> torch.Tensor:
         values = torch.cat(parts)
@@ -230,12 +248,21 @@ def mutual_choice_threshold(
         fired_in += int((z > theta).sum())
         for (a, b), th in zip(bounds, oof_theta):
             fired_oof += int((z[a:b] > th).sum())
+    fired_in, fired_oof = _sum_counts(shards, [fired_in, fired_oof], kept[0].device)
     return theta, {
         "target_l0": float(k),
         "in_sample_l0": fired_in / n,
         "out_of_fold_l0": fired_oof / n if oof_theta else None,
         "folds": len(bounds),
     }
+
+
+def _sum_counts(shards: BatchGroup, counts: list[int], device: torch.device) -> list[int]:
+    """Integer counts summed over the latent shards (the counts themselves with one shard)."""
+    if shards.shards == 1:
+        return counts
+    total = shards.sum_latents(torch.tensor(counts, dtype=torch.long, device=device))
+    return [int(c) for c in total.tolist()]
 
 
 def _order_statistic(desc: torch.Tensor, position: torch.Tensor, count: torch.Tensor,
@@ -299,6 +326,7 @@ def feature_choice_thresholds(
     folds: torch.Tensor,
     budget: int,
     dtype: torch.dtype = torch.float32,
+    shards: BatchGroup = SINGLE_PROCESS,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Cross-fitted per-latent thresholds (module docstring): theta_j(a) on all rows, with the
     level a from LEVELS (1/4 .. 2, 1.1% apart) whose exact out-of-fold mean L0 is closest to
@@ -312,7 +340,8 @@ def feature_choice_thresholds(
     if n == 0:
         raise ValueError("calibration needs at least one row of activations")
     q = fractions.double()
-    target = float(q.sum())
+    # The target over all F latents, summed in latent order (module doc: latent shards).
+    target = float(torch.cat(shards.gather_latent_lists(q)).cpu().sum())
     n_folds = int(folds.max()) + 1
     n_out_min = n - int(torch.bincount(folds.cpu()).max())
     levels = LEVELS
@@ -328,6 +357,8 @@ def feature_choice_thresholds(
         assert result is not None
         fired += result[0]
         theta_all[latents] = result[1].to(dtype).cpu()
+    # Integer counts in float64: their sum over the shards is exact.
+    fired = shards.sum_latents(fired.to(q.device)).cpu()
     l0 = fired / n
     # One fold has nothing out of it: the plain quantile (level 1, exactly on the grid).
     best = int((l0 - target).abs().argmin()) if n_folds > 1 else int((levels - 1).abs().argmin())
@@ -336,6 +367,7 @@ def feature_choice_thresholds(
     for latents in _latent_blocks(torch.arange(q.numel()), n, budget):
         z = z_block(latents)
         in_sample += int((z > theta[latents].to(z.device, torch.float32)).sum())
+    (in_sample,) = _sum_counts(shards, [in_sample], q.device)
     return theta, {
         "target_l0": target,
         "in_sample_l0": in_sample / n,
@@ -354,6 +386,7 @@ def floored_mutual_choice_thresholds(
     k: float,
     budget: int,
     dtype: torch.dtype = torch.float32,
+    shards: BatchGroup = SINGLE_PROCESS,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Thresholds of Mutual Choice with a per-latent floor: theta_j = min(theta, phi_j).
 
@@ -364,7 +397,8 @@ def floored_mutual_choice_thresholds(
     entries and the largest others: the export's mean L0 on the calibration rows is k, as the
     training rule keeps k N entries per batch of N (the floor's first, then the largest)."""
     floor, floor_stats = feature_choice_thresholds(
-        z_block, torch.full((n_latents,), floor_fraction, dtype=torch.float64), folds, budget, dtype
+        z_block, torch.full((n_latents,), floor_fraction, dtype=torch.float64), folds, budget, dtype,
+        shards,
     )
     raised = torch.tensor(float("inf"))
 
@@ -373,7 +407,7 @@ def floored_mutual_choice_thresholds(
         phi = floor[latents].to(device=z.device, dtype=z.dtype)
         return torch.where(z > phi, raised.to(z.device, z.dtype), z)
 
-    theta, stats = mutual_choice_threshold(rest_block, n_latents, folds, k, budget, dtype)
+    theta, stats = mutual_choice_threshold(rest_block, n_latents, folds, k, budget, dtype, shards)
     return torch.minimum(theta, floor), {
         **stats,
         "floor_target_l0": floor_stats["target_l0"],

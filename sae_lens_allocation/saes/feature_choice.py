@@ -100,6 +100,12 @@ class FeatureChoiceTrainingSAEConfig(BatchAllocationTrainingSAEConfig):
         rate = self.threshold_learning_rate
         if not (is_finite_number(rate) and 0 < rate <= 1):
             raise field_error("threshold_learning_rate", rate, "a number with 0 < rate <= 1")
+        if self.training_rule == "thresholds" and self.latent_shards > 1:
+            raise field_error(
+                "latent_shards", self.latent_shards,
+                "1 with training_rule='thresholds' (its step scale reads the mean threshold of "
+                "every latent; latent sharding trains training_rule='top_m')",
+            )
 
     def check_batch_tokens(self, n_tokens: int) -> None:
         """Every latent needs m_j >= 1, so the budget must cover the latents: floor(k*N) >= d_sae."""
@@ -166,12 +172,17 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
 
     def capacities(self, n_tokens: int) -> torch.Tensor:
         """m_j for a batch of n_tokens tokens ([F], long, sums to floor(k * N)): uniform, or Zipf
-        by `capacity_ranks` once the warm-up is over."""
+        by `capacity_ranks` once the warm-up is over. With latent shards, every shard draws the
+        capacities of all F latents (same generator, same draws) and keeps its own slice."""
         self.cfg.check_batch_tokens(n_tokens)
+        group = self.batch_group
         if not self.zipf_ranked():
-            return uniform_capacities(n_tokens, self.cfg.d_sae, self.cfg.k, self._generator)
-        ranks = self.host_capacity_ranks()
-        return zipf_capacities(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent, self._generator)
+            n_latents = self.cfg.d_sae * group.shards
+            caps = uniform_capacities(n_tokens, n_latents, self.cfg.k, self._generator)
+        else:
+            ranks = self.host_capacity_ranks()
+            caps = zipf_capacities(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent, self._generator)
+        return group.local_latents(caps)
 
     @torch.no_grad()
     def update_rank_statistic(self, hidden_pre: torch.Tensor) -> None:
@@ -198,14 +209,18 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         self.rank_mass_ema.copy_(update_firing_ema(self.rank_mass_ema, mass, self.rank_updates, decay))
         since_warmup = self._rank_updates_seen - self.cfg.capacity_warmup_steps
         if since_warmup >= 0 and since_warmup % self.cfg.capacity_rerank_steps == 0:
-            self.capacity_ranks.copy_(ranks_from_frequency(self.rank_selection_ema, self.rank_mass_ema))
-            self._host_ranks = copy_to_host(self.capacity_ranks)
+            # The ranking is over all F latents: with latent shards, of the gathered EMAs.
+            ranks = ranks_from_frequency(
+                group.gather_latents(self.rank_selection_ema), group.gather_latents(self.rank_mass_ema)
+            )
+            self.capacity_ranks.copy_(group.local_latents(ranks))
+            self._host_ranks = copy_to_host(ranks)
 
     def host_capacity_ranks(self) -> torch.Tensor:
-        """`capacity_ranks` on the host: the copy started at the last re-ranking (waiting for it
-        if it has not landed), or a blocking copy after a load."""
+        """The ranks of all F latents on the host: the copy started at the last re-ranking
+        (waiting for it if it has not landed), or a blocking copy after a load."""
         if self._host_ranks is None:
-            self._host_ranks = copy_to_host(self.capacity_ranks)
+            self._host_ranks = copy_to_host(self.batch_group.gather_latents(self.capacity_ranks))
         return wait_for_host_copy(self._host_ranks)
 
     @override
@@ -293,16 +308,22 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
 
     def firing_fractions(self) -> torch.Tensor:
         """q_j = E[m_j] / N at the training batch size: k / F for uniform capacities (and during
-        the Zipf warm-up), the expected Zipf capacity by `capacity_ranks` over N otherwise."""
+        the Zipf warm-up), the expected Zipf capacity by `capacity_ranks` over N otherwise. With
+        latent shards, F counts every shard's latents and this shard's slice is returned."""
+        group = self.batch_group
+        n_latents = self.cfg.d_sae * group.shards
         if not self.zipf_ranked():
-            return torch.full((self.cfg.d_sae,), self.cfg.k / self.cfg.d_sae, dtype=torch.float64)
+            return torch.full((self.cfg.d_sae,), self.cfg.k / n_latents, dtype=torch.float64)
         n_tokens = int(self.capacity_tokens) or self.cfg.calibration_tokens
-        ranks = self.capacity_ranks.cpu()
-        return zipf_targets(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent).double() / n_tokens
+        ranks = group.gather_latents(self.capacity_ranks).cpu()
+        targets = zipf_targets(n_tokens, self.cfg.k, ranks, self.cfg.zipf_exponent).double()
+        return group.local_latents(targets / n_tokens)
 
     @override
     def calibrated_thresholds(
         self, z_block: ZBlock, folds: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         budget = self.cfg.calibration_chunk_tokens * self.cfg.d_sae
-        return feature_choice_thresholds(z_block, self.firing_fractions(), folds, budget)
+        return feature_choice_thresholds(
+            z_block, self.firing_fractions(), folds, budget, shards=self.batch_group
+        )

@@ -36,6 +36,11 @@ from typing_extensions import override
 
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
+from sae_lens_allocation.saes.latent_shards import (
+    LatentShardMixin,
+    LatentShardsConfig,
+    validate_latent_shards,
+)
 from sae_lens_allocation.saes.sparse_codes import (
     SparseActivationsMixin,
     validate_sparse_activations,
@@ -92,7 +97,7 @@ def changed_selection_share(
 
 
 @dataclass(kw_only=True)
-class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+class GradientTopKTrainingSAEConfig(AuxLossConfig, LatentShardsConfig, TopKTrainingSAEConfig):
     """Gradient TopK training config.
 
     k: latents per token (integer, 1 <= k <= d_sae).
@@ -128,6 +133,7 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         super().__post_init__()
         self.validate_aux_loss()
         validate_sparse_activations(self)
+        validate_latent_shards(self)
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
             raise field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
         if (
@@ -150,7 +156,9 @@ class GradientTopKTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
             )
 
 
-class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMixin, TopKTrainingSAE):
+class GradientTopKTrainingSAE(
+    FiniteLossGuard, AuxLossMixin, LatentShardMixin, SparseActivationsMixin, TopKTrainingSAE
+):
     """Gradient TopK training SAE; see the module docstring for the rule.
 
     Buffers (training checkpoints only, dropped on export): grad_rms, the running RMS of a;
@@ -168,6 +176,7 @@ class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMi
         self.register_buffer("grad_rms", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("grad_rms_updates", torch.zeros((), dtype=torch.long, device=device))
         self._last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_changed = torch.zeros(())
         self._pending_gradients: tuple[torch.Tensor, bool] | None = None
         self.init_aux_loss_state()
 
@@ -189,10 +198,13 @@ class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMi
         # Tensor arithmetic only: no host sync per step.
         rate = (1.0 / (self.grad_rms_updates + 1)).clamp(min=self.cfg.grad_rms_ema_rate)
         mean_square = self.grad_rms.square()
-        # mean(a^2) over the global batch when it is split across processes.
+        # mean(a^2) over the global batch when it is split across processes, and over all F
+        # latents when they are sharded.
         squares = alignment.float().square()
-        count = self.batch_group.total_rows(squares.numel(), squares.device)
-        mean_square += rate * (self.batch_group.sum(squares.sum()) / count - mean_square)
+        group = self.batch_group
+        count = group.total_rows(squares.numel(), squares.device) * group.shards
+        total = group.sum_latents(group.sum(squares.sum()))
+        mean_square += rate * (total / count - mean_square)
         self.grad_rms.copy_(mean_square.sqrt())
         self.grad_rms_updates.add_(1)
 
@@ -213,7 +225,14 @@ class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMi
                     # Analysis before any training batch: the batch's own RMS.
                     rms = alignment.float().square().mean().sqrt()
                 scores = gradient_scores(hidden_pre.detach(), alignment, self.cfg.beta, rms)
-        return select_topk(hidden_pre, scores, self.cfg.k)
+        return self._select(hidden_pre, scores)
+
+    def _select(self, hidden_pre: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, selection): `select_topk`'s codes and indices; with latent shards the top-k
+        of each row over all F latents (saes/latent_shards.py), its selection a bool mask."""
+        if self.batch_group.shards == 1:
+            return select_topk(hidden_pre, scores, self.cfg.k)
+        return self.row_topk_codes(hidden_pre, scores, self.cfg.k)
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -236,12 +255,24 @@ class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMi
                     "sae_lens_allocation.training.gradients.GradientActivationsStore. Call sae.eval() to "
                     "encode activations alone (plain TopK, as the exported SAE does)."
                 )
-            codes, indices = select_topk(hidden_pre, hidden_pre.detach(), self.cfg.k)
+            codes, indices = self._select(hidden_pre, hidden_pre.detach())
         else:
             grads, update_rms = pending
             codes, indices = self._gradient_codes(hidden_pre, grads, update_rms)
+        if self.batch_group.shards > 1 and self.training:
+            # Collectives cannot wait for the lazy metric (only logging ranks evaluate it).
+            self._last_changed = self._changed_share_over_shards(hidden_pre.detach(), indices)
         self._last_selection = (hidden_pre.detach(), indices)
         return codes
+
+    def _changed_share_over_shards(self, hidden_pre: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """`changed_selection_share` with latent shards: chosen and plain TopK as masks over
+        this shard's latents, the counts summed over the shards."""
+        flat = hidden_pre.reshape(-1, hidden_pre.shape[-1])
+        plain = self.batch_group.row_topk_mask(flat, self.cfg.k)  # type: ignore[attr-defined]
+        counts = torch.stack([(plain & chosen.reshape(plain.shape)).sum(), chosen.sum()]).float()
+        kept, total = self.batch_group.sum_latents(counts)
+        return 1.0 - kept / total.clamp_min(1)
 
     def _encode_with_pending(
         self, acts: torch.Tensor, pending: tuple[torch.Tensor, bool] | None
@@ -291,6 +322,9 @@ class GradientTopKTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMi
         hidden_pre, indices = self._last_selection
         k = self.cfg.k
         rms = self.grad_rms.detach().clone()
+        if self.batch_group.shards > 1:
+            changed = self._last_changed
+            return {"gradient_selection_changed": lambda: changed, "gradient_alignment_rms": lambda: rms}
         # Lazy: the trainer only evaluates callables on logging steps.
         return {
             "gradient_selection_changed": lambda: changed_selection_share(hidden_pre, indices, k),

@@ -121,7 +121,10 @@ class MutualChoiceTrainingSAE(BatchAllocationTrainingSAE):
             # calibration row count, as Feature Choice does).
             n_tokens = int(self.floor_tokens) or self.cfg.calibration_tokens
             return floored_mutual_choice_thresholds(
-                z_block, self.cfg.d_sae, floor / n_tokens, folds, self.cfg.k, budget
+                z_block, self.cfg.d_sae, floor / n_tokens, folds, self.cfg.k, budget,
+                shards=self.batch_group,
             )
-        theta, stats = mutual_choice_threshold(z_block, self.cfg.d_sae, folds, self.cfg.k, budget)
+        theta, stats = mutual_choice_threshold(
+            z_block, self.cfg.d_sae, folds, self.cfg.k, budget, shards=self.batch_group
+        )
         return theta.expand(self.cfg.d_sae), stats

@@ -270,7 +270,7 @@ class SparseActivationsMixin:
         if not (feature_acts.is_sparse and feature_acts.dim() == 2):
             return super().decode(feature_acts)  # type: ignore[misc]
         sae: Any = self
-        recons = _decode_eagerly(feature_acts, sae.W_dec, self.cfg.rescale_acts_by_decoder_norm)
+        recons = decode_sparse_codes(feature_acts, sae.W_dec, self.cfg.rescale_acts_by_decoder_norm)
         sae_out_pre = sae.hook_sae_recons(recons + sae.b_dec)
         sae_out_pre = sae.run_time_activation_norm_fn_out(sae_out_pre)
         return sae.reshape_fn_out(sae_out_pre, sae.d_head)
@@ -284,7 +284,7 @@ class SparseActivationsMixin:
 
 
 @torch.compiler.disable
-def _decode_eagerly(feature_acts: torch.Tensor, W_dec: torch.Tensor, rescale: bool) -> torch.Tensor:
+def decode_sparse_codes(feature_acts: torch.Tensor, W_dec: torch.Tensor, rescale: bool) -> torch.Tensor:
     """`decode_entries` of 2-D sparse COO codes, run eagerly under `compile_sae` (the compiler
     does not trace sparse tensors or data-dependent entry counts)."""
     feature_acts = feature_acts.coalesce()

@@ -11,15 +11,22 @@ aux-loss buffers dropped) that loads without this plugin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.saes.finite_loss import FiniteLossGuard
+from sae_lens_allocation.saes.latent_shards import (
+    LatentShardMixin,
+    LatentShardsConfig,
+    validate_latent_shards,
+)
 from sae_lens_allocation.saes.sparse_codes import (
     SparseActivationsMixin,
     validate_sparse_activations,
@@ -28,7 +35,7 @@ from sae_lens_allocation.validation import field_error, is_int
 
 
 @dataclass(kw_only=True)
-class TopKAuxTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
+class TopKAuxTrainingSAEConfig(AuxLossConfig, LatentShardsConfig, TopKTrainingSAEConfig):
     """SAELens `TopKTrainingSAEConfig` plus the `AuxLossConfig` fields (default aux_loss "aux_k")."""
 
     @override
@@ -44,11 +51,14 @@ class TopKAuxTrainingSAEConfig(AuxLossConfig, TopKTrainingSAEConfig):
         super().__post_init__()
         self.validate_aux_loss()
         validate_sparse_activations(self)
+        validate_latent_shards(self)
         if not (is_int(self.k) and 1 <= self.k <= self.d_sae):
             raise field_error("k", self.k, f"an integer with 1 <= k <= d_sae (d_sae={self.d_sae})")
 
 
-class TopKAuxTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMixin, TopKTrainingSAE):
+class TopKAuxTrainingSAE(
+    FiniteLossGuard, AuxLossMixin, LatentShardMixin, SparseActivationsMixin, TopKTrainingSAE
+):
     """SAELens `TopKTrainingSAE` whose auxiliary loss is chosen by `cfg.aux_loss`."""
 
     cfg: TopKAuxTrainingSAEConfig
@@ -56,6 +66,18 @@ class TopKAuxTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivationsMixin, 
     def __init__(self, cfg: TopKAuxTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.init_aux_loss_state()
+
+    @override
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        # Read at each call: the batch group is set after the activation function is built.
+        topk = super().get_activation_fn()
+
+        def codes(hidden_pre: torch.Tensor) -> torch.Tensor:
+            if self.batch_group.shards == 1:
+                return topk(hidden_pre)
+            return self.row_topk_codes(hidden_pre, hidden_pre, self.cfg.k)[0]
+
+        return codes
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:

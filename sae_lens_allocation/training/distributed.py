@@ -276,11 +276,39 @@ def train_data_parallel(
     timeout: timedelta | None = None,
 ) -> TrainingSAE[Any]:
     """Train on every rank of the torchrun job this process belongs to; returns the trained
-    SAE (identical on every rank). Rank 0 writes checkpoints and `cfg.output_path`."""
+    SAE (identical on every rank). Rank 0 writes checkpoints and `cfg.output_path`. A config with
+    `sae.latent_shards` > 1 is trained by `latent_shard_runner.train_latent_sharded`."""
+    cfg, group = join_process_group(cfg, timeout)
+    shards = getattr(cfg.sae, "latent_shards", 1)
+    if shards != 1:
+        raise field_error(
+            "sae.latent_shards", shards,
+            "1 in train_data_parallel; train_latent_sharded trains a latent-sharded SAE (the "
+            "`train` command picks it)",
+        )
+    check_data_parallel_config(cfg, group.world_size)
+    model, dataset = rank_sources(cfg, override_model, override_dataset, group)
+    runner = build_runner(cfg, override_model=model, override_dataset=dataset)
+    store = runner.activations_store
+    # This rank's share of each global batch; read lazily when the store starts its loader.
+    store.train_batch_size_tokens = cfg.train_batch_size_tokens // group.world_size
+    runner.world_size = group.world_size
+    try:
+        with rank0_output_lock(runner, cfg, group):
+            return _run_on_ranks(runner, cfg, group)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join_process_group(
+    cfg: LanguageModelSAERunnerConfig[Any] | Mapping[str, Any], timeout: timedelta | None
+) -> tuple[LanguageModelSAERunnerConfig[Any], BatchGroup]:
+    """The config for this rank (CUDA devices become cuda:LOCAL_RANK; wandb on rank 0 only) and
+    the group of all ranks, after joining the process group torchrun describes."""
     if isinstance(cfg, Mapping):
         cfg = LanguageModelSAERunnerConfig.from_dict(dict(cfg))
     group = init_from_env(cfg.device, timeout)
-    check_data_parallel_config(cfg, group.world_size)
     for name in ("device", "llm_device", "act_store_device"):
         value = getattr(cfg, name)
         if isinstance(value, str) and value != "with_model":
@@ -288,6 +316,17 @@ def train_data_parallel(
     cfg.sae.device = cfg.device
     if group.rank != 0:
         cfg.logger.log_to_wandb = False
+    return cfg, group
+
+
+def rank_sources(
+    cfg: LanguageModelSAERunnerConfig[Any],
+    override_model: HookedRootModule | None,
+    override_dataset: HfDataset | None,
+    group: BatchGroup,
+) -> tuple[Any, Any]:
+    """The model and this rank's shard of the dataset: `split_dataset_by_node` with the rank and
+    size of `group` (the data-parallel ranks; map-style and streaming datasets)."""
     model, dataset = runner_sources(cfg, override_model, override_dataset)
     if dataset is None:
         from datasets import load_dataset
@@ -300,22 +339,11 @@ def train_data_parallel(
         )
     from datasets.distributed import split_dataset_by_node
 
-    dataset = split_dataset_by_node(dataset, rank=group.rank, world_size=group.world_size)
-    runner = build_runner(cfg, override_model=model, override_dataset=dataset)
-    store = runner.activations_store
-    # This rank's share of each global batch; read lazily when the store starts its loader.
-    store.train_batch_size_tokens = cfg.train_batch_size_tokens // group.world_size
-    runner.world_size = group.world_size
-    try:
-        with _rank0_output_lock(runner, cfg, group):
-            return _run_on_ranks(runner, cfg, group)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return model, split_dataset_by_node(dataset, rank=group.rank, world_size=group.world_size)
 
 
 @contextmanager
-def _rank0_output_lock(runner: Any, cfg: LanguageModelSAERunnerConfig[Any],
+def rank0_output_lock(runner: Any, cfg: LanguageModelSAERunnerConfig[Any],
                        group: BatchGroup) -> Iterator[None]:
     """Rank 0, the writer, holds the run's lock on its output folders (output_lock.py); when it
     is refused every rank raises the `UsageError` before training."""

@@ -4,8 +4,10 @@ Every export's cfg.json `metadata` holds, beside SAELens' own fields:
 - `sae_lens_allocation_version` and `sae_lens_version`: the installed versions that wrote it;
 - `training`: `seed`, `training_tokens_seen` (the trainer's count at the export, the tokens
   this SAE actually trained on, resumed runs included), `world_size` (processes that trained
-  it), `data_parallel` (null for one process, else `ranks`, `global_batch_tokens` and
-  `tokens_per_rank_per_step`), `special_tokens` (`ids` left out of calibration and where they
+  it), `data_parallel` (null for one data-parallel rank, else `ranks` D, `global_batch_tokens` and
+  `tokens_per_rank_per_step`), `latent_shards` (the mesh of a latent-sharded run: `world_size`
+  W, `data_parallel_size` D = W / S, `latent_shards` S; null without latent shards),
+  `special_tokens` (`ids` left out of calibration and where they
   came from: `config` (`exclude_special_tokens` as a list), `tokenizer`, or `none` for a model
   without a tokenizer), and `resumes`: one entry per resume in the SAE's history, oldest first
   (`checkpoint`, `tokens_seen` at the resume, `changed`: {field: {"was", "now"}}).
@@ -101,21 +103,30 @@ def resume_changes(cfg: Any, checkpoint: Path, tokens_trained: int) -> dict[str,
     return changed
 
 
+def mesh_layout(world_size: int, latent_shards: int) -> dict[str, int]:
+    """The mesh of a latent-sharded run, as its checkpoints and export record it."""
+    return {"world_size": int(world_size), "data_parallel_size": int(world_size // latent_shards),
+            "latent_shards": int(latent_shards)}
+
+
 def record_provenance(sae: Any, cfg: Any, tokens_seen: int, world_size: int,
-                      special_tokens: dict[str, Any], resumes: list[dict[str, Any]]) -> None:
+                      special_tokens: dict[str, Any], resumes: list[dict[str, Any]],
+                      latent_shards: int = 1) -> None:
     """Write the provenance fields (module docstring) into `sae.cfg.metadata`."""
     meta = sae.cfg.metadata
     meta.sae_lens_allocation_version = package_version("sae-lens-allocation")
     meta.sae_lens_version = package_version("sae-lens")
     batch = int(cfg.train_batch_size_tokens)
+    data_ranks = world_size // latent_shards
     meta.training = {
         "seed": int(cfg.seed),
         "training_tokens_seen": int(tokens_seen),
         "world_size": int(world_size),
-        "data_parallel": None if world_size == 1 else {
-            "ranks": int(world_size), "global_batch_tokens": batch,
-            "tokens_per_rank_per_step": batch // world_size,
+        "data_parallel": None if data_ranks == 1 else {
+            "ranks": int(data_ranks), "global_batch_tokens": batch,
+            "tokens_per_rank_per_step": batch // data_ranks,
         },
+        "latent_shards": None if latent_shards == 1 else mesh_layout(world_size, latent_shards),
         "special_tokens": special_tokens,
         "resumes": list(resumes),
     }

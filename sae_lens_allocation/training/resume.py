@@ -50,10 +50,12 @@ from sae_lens_allocation.saelens_compat import (
     run_language_model_runner,
 )
 from sae_lens_allocation.training.output_lock import RunLock
-from sae_lens_allocation.training.provenance import record_provenance
+from sae_lens_allocation.training.provenance import mesh_layout, record_provenance
 
 RESUME_STATE_FILENAME = "resume_state.pt"
 STORE_STATE_FILENAME = "resume_store_state.pt"
+#: The mesh a latent-sharded checkpoint was written by (training/latent_shard_runner.py).
+LAYOUT_FILENAME = "latent_shards.json"
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -208,6 +210,37 @@ def publish_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def rank_folder(rank: int) -> str:
+    """The folder of global rank `rank` inside a latent-sharded checkpoint."""
+    return f"rank_{rank}"
+
+
+def sharded_checkpoint_rank(path: Path, rank: int, shards: int) -> Path:
+    """Where global rank `rank`'s files of checkpoint `path` lie: `path` itself without latent
+    shards, else its rank folder, once the checkpoint's layout file says it was written by the
+    same mesh as this run's (WORLD_SIZE ranks, `shards` latent shards): a shard's files hold
+    F / S latents and one rank's store, so no other mesh can continue them."""
+    import json
+
+    from sae_lens_allocation.validation import field_error
+
+    layout_file = path / LAYOUT_FILENAME
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shards == 1 and not layout_file.is_file():
+        return path
+    if not layout_file.is_file():
+        raise field_error("resume_from_checkpoint", str(path),
+                          f"a checkpoint of a latent-sharded run (it has no {LAYOUT_FILENAME}); "
+                          f"this run has sae.latent_shards={shards}")
+    layout = json.loads(layout_file.read_text())
+    if layout != mesh_layout(world, shards):
+        raise field_error("resume_from_checkpoint", str(path),
+                          f"a checkpoint of this run's mesh {mesh_layout(world, shards)}; it was "
+                          f"written by {layout} (resume with that many processes and "
+                          "sae.latent_shards)")
+    return path / rank_folder(rank)
+
+
 def generator_states(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state of every torch.Generator attribute of `module` and its submodules, by path."""
     return {
@@ -278,6 +311,9 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
         self.special_tokens: dict[str, Any] = {"ids": [], "source": "none"}
         self.resume_changed: dict[str, dict[str, Any]] = {}
         self.resumes: list[dict[str, Any]] = []
+        # Where this process's resume state lies inside a checkpoint (a latent-sharded run's
+        # rank folder, training/latent_shard_runner.py); "" = the checkpoint folder itself.
+        self.checkpoint_subfolder = ""
 
     def run(self) -> Any:
         """SAELens' `run()` (`saelens_compat.run_language_model_runner`) with a trainer whose
@@ -359,6 +395,16 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
         area): add the store's and the resume state, then rename the folder into place."""
         if checkpoint_path is None:
             return
+        self.write_checkpoint_files(Path(checkpoint_path))
+        final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name
+        if final.exists():
+            _remove(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(checkpoint_path, final)
+
+    def write_checkpoint_files(self, checkpoint_path: Path) -> None:
+        """The runner's files of a checkpoint: SAELens' (the store's state, runner_cfg.json), the
+        store's resume state and `resume_state.pt`."""
         super().save_checkpoint(checkpoint_path)
         trainer = self._trainer
         state = {
@@ -369,14 +415,9 @@ class ResumableTrainingRunner(LanguageModelSAETrainingRunner):
             "resumes": self.resumes,
         }
         torch.save(state, Path(checkpoint_path) / RESUME_STATE_FILENAME)
-        final = Path(self.cfg.checkpoint_path) / Path(checkpoint_path).name
-        if final.exists():
-            _remove(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(checkpoint_path, final)
 
     def _load_resume_state(self, checkpoint: Path, trainer: Any) -> None:
-        path = checkpoint / RESUME_STATE_FILENAME
+        path = checkpoint / self.checkpoint_subfolder / RESUME_STATE_FILENAME
         resume = {"checkpoint": str(checkpoint), "tokens_seen": int(trainer.n_training_samples),
                   "changed": self.resume_changed}
         if not path.is_file():

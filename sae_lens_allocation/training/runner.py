@@ -15,7 +15,8 @@ SAEs from one LM pass: multi_runner.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,7 +29,11 @@ from sae_lens_allocation.training.gradients import GradientActivationsStore, Hoo
 from sae_lens_allocation.training.held_out import attach_calibration
 from sae_lens_allocation.training.output_lock import check_output_paths
 from sae_lens_allocation.training.provenance import resume_changes
-from sae_lens_allocation.training.resume import ResumableActivationsStore, ResumableTrainingRunner
+from sae_lens_allocation.training.resume import (
+    ResumableActivationsStore,
+    ResumableTrainingRunner,
+    sharded_checkpoint_rank,
+)
 from sae_lens_allocation.training.sources import (
     EMBEDDED,
     check_embedded_sources,
@@ -43,14 +48,28 @@ def needs_activation_gradients(cfg: LanguageModelSAERunnerConfig[Any]) -> bool:
     return bool(getattr(cfg.sae, "needs_activation_gradients", False))
 
 
+def check_latent_shards(shards: int) -> None:
+    """`latent_shards` S > 1 needs W = WORLD_SIZE a multiple of S (torchrun starts the W
+    ranks; latent_shard_runner.py trains them): refused in one line, never trained unsharded."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shards != 1 and world % shards:
+        raise field_error(
+            "sae.latent_shards", shards,
+            f"a divisor of the number of processes ({world}; torchrun --nproc-per-node W)",
+        )
+
+
 def build_runner(
     cfg: LanguageModelSAERunnerConfig[Any] | Mapping[str, Any],
     override_model: HookedRootModule | None = None,
     override_dataset: HfDataset | None = None,
+    make_sae: Callable[[], TrainingSAE[Any]] | None = None,
 ) -> ResumableTrainingRunner:
     """The runner for `cfg` (a runner config, or a dict for
     `LanguageModelSAERunnerConfig.from_dict`), with the gradient store where needed. Every check
-    that can fail on the user's input runs before the runner is built (`UsageError`)."""
+    that can fail on the user's input runs before the runner is built (`UsageError`).
+    `make_sae()`, when given, builds the SAE in place of SAELens' runner, at the same point
+    (after `torch.manual_seed(cfg.seed)`): a latent-sharded run's shard."""
     if isinstance(cfg, Mapping):
         check_runner_fields(dict(cfg), dataset_given=override_dataset is not None)
         cfg = LanguageModelSAERunnerConfig.from_dict(dict(cfg))
@@ -58,6 +77,7 @@ def build_runner(
     check_output_paths([("output_path", cfg.output_path), ("checkpoint_path", cfg.checkpoint_path)])
     if hasattr(cfg.sae, "check_batch_tokens"):
         cfg.sae.check_batch_tokens(cfg.train_batch_size_tokens)
+    check_latent_shards(getattr(cfg.sae, "latent_shards", 1))
     changed = check_resume_checkpoint(cfg) if cfg.resume_from_checkpoint is not None else {}
     gradients = needs_activation_gradients(cfg)
     # SAELens does not seed the SAE's initialisation; seeding here makes a config reproducible.
@@ -71,6 +91,7 @@ def build_runner(
     override_dataset = runner_dataset(cfg, override_model, override_dataset)
     runner = ResumableTrainingRunner(
         cfg, override_dataset=override_dataset, override_model=override_model,
+        override_sae=None if make_sae is None else make_sae(),
         store_class=GradientActivationsStore if gradients else ResumableActivationsStore,
     )
     runner.resume_changed = changed
@@ -140,18 +161,20 @@ def check_resume_checkpoint(cfg: LanguageModelSAERunnerConfig[Any]) -> dict[str,
     if not path.is_dir():
         raise field_error("resume_from_checkpoint", str(path), "an existing checkpoint folder")
     saved = read_sae_cfg(path)
-    if not (path / TRAINER_STATE_FILENAME).is_file():
+    # A latent-sharded checkpoint keeps shard 0's trainer state and weights in rank 0's folder.
+    shard = sharded_checkpoint_rank(path, 0, getattr(cfg.sae, "latent_shards", 1))
+    if not (shard / TRAINER_STATE_FILENAME).is_file():
         raise field_error("resume_from_checkpoint", str(path),
                           f"a training checkpoint (it has no {TRAINER_STATE_FILENAME}); an export "
                           "cannot be resumed")
-    check_sae_weights(path, saved)
+    check_sae_weights(shard, saved if shard == path else read_sae_cfg(shard))
     for name, want in (("architecture", cfg.sae.architecture()), ("d_in", cfg.sae.d_in),
                        ("d_sae", cfg.sae.d_sae)):
         if saved.get(name) != want:
             raise field_error("resume_from_checkpoint", str(path),
                               f"a checkpoint of this SAE; it has {name}={saved.get(name)!r}, the "
                               f"config says {want!r}")
-    trained = torch.load(path / TRAINER_STATE_FILENAME, map_location="cpu")["n_training_samples"]
+    trained = torch.load(shard / TRAINER_STATE_FILENAME, map_location="cpu")["n_training_samples"]
     return resume_changes(cfg, path, int(trained))
 
 
