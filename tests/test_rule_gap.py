@@ -1,0 +1,95 @@
+"""The export's EV against its training rule's, and the metadata flag when the export beats the
+training rule by more than 0.02 (saes/rule_gap.py, docs/architectures.md#acceptance-bounds)."""
+
+import pytest
+import torch
+
+from sae_lens_allocation.saes.rule_gap import RULE_GAP_FLAG, rule_gap
+
+import support
+
+D_IN, D_SAE, BATCH = 16, 64, 128
+
+
+def _ev(x, x_hat):
+    return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def _gap(acts, training_rule, batch_tokens=BATCH):
+    theta = torch.zeros(acts.shape[1])
+    return rule_gap(acts, lambda x: x, lambda c: c, theta, training_rule, batch_tokens, seed=0)
+
+
+def test_rule_gap_flags_an_export_that_beats_its_training_rule():
+    acts = torch.randn(3 * BATCH + 5, D_IN)  # 5 rows short of a fourth batch: left out
+    order = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(0))
+    x = acts[order[: 3 * BATCH]]
+    export_ev = _ev(x, x.relu())
+
+    same = _gap(acts, lambda z: z.relu() * (z > 0))
+    assert same["batches"] == 3 and same["ev_gap"] == 0.0
+    assert same["export_ev"] == pytest.approx(export_ev, abs=1e-6)
+    assert same["export_l0"] == same["training_rule_l0"] == pytest.approx(float((x > 0).sum()) / x.shape[0])
+    assert same["trained_and_deployed_under_different_rules"] is False
+
+    # A training rule that keeps only each row's largest code: worse.
+    def top1(z):
+        c = z.relu()
+        return c * (c == c.max(dim=1, keepdim=True).values)
+
+    worse = _gap(acts, top1)
+    assert worse["training_rule_ev"] == pytest.approx(_ev(x, torch.cat([top1(b) for b in x.split(BATCH)])), abs=1e-6)
+    assert worse["ev_gap"] > RULE_GAP_FLAG
+    assert worse["trained_and_deployed_under_different_rules"] is True
+
+
+def test_rule_gap_without_a_whole_batch_compares_nothing():
+    acts = torch.randn(BATCH - 1, D_IN)
+    for batch_tokens in (BATCH, 0):  # fewer rows than a batch; batch size unknown
+        gap = _gap(acts, lambda z: z, batch_tokens)
+        assert gap["batches"] == 0 and "ev_gap" not in gap
+        assert gap["trained_and_deployed_under_different_rules"] is None
+
+
+class _NoCollectives:
+    """A batch group whose every use fails: calibration must not need the other ranks."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"calibration used the batch group ({name})")
+
+
+@pytest.mark.parametrize("arch,fields", [
+    ("mutual_choice", {}), ("feature_choice", {}), ("feature_choice", {"capacity": "zipf"}),
+    ("mutual_choice", {"min_tokens_per_latent": 1}),
+])
+def test_calibration_records_the_training_rule_gap_at_the_training_batch_size(arch, fields):
+    sae = support.plugin_sae(arch, d_in=D_IN, d_sae=D_SAE, k=4, b_enc_std=0.1, **fields)
+    rows = torch.randn(8 * BATCH, D_IN)
+    # Before any training step the batch size is unknown: nothing compared.
+    sae.calibrate_thresholds(rows)
+    assert sae.cfg.metadata.calibration["trained_and_deployed_under_different_rules"] is None
+    sae.train()
+    for step in range(3):
+        support.training_step(sae, torch.randn(BATCH, D_IN), step=step)
+    assert int(sae.training_batch_tokens) == BATCH
+    generator = getattr(sae, "_generator", None)
+    state = None if generator is None else generator.get_state()
+    group, sae.batch_group = sae.batch_group, _NoCollectives()
+    try:
+        sae.calibrate_thresholds(rows)
+    finally:
+        sae.batch_group = group
+    meta = sae.cfg.metadata.calibration
+    gap = meta["rule_gap"]
+    assert gap["batch_tokens"] == BATCH and gap["batches"] == 8
+    assert meta["trained_and_deployed_under_different_rules"] is (gap["ev_gap"] > RULE_GAP_FLAG)
+    # The batch rule keeps floor(k N) entries of every batch, relu'd: L0 at most k.
+    assert 0 < gap["training_rule_l0"] <= 4.0
+    # The export's side is the eval-mode encoder on the same rows.
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))
+    sae.eval()
+    with torch.no_grad():
+        x = rows[order]
+        assert gap["export_ev"] == pytest.approx(_ev(x, sae(x)), abs=1e-5)
+    if state is not None:  # the capacities' rounding draws are put back
+        assert torch.equal(generator.get_state(), state)
