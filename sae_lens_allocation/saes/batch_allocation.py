@@ -156,14 +156,16 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivation
         """The training-time selection over the whole batch (all leading dims)."""
 
     @torch.no_grad()
-    def training_rule_codes(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+    def training_rule_codes(self, hidden_pre: torch.Tensor, k: float | None = None) -> torch.Tensor:
         """The training rule's codes of one batch, computed in this process alone (no collective:
-        calibration may run on one rank only)."""
+        calibration may run on one rank only), at budget `k` (default `cfg.k`, restored after)."""
         group, self.batch_group = self.batch_group, SINGLE_PROCESS
+        budget, self.cfg.k = self.cfg.k, self.cfg.k if k is None else k
         try:
             return _allocate_eagerly(self, hidden_pre).codes
         finally:
             self.batch_group = group
+            self.cfg.k = budget
 
     @abstractmethod
     def update_running_threshold(self, cutoff: torch.Tensor) -> None:
@@ -347,8 +349,8 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivation
         # Codes decoded sparse (about k of d_sae entries per row): the comparison costs one
         # encoder pass over the rows, not three.
         gap = rule_gap(rows.acts, self._hidden_pre_of_rows, lambda c: self.decode(c.to_sparse()),
-                       self.threshold, self.training_rule_codes, int(self.training_batch_tokens),
-                       self.cfg.calibration_seed)
+                       self.threshold, self.training_rule_codes, self.cfg.k,
+                       int(self.training_batch_tokens), self.cfg.calibration_seed)
         self.cfg.metadata.calibration = {
             **rows.info,
             "tokens": int(rows.acts.shape[0]),

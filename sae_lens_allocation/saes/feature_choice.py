@@ -231,12 +231,12 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         return self.batch_group.feature_choice(hidden_pre, self.capacities(n_tokens))
 
     @override
-    def training_rule_codes(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+    def training_rule_codes(self, hidden_pre: torch.Tensor, k: float | None = None) -> torch.Tensor:
         # The capacities' randomised rounding draws from the training generator: put its state
         # back, so a comparison at calibration leaves later training steps as they were.
         state = self._generator.get_state()
         try:
-            return super().training_rule_codes(hidden_pre)
+            return super().training_rule_codes(hidden_pre, k)
         finally:
             self._generator.set_state(state)
 

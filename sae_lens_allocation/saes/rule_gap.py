@@ -4,13 +4,16 @@ docs/architectures.md#acceptance-bounds)
 On the calibration rows, shuffled (seed `calibration_seed`, as the training stream mixes documents)
 and cut into whole batches of the training batch size N_train, compare
 
-    EV_export = 1 - sum ||x - dec(relu(z) [z > theta])||^2 / sum ||x - mean x||^2
-    EV_train  = 1 - sum ||x - dec(allocate_N_train(z))||^2 / sum ||x - mean x||^2
+    EV_export  = 1 - sum ||x - dec(relu(z) [z > theta])||^2 / sum ||x - mean x||^2
+    EV_train(b) = the same with the training rule's codes of each batch alone at budget b
 
-(the batch rule run on each batch alone, in this process, as in training). An export with
-EV_export - EV_train > RULE_GAP_FLAG is recorded as trained and deployed under different rules:
-its thresholds give latents a freedom (firing on more tokens of one batch, fewer of another) that
-the training rule never had, so what was trained is not what is deployed.
+at matched L0: b = k L0_export / L0_train(k), one proportional step from the training rule's own
+L0 at k to the export's (the batch rules keep floor(b N) entries, fewer where relu zeroes some, so
+their L0 scales with b). The export's L0 on its own calibration rows is in-sample (below k where
+the cross-fitted level a < 1), so the plain gap EV_export - EV_train(k) understates what the rule
+change gains; the matched gap does not. An export with matched gap > RULE_GAP_FLAG is recorded as
+trained and deployed under different rules: its thresholds give latents a freedom (firing on more
+tokens of one batch, fewer of another) that the training rule never had.
 """
 
 from __future__ import annotations
@@ -30,16 +33,18 @@ def rule_gap(
     hidden_pre: Callable[[torch.Tensor], torch.Tensor],
     decode: Callable[[torch.Tensor], torch.Tensor],
     threshold: torch.Tensor,
-    training_rule: Callable[[torch.Tensor], torch.Tensor],
+    training_rule: Callable[[torch.Tensor, float], torch.Tensor],
+    k: float,
     batch_tokens: int,
     seed: int,
 ) -> dict[str, Any]:
-    """The EVs and mean L0s of the export and the training rule (module docstring) on the whole
-    batches of `batch_tokens` rows of `acts` [N, d_in] in a seeded random order.
+    """EVs and mean L0s of the export and of the training rule at budget k and at the matched
+    budget (module docstring), on the whole batches of `batch_tokens` rows of `acts` [N, d_in] in a
+    seeded random order.
 
-    `hidden_pre` maps rows to z, `decode` codes to reconstructions, `training_rule` z of one batch
-    to its codes. Without a whole batch (N < N_train, or N_train unknown: 0) nothing is compared
-    and the flag is None."""
+    `hidden_pre` maps rows to z, `decode` codes to reconstructions, `training_rule(z, b)` z of one
+    batch to its codes at budget b. Without a whole batch (N < N_train, or N_train unknown: 0)
+    nothing is compared and the flag is None."""
     n_batches = acts.shape[0] // batch_tokens if batch_tokens > 0 else 0
     out: dict[str, Any] = {"batch_tokens": batch_tokens, "batches": n_batches}
     if n_batches == 0:
@@ -47,27 +52,36 @@ def rule_gap(
     order = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))
     x_all = acts[order[: n_batches * batch_tokens].to(acts.device)]
     mean = x_all.float().mean(0)
-    total, sse = 0.0, {"export": 0.0, "training": 0.0}
-    fired = {"export": 0.0, "training": 0.0}
-    for x in x_all.split(batch_tokens):
-        z = hidden_pre(x)
-        codes = {
-            "export": z.relu() * (z > threshold.to(z.dtype)),
-            "training": training_rule(z),
-        }
-        for name, c in codes.items():
-            sse[name] += float((decode(c).float() - x.float()).pow(2).sum())
-            fired[name] += float((c != 0).sum())
-        total += float((x.float() - mean).pow(2).sum())
-    n = n_batches * batch_tokens
-    ev = {name: 1.0 - v / total for name, v in sse.items()}
-    gap = ev["export"] - ev["training"]
+    total = float((x_all.float() - mean).pow(2).sum())
+    theta = threshold.to(x_all.dtype)
+
+    def sweep(budget: float | None) -> tuple[float, float]:
+        """(EV, mean L0) of the export (budget None) or of the training rule at `budget`."""
+        sse, fired = 0.0, 0.0
+        for x in x_all.split(batch_tokens):
+            z = hidden_pre(x)
+            codes = z.relu() * (z > theta) if budget is None else training_rule(z, budget)
+            sse += float((decode(codes).float() - x.float()).pow(2).sum())
+            fired += float((codes != 0).sum())
+        return 1.0 - sse / total, fired / (n_batches * batch_tokens)
+
+    export_ev, export_l0 = sweep(None)
+    training_ev, training_l0 = sweep(k)
+    stats = {**out, "export_ev": export_ev, "export_l0": export_l0, "training_rule_ev": training_ev,
+             "training_rule_l0": training_l0, "ev_gap": export_ev - training_ev}
+    matched_budget = k * export_l0 / training_l0 if training_l0 > 0 else k
+    try:
+        matched_ev, matched_l0 = sweep(matched_budget)
+    except ValueError as refused:
+        # A budget the rule cannot run (Feature Choice below floor(b N) = d_sae): the plain gap.
+        return {**stats, "matched_budget": matched_budget, "matched_refused": str(refused),
+                "trained_and_deployed_under_different_rules": stats["ev_gap"] > RULE_GAP_FLAG}
+    gap = export_ev - matched_ev
     return {
-        **out,
-        "export_ev": ev["export"],
-        "training_rule_ev": ev["training"],
-        "export_l0": fired["export"] / n,
-        "training_rule_l0": fired["training"] / n,
-        "ev_gap": gap,
+        **stats,
+        "matched_budget": matched_budget,
+        "matched_training_rule_ev": matched_ev,
+        "matched_training_rule_l0": matched_l0,
+        "matched_ev_gap": gap,
         "trained_and_deployed_under_different_rules": gap > RULE_GAP_FLAG,
     }
