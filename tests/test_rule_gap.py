@@ -127,3 +127,13 @@ def test_calibration_records_the_training_rule_gap_at_the_training_batch_size(ar
         assert gap["export_ev"] == pytest.approx(_ev(x, sae(x)), abs=1e-5)
     if state is not None:  # the capacities' rounding draws are put back
         assert torch.equal(generator.get_state(), state)
+
+
+def test_rule_gap_compares_at_most_rule_gap_rows(monkeypatch):
+    from sae_lens_allocation.saes import rule_gap as module
+
+    monkeypatch.setattr(module, "RULE_GAP_ROWS", 2 * BATCH)
+    acts = torch.randn(5 * BATCH, D_IN)
+    assert _gap(acts, lambda z, b: z.relu())["batches"] == 2
+    # A training batch larger than the cap: one whole batch.
+    assert _gap(acts, lambda z, b: z.relu(), batch_tokens=3 * BATCH)["batches"] == 1

@@ -2,7 +2,8 @@
 docs/architectures.md#acceptance-bounds)
 
 On the calibration rows, shuffled (seed `calibration_seed`, as the training stream mixes documents)
-and cut into whole batches of the training batch size N_train, compare
+and cut into whole batches of the training batch size N_train (the first RULE_GAP_ROWS rows, or
+one batch where N_train is larger), compare
 
     EV_export  = 1 - sum ||x - dec(relu(z) [z > theta])||^2 / sum ||x - mean x||^2
     EV_train(b) = the same with the training rule's codes of each batch alone at budget b
@@ -25,6 +26,9 @@ import torch
 
 # EV by which the export may beat its training rule before it is flagged (issue 35).
 RULE_GAP_FLAG = 0.02
+# Rows compared, at most (whole batches): each batch costs two runs of the training rule, the
+# larger part of calibration at GPT-2 widths on a CPU (docs/performance.md#calibration).
+RULE_GAP_ROWS = 16384
 
 
 @torch.no_grad()
@@ -39,13 +43,13 @@ def rule_gap(
     seed: int,
 ) -> dict[str, Any]:
     """EVs and mean L0s of the export and of the training rule at budget k and at the matched
-    budget (module docstring), on the whole batches of `batch_tokens` rows of `acts` [N, d_in] in a
-    seeded random order.
+    budget (module docstring), on whole batches of `batch_tokens` rows of `acts` [N, d_in] in a
+    seeded random order (at most max(RULE_GAP_ROWS, batch_tokens) rows).
 
     `hidden_pre` maps rows to z, `decode` codes to reconstructions, `training_rule(z, b)` z of one
     batch to its codes at budget b. Without a whole batch (N < N_train, or N_train unknown: 0)
     nothing is compared and the flag is None."""
-    n_batches = acts.shape[0] // batch_tokens if batch_tokens > 0 else 0
+    n_batches = min(acts.shape[0], max(RULE_GAP_ROWS, batch_tokens)) // batch_tokens if batch_tokens > 0 else 0
     out: dict[str, Any] = {"batch_tokens": batch_tokens, "batches": n_batches}
     if n_batches == 0:
         return {**out, "trained_and_deployed_under_different_rules": None}
@@ -55,23 +59,24 @@ def rule_gap(
     total = float((x_all.float() - mean).pow(2).sum())
     theta = threshold.to(x_all.dtype)
 
-    def sweep(budget: float | None) -> tuple[float, float]:
-        """(EV, mean L0) of the export (budget None) or of the training rule at `budget`."""
-        sse, fired = 0.0, 0.0
+    def sweep(budgets: list[float | None]) -> list[tuple[float, float]]:
+        """(EV, mean L0) per rule, z computed once per batch: the export (None) or the training
+        rule at that budget."""
+        sse, fired = [0.0] * len(budgets), [0.0] * len(budgets)
         for x in x_all.split(batch_tokens):
             z = hidden_pre(x)
-            codes = z.relu() * (z > theta) if budget is None else training_rule(z, budget)
-            sse += float((decode(codes).float() - x.float()).pow(2).sum())
-            fired += float((codes != 0).sum())
-        return 1.0 - sse / total, fired / (n_batches * batch_tokens)
+            for i, budget in enumerate(budgets):
+                codes = z.relu() * (z > theta) if budget is None else training_rule(z, budget)
+                sse[i] += float((decode(codes).float() - x.float()).pow(2).sum())
+                fired[i] += float((codes != 0).sum())
+        return [(1.0 - e / total, f / (n_batches * batch_tokens)) for e, f in zip(sse, fired)]
 
-    export_ev, export_l0 = sweep(None)
-    training_ev, training_l0 = sweep(k)
+    (export_ev, export_l0), (training_ev, training_l0) = sweep([None, k])
     stats = {**out, "export_ev": export_ev, "export_l0": export_l0, "training_rule_ev": training_ev,
              "training_rule_l0": training_l0, "ev_gap": export_ev - training_ev}
     matched_budget = k * export_l0 / training_l0 if training_l0 > 0 else k
     try:
-        matched_ev, matched_l0 = sweep(matched_budget)
+        (matched_ev, matched_l0), = sweep([matched_budget])
     except ValueError as refused:
         # A budget the rule cannot run (Feature Choice below floor(b N) = d_sae): the plain gap.
         return {**stats, "matched_budget": matched_budget, "matched_refused": str(refused),
