@@ -346,8 +346,8 @@ class BatchAllocationTrainingSAE(FiniteLossGuard, AuxLossMixin, SparseActivation
         theta, stats = self.calibrated_thresholds(self._z_block(acts), folds[order])
         self.threshold.copy_(theta.to(self.threshold.dtype))
         self.calibrated.fill_(True)
-        # Codes decoded sparse (about k of d_sae entries per row): the comparison costs one
-        # encoder pass over the rows, not three.
+        # Codes decoded sparse (about k of d_sae entries per row): a dense decode of each code
+        # set would cost as much as the encoder pass.
         gap = rule_gap(rows.acts, self._hidden_pre_of_rows, lambda c: self.decode(c.to_sparse()),
                        self.threshold, self.training_rule_codes, self.cfg.k,
                        int(self.training_batch_tokens), self.cfg.calibration_seed)
