@@ -144,9 +144,10 @@ GRID = [("mutual_choice", {}), ("feature_choice", {"sae_capacity": "uniform"}),
 @pytest.mark.parametrize("arch,extra", GRID, ids=["mc", "fc-uniform", "fc-zipf"])
 def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra, tmp_path):
     """The acceptance bounds (docs/architectures.md#acceptance-bounds) on a reduced grid: train() with calibration rows
-    training never reads; on held-out rows the export's mean L0 is within 5% of k and its EV
-    within 0.01 of the training-mode SAE (batch rule at the training batch size, same rows).
-    The full grid on the embedded model is benchmarks/calibration_grid.py."""
+    training never reads; on held-out rows the export's mean L0 is within 5% of k and its EV at
+    least that of the training-mode SAE less 0.01 at matched L0 (the batch rule, training batch
+    size, same rows, its budget set to the export's L0). The full grid on the embedded model is
+    benchmarks/calibration_grid.py."""
     k = 8
     cfg = support.runner_cfg(arch, tmp_path, training_tokens=60 * 256, sae_k=k,
                              sae_calibration_tokens=4096, **extra)
@@ -164,14 +165,15 @@ def test_reduced_grid_export_keeps_the_budget_and_the_reconstruction(arch, extra
     with torch.no_grad():
         codes = exported.encode(x)
         ev_export = _explained_variance(x, exported.decode(codes))
+        l0 = float((codes != 0).sum(-1).float().mean())
         sae.train()
-        ev_train = _explained_variance(
-            x, torch.cat([sae(batch) for batch in x.split(256)])
-        )
-    l0 = float((codes != 0).sum(-1).float().mean())
-    print(f"{arch}: export L0 {l0:.3f} (k={k}), EV export {ev_export:.4f} vs training {ev_train:.4f}")
+        sae.cfg.k = l0
+        ev_train = _explained_variance(x, torch.cat([sae(batch) for batch in x.split(256)]))
+        sae.cfg.k = k
+    print(f"{arch}: export L0 {l0:.3f} (k={k}), EV export {ev_export:.4f} vs training {ev_train:.4f} at L0 {l0:.3f}")
     assert abs(l0 - k) <= 0.05 * k
-    assert abs(ev_export - ev_train) <= 0.01
+    assert ev_export >= ev_train - 0.01
+    assert isinstance(cfg["metadata"]["calibration"]["trained_and_deployed_under_different_rules"], bool)
 
 
 @pytest.mark.slow

@@ -149,7 +149,7 @@ def test_layout_groups_the_modules():
     saes = {m.rsplit(".", 1)[1] for m in graph if m.startswith(f"{PACKAGE}.saes.")}
     assert saes == {
         "batch_allocation", "mutual_choice", "feature_choice", "gradient_topk", "topk_aux",
-        "aux_losses", "zipf", "calibration", "batch_group", "finite_loss", "sparse_codes",
+        "aux_losses", "zipf", "calibration", "rule_gap", "batch_group", "finite_loss", "sparse_codes",
         "latent_shards",
     }
     assert not any(m.startswith(f"{PACKAGE}.training.") and m.rsplit(".", 1)[1] in {"losses", "calibration"}

@@ -31,7 +31,7 @@ from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens_allocation.allocation import Allocation
+from sae_lens_allocation.allocation import SINGLE_PROCESS, Allocation
 from sae_lens_allocation.loading import load_sae
 from sae_lens_allocation.saes.aux_losses import AuxLossConfig, AuxLossMixin
 from sae_lens_allocation.saes.calibration import (
@@ -47,6 +47,7 @@ from sae_lens_allocation.saes.latent_shards import (
     LatentShardsConfig,
     validate_latent_shards,
 )
+from sae_lens_allocation.saes.rule_gap import rule_gap
 from sae_lens_allocation.saes.sparse_codes import (
     SparseActivationsMixin,
     firing_per_latent,
@@ -138,6 +139,10 @@ class BatchAllocationTrainingSAE(
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, device=device))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
+        # Tokens per training batch (over all ranks), so calibration can run the training rule
+        # at that size (rule_gap.py); 0 until a training step has run.
+        self.register_buffer("training_batch_tokens", torch.zeros((), dtype=torch.long, device=device))
+        self._batch_tokens_recorded = False
         # A uniform sample of training rows, the last-resort calibration data. A plain attribute,
         # not a buffer: it is not saved (refilled after a resume) and must not exist on the meta
         # device SAELens loads onto.
@@ -147,10 +152,28 @@ class BatchAllocationTrainingSAE(
         self._warned_uncalibrated = False
         self.init_aux_loss_state()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the batch size was recorded: unknown (0), so their export
+        # skips the training-rule comparison until training runs a step.
+        state_dict.setdefault(prefix + "training_batch_tokens", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- encoding -------------------------------------------------------------------------
     @abstractmethod
     def allocate(self, hidden_pre: torch.Tensor) -> Allocation:
         """The training-time selection over the whole batch (all leading dims)."""
+
+    @torch.no_grad()
+    def training_rule_codes(self, hidden_pre: torch.Tensor, k: float | None = None) -> torch.Tensor:
+        """The training rule's codes of one batch, computed in this process alone (no collective:
+        calibration may run on one rank only), at budget `k` (default `cfg.k`, restored after)."""
+        group, self.batch_group = self.batch_group, SINGLE_PROCESS
+        budget, self.cfg.k = self.cfg.k, self.cfg.k if k is None else k
+        try:
+            return _allocate_eagerly(self, hidden_pre).codes
+        finally:
+            self.batch_group = group
+            self.cfg.k = budget
 
     @abstractmethod
     def update_running_threshold(self, cutoff: torch.Tensor) -> None:
@@ -201,6 +224,11 @@ class BatchAllocationTrainingSAE(
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         output = super().training_forward_pass(step_input)
         self.guard_loss(output.loss, step_input.n_training_steps)
+        if not self._batch_tokens_recorded:
+            # Once per process (one collective under data parallel): the batch size is fixed.
+            rows = step_input.sae_in.shape[:-1].numel()
+            self.training_batch_tokens.fill_(self.batch_group.total_rows(rows, self.W_dec.device))
+            self._batch_tokens_recorded = True
         # The reservoir is the calibration data of last resort: not kept while held-out rows are
         # attached (once full, each update costs two host-to-device copies).
         if self._calibration_source is None:
@@ -326,11 +354,24 @@ class BatchAllocationTrainingSAE(
         theta, stats = self.calibrated_thresholds(self._z_block(acts), folds[order])
         self.threshold.copy_(theta.to(self.threshold.dtype))
         self.calibrated.fill_(True)
+        if self.cfg.latent_shards > 1:
+            # The comparison runs the training rule in one process on all latents; a shard holds
+            # F / S of them, so it is not made (flag None, as without a whole batch).
+            gap = {"not_compared": "latent_shards > 1", "trained_and_deployed_under_different_rules": None}
+        else:
+            # Codes decoded sparse (about k of d_sae entries per row): a dense decode of each code
+            # set would cost as much as the encoder pass.
+            gap = rule_gap(rows.acts, self._hidden_pre_of_rows, lambda c: self.decode(c.to_sparse()),
+                           self.threshold, self.training_rule_codes, self.cfg.k,
+                           int(self.training_batch_tokens), self.cfg.calibration_seed)
         self.cfg.metadata.calibration = {
             **rows.info,
             "tokens": int(rows.acts.shape[0]),
             "documents": int(torch.unique(rows.documents).numel()),
             **stats,
+            "trained_and_deployed_under_different_rules":
+                gap.pop("trained_and_deployed_under_different_rules"),
+            "rule_gap": gap,
         }
         return self.threshold
 
@@ -347,6 +388,11 @@ class BatchAllocationTrainingSAE(
             return z * norms[idx] if norms is not None else z
 
         return z_block
+
+    def _hidden_pre_of_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """z of rows x [n, d_in] for all latents, as `_z_block` computes it."""
+        z = self.process_sae_in(x.to(self.W_enc.device)) @ self.W_enc + self.b_enc
+        return z * self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else z
 
     def calibrate_for_export(self) -> None:
         """What an export calibrates on: nothing when already calibrated for these weights, else

@@ -245,6 +245,16 @@ class FeatureChoiceTrainingSAE(BatchAllocationTrainingSAE):
         # Host capacities: on a GPU the kernel sizes its buffers from them without a sync.
         return self.batch_group.feature_choice(hidden_pre, self.capacities(n_tokens))
 
+    @override
+    def training_rule_codes(self, hidden_pre: torch.Tensor, k: float | None = None) -> torch.Tensor:
+        # The capacities' randomised rounding draws from the training generator: put its state
+        # back, so a comparison at calibration leaves later training steps as they were.
+        state = self._generator.get_state()
+        try:
+            return super().training_rule_codes(hidden_pre, k)
+        finally:
+            self._generator.set_state(state)
+
     def _threshold_allocation(self, hidden_pre: torch.Tensor, n_tokens: int) -> Allocation:
         """training_rule="thresholds": f = relu(z) [z > theta], the export's JumpReLU. The first
         batch sets theta_j to its Feature Choice cut-off (the m_j-th largest z_j, over the global
