@@ -237,7 +237,7 @@ class LanguageModelStudy:
     def train(self, runs: list[Run]) -> dict[str, dict[str, Any]]:
         """Train `runs` (same seed and lr) in one multi-SAE run when allowed, else one by one."""
         configs = [run_config(self.cfg, run, self.out) for run in runs]
-        if self.cfg["lockstep"] and lockstep_allowed(configs):
+        if self.lockstep and lockstep_allowed(configs):
             groups = [(runs, configs)]
         else:
             groups = [([run], [c]) for run, c in zip(runs, configs)]
