@@ -445,6 +445,33 @@ def test_shipped_configs_build(name):
         assert 0 in betas and len(betas) >= 2
 
 
+def test_shipped_hierarchies_can_show_absorption():
+    """Absorption needs parents that usually come with a child: in the shipped hierarchies every
+    parent has a descendant present on at least 20% of its samples, with the main model's true L0
+    (compensated marginals), so a rule that merges parent into child has something to merge."""
+    from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
+
+    from sae_lens_allocation.analysis.absorption import hierarchy_families
+    from sae_lens_allocation.analysis.compare.feature_quality import hierarchy_config
+    from sae_lens_allocation.yaml_config import read_yaml
+
+    cfg = check_compare_config(read_yaml(CONFIGS / "compare-synthetic.yaml"))
+
+    def sample(model_cfg: dict) -> tuple[SyntheticModel, torch.Tensor]:
+        model = SyntheticModel(SyntheticModelConfig.from_dict(model_cfg))
+        torch.manual_seed(0)
+        _, features = model.sample_with_features(20_000)
+        return model, (features.to_dense() if features.is_sparse else features) > 0
+
+    _, plain = sample(cfg["base"]["synthetic_model"])
+    for hierarchy in cfg["hierarchies"]:
+        model, fired = sample(hierarchy_config(cfg, hierarchy)["base"]["synthetic_model"])
+        assert float(fired.sum(1).float().mean()) == pytest.approx(float(plain.sum(1).float().mean()), rel=0.05)
+        for family in hierarchy_families(model.hierarchy):
+            parent = fired[:, family.parent]
+            with_child = (parent & fired[:, list(family.descendants)].any(1)).sum() / parent.sum()
+            assert with_child >= 0.2, (hierarchy["name"], family.parent, float(with_child))
+
 def _resume_config() -> dict:
     return {
         "source": "synthetic", "seeds": [0, 1, 2, 3, 4], "margin_seeds": [10, 11], "threads": 1,
